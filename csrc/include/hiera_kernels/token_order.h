@@ -1,0 +1,80 @@
+// Hiera's token orders, as index arithmetic shared by the CPU and CUDA kernels.
+//
+// Unrolled order (spec §4): with a schedule of k strides S_1..S_k over D spatial
+// dims, token n = t * num_units + w, where w is the mask unit (window) and the
+// in-unit position t is the mixed-radix number [r1_0..r1_{D-1}, ..., rk_0..rk_{D-1}]
+// (r1 most significant). The in-unit coordinate is
+//   m_d = r1_d + S1_d * (r2_d + S2_d * (... + S{k-1}_d * rk_d)).
+// Raster order: p_d = g_d * mu_d + m_d with g the unit's coordinate on the unit
+// grid (w in row-major order over it). Windowed order (Reroll with a mask):
+// w * unit_size + m in row-major order over the unit shape mu.
+//
+// Everything is int64: B * N * C can pass 2^31 at high resolution.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define HK_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define HK_HOST_DEVICE inline
+#endif
+
+namespace hiera_kernels {
+
+constexpr int kMaxDims = 4;
+constexpr int kMaxSteps = 8;
+
+struct TokenGeometry {
+  int dims = 0;            // D spatial dims
+  int steps = 0;           // k unroll steps
+  bool windowed = false;   // spatial side is windowed order instead of raster
+  int64_t stride[kMaxSteps][kMaxDims] = {};  // S_{j+1}_d
+  int64_t unit[kMaxDims] = {};               // mu_d = prod_j S_j_d
+  int64_t grid[kMaxDims] = {};               // units per dim (raster order only)
+  int64_t unit_size = 1;                     // prod_d mu_d
+  int64_t num_units = 1;                     // windows per image: N / unit_size
+  int64_t tokens = 1;                        // N
+};
+
+// Index in raster (or windowed) order of the token at unrolled index n.
+HK_HOST_DEVICE int64_t spatial_index(const TokenGeometry& g, int64_t n) {
+  int64_t w = n % g.num_units;
+  int64_t t = n / g.num_units;
+  int64_t m[kMaxDims] = {0, 0, 0, 0};
+  // r1 is the most significant digit of t but the least significant of m:
+  // peel digits from the least significant end of t (rk_{D-1} first).
+  for (int j = g.steps - 1; j >= 0; --j) {
+    for (int d = g.dims - 1; d >= 0; --d) {
+      const int64_t s = g.stride[j][d];
+      m[d] = m[d] * s + t % s;  // Horner: digit r_{j+1} has radix and weight S_{j+1}
+      t /= s;
+    }
+  }
+  int64_t index = 0;
+  if (g.windowed) {
+    index = w;
+    for (int d = 0; d < g.dims; ++d) index = index * g.unit[d] + m[d];
+    return index;
+  }
+  int64_t coord[kMaxDims];
+  for (int d = g.dims - 1; d >= 0; --d) {
+    coord[d] = (w % g.grid[d]) * g.unit[d] + m[d];
+    w /= g.grid[d];
+  }
+  for (int d = 0; d < g.dims; ++d) index = index * (g.grid[d] * g.unit[d]) + coord[d];
+  return index;
+}
+
+// Query pooling (spec §5): output token i of [B, N / stride, C] is the max over
+// input tokens s * (N / stride) + i, s = 0..stride-1. The argmax is one byte.
+constexpr int64_t kMaxPoolStride = 256;
+
+// Max with PyTorch's max(dim) semantics: the first maximum wins ties and the
+// first NaN wins over everything.
+template <typename acc_t>
+HK_HOST_DEVICE bool pool_takes(acc_t candidate, acc_t best) {
+  return candidate > best || (candidate != candidate && best == best);
+}
+
+}  // namespace hiera_kernels

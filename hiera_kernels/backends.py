@@ -1,0 +1,270 @@
+"""Backends: what each one can run, why it refuses, and which one an op uses.
+
+Each backend declares its devices, dtypes and implemented ops (xformers-style) and
+answers ``not_supported_reasons(op, device, dtype)`` with readable reasons. ``"auto"``
+takes the first backend with no reasons from a per-device priority list, which
+always ends in ``"torch"``; a backend asked for by name raises
+:class:`BackendError` with its reasons instead of falling back.
+
+The default backend comes from ``HIERA_KERNELS_BACKEND`` (read at import),
+:func:`set_backend`, or the :func:`use_backend` context manager; a ``backend=``
+argument on an op or model overrides it. Set ``HIERA_KERNELS_LOG=debug`` (or
+configure the ``hiera_kernels`` logger) to see every ``"auto"`` decision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import reference
+from ._extension import BUILD_HINT, EXTENSION
+from .library import OPS as KERNEL_OPS
+
+log = logging.getLogger("hiera_kernels")
+if os.environ.get("HIERA_KERNELS_LOG"):
+    logging.basicConfig()
+    log.setLevel(os.environ["HIERA_KERNELS_LOG"].upper())
+
+OP_NAMES = ("unroll", "reroll", "query_pool", "mask_unit_attention")
+LOW_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
+WITH_FLOAT64 = LOW_PRECISION + (torch.float64,)
+
+
+class BackendError(RuntimeError):
+    """A backend was asked for by name and cannot run the op on these inputs."""
+
+
+def describe(t: torch.Tensor) -> str:
+    return f"{str(t.dtype).replace('torch.', '')}{list(t.shape)} on {t.device}"
+
+
+class Backend:
+    """What a backend supports; subclasses implement the ops they list in ``OPS``."""
+
+    NAME: str = ""
+    DEVICES: Tuple[str, ...] = ()
+    DTYPES: Tuple[torch.dtype, ...] = LOW_PRECISION
+    OPS: Tuple[str, ...] = ()
+
+    def build_reasons(self) -> List[str]:
+        """Why this backend cannot run at all in this installation (empty if it can)."""
+        return []
+
+    def device_reasons(self, device: torch.device) -> List[str]:
+        if device.type not in self.DEVICES:
+            return [f"runs on {'/'.join(self.DEVICES)} tensors, not {device.type}"]
+        return []
+
+    def not_supported_reasons(self, op: str, device: torch.device, dtype: torch.dtype, **limits) -> List[str]:
+        """Why this backend cannot run ``op`` on ``dtype`` tensors on ``device`` (empty if it can).
+        ``limits`` carries op arguments with backend-specific bounds (query_pool's ``stride``)."""
+        reasons = self.build_reasons() + self.device_reasons(device)
+        if op not in self.OPS:
+            reasons.append(f"has no {op} kernel (it implements: {', '.join(self.OPS) or 'nothing yet'})")
+        if dtype not in self.DTYPES:
+            names = ", ".join(str(d).replace("torch.", "") for d in self.DTYPES)
+            reasons.append(f"dtype {str(dtype).replace('torch.', '')} is not supported (supported: {names})")
+        return reasons
+
+    # Implementations, with arguments already validated and normalised by hiera_kernels.ops.
+    def unroll(self, x, size, schedule):
+        raise NotImplementedError
+
+    def reroll(self, x, size, schedule, windowed):
+        raise NotImplementedError
+
+    def query_pool(self, x, stride):
+        raise NotImplementedError
+
+    def mask_unit_attention(self, qkv, heads, q_stride, window_size, use_mask_unit_attn):
+        raise NotImplementedError
+
+
+class TorchBackend(Backend):
+    """Plain PyTorch (:mod:`hiera_kernels.reference`): any device, the oracle."""
+
+    NAME = "torch"
+    DTYPES = WITH_FLOAT64
+    OPS = OP_NAMES
+
+    def device_reasons(self, device):
+        return []
+
+    def unroll(self, x, size, schedule):
+        return reference.unroll(x, size, schedule)
+
+    def reroll(self, x, size, schedule, windowed):
+        return reference.reroll(x, size, schedule, windowed)
+
+    def query_pool(self, x, stride):
+        return reference.query_pool(x, stride)
+
+    def mask_unit_attention(self, qkv, heads, q_stride, window_size, use_mask_unit_attn):
+        return reference.mask_unit_attention(qkv, heads, q_stride, window_size, use_mask_unit_attn)
+
+
+def _flat(schedule: Sequence[Sequence[int]]) -> List[int]:
+    return [s for step in schedule for s in step]
+
+
+class KernelOpsBackend(Backend):
+    """Backends whose kernels are registered on the ops of :mod:`hiera_kernels.library`."""
+
+    OPS = ("unroll", "reroll", "query_pool")
+
+    def not_supported_reasons(self, op, device, dtype, **limits):
+        reasons = super().not_supported_reasons(op, device, dtype, **limits)
+        stride = limits.get("stride", 1)
+        if op == "query_pool" and stride > 256:
+            reasons.append(f"stride={stride} exceeds 256, the most a one-byte argmax can route")
+        return reasons
+
+    def unroll(self, x, size, schedule):
+        return KERNEL_OPS["unroll"](x, list(size), _flat(schedule), False)
+
+    def reroll(self, x, size, schedule, windowed):
+        B, N, C = x.shape
+        out = KERNEL_OPS["reroll"](x, list(size), _flat(schedule), windowed)
+        if not windowed:
+            return out.view(B, *size, C)
+        mu = reference.mask_unit_shape(schedule, len(size))
+        return out.view(B, N // math.prod(mu), *mu, C)
+
+    def query_pool(self, x, stride):
+        return KERNEL_OPS["query_pool"](x, stride)[0]
+
+
+class CpuBackend(KernelOpsBackend):
+    """C++ kernels for CPU tensors (csrc/cpu)."""
+
+    NAME = "cpu"
+    DEVICES = ("cpu",)
+    DTYPES = WITH_FLOAT64
+
+    def build_reasons(self):
+        if not EXTENSION.loaded:
+            return [f"the C++ extension is not built ({EXTENSION.error}); {BUILD_HINT}"]
+        return []
+
+
+class CudaBackend(KernelOpsBackend):
+    """C++/CUDA kernels for CUDA tensors (csrc/cuda)."""
+
+    NAME = "cuda"
+    DEVICES = ("cuda",)
+    OPS = ()  # csrc/cuda has no kernels yet
+
+    def build_reasons(self):
+        if not EXTENSION.loaded:
+            return [f"the C++ extension is not built ({EXTENSION.error}); {BUILD_HINT}"]
+        if not EXTENSION.with_cuda:
+            return ["the C++ extension was built without CUDA sources (needs torch with CUDA and nvcc at build time)"]
+        return []
+
+
+class TritonBackend(Backend):
+    """Triton kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (for tests)."""
+
+    NAME = "triton"
+    DEVICES = ("cuda",)
+    OPS = ()  # no Triton kernels yet
+
+    def build_reasons(self):
+        try:
+            import triton  # noqa: F401
+        except ImportError as exc:
+            return [f"triton is not importable ({exc})"]
+        return []
+
+    def device_reasons(self, device):
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+            return []
+        if device.type == "cpu":
+            return ["runs on cuda tensors (CPU tensors only under TRITON_INTERPRET=1, for testing)"]
+        return super().device_reasons(device)
+
+
+BACKENDS: Dict[str, Backend] = {b.NAME: b for b in (TorchBackend(), CpuBackend(), CudaBackend(), TritonBackend())}
+NAMES = ("auto",) + tuple(BACKENDS)
+# "auto" tries these in order; "torch" last, so "auto" never fails where "torch" runs.
+# "cuda" is chosen only by name until its kernels have run on a GPU.
+AUTO_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")}
+
+
+def _check_name(name: str, where: str) -> str:
+    if name not in NAMES:
+        raise ValueError(f"{where}: unknown backend {name!r}; choose one of {', '.join(NAMES)}")
+    return name
+
+
+_default = _check_name(os.environ.get("HIERA_KERNELS_BACKEND", "auto"), "HIERA_KERNELS_BACKEND")
+
+
+def get_backend() -> str:
+    """The default backend name (``"auto"`` unless set)."""
+    return _default
+
+
+def set_backend(name: str) -> None:
+    """Set the default backend for every op and model without a ``backend=`` of its own."""
+    global _default
+    _default = _check_name(name, "set_backend")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Use ``name`` as the default backend inside a ``with`` block."""
+    global _default
+    previous, _default = _default, _check_name(name, "use_backend")
+    try:
+        yield
+    finally:
+        _default = previous
+
+
+def backend_reasons(device, op: Optional[str] = None, dtype: torch.dtype = torch.float32) -> Dict[str, List[str]]:
+    """For every backend, why it cannot run ``op`` on ``dtype`` tensors on ``device``;
+    with ``op=None``, why it cannot run any op there."""
+    device = torch.device(device)
+    out = {}
+    for name, b in BACKENDS.items():
+        if op is not None:
+            out[name] = b.not_supported_reasons(op, device, dtype)
+        else:
+            out[name] = b.build_reasons() + b.device_reasons(device) + ([] if b.OPS else ["implements no ops yet"])
+    return out
+
+
+def available_backends(device="cpu") -> List[str]:
+    """Backends that can run at least one op on ``device``, in ``"auto"`` priority order."""
+    device = torch.device(device)
+    order = AUTO_ORDER.get(device.type, ("torch",))
+    ready = [n for n, reasons in backend_reasons(device).items() if not reasons]
+    return [n for n in order if n in ready] + [n for n in ready if n not in order]
+
+
+def choose(op: str, tensor: torch.Tensor, backend: Optional[str] = None, **limits) -> Backend:
+    """The backend that runs ``op`` on ``tensor``: ``backend`` (or the default), or the
+    first that can under ``"auto"``. Raises :class:`BackendError` saying why otherwise."""
+    name = _check_name(backend, op) if backend is not None else _default
+    if name != "auto":
+        chosen = BACKENDS[name]
+        reasons = chosen.not_supported_reasons(op, tensor.device, tensor.dtype, **limits)
+        if reasons:
+            raise BackendError(f"{op}: backend {name!r} cannot run on {describe(tensor)}: " + "; ".join(reasons))
+        return chosen
+    refused = []
+    for candidate in AUTO_ORDER.get(tensor.device.type, ("torch",)):
+        reasons = BACKENDS[candidate].not_supported_reasons(op, tensor.device, tensor.dtype, **limits)
+        if not reasons:
+            if refused and not torch.compiler.is_compiling() and log.isEnabledFor(logging.DEBUG):
+                log.debug("%s on %s: auto chose %r; %s", op, describe(tensor), candidate, " | ".join(refused))
+            return BACKENDS[candidate]
+        refused.append(f"{candidate!r} refused: " + "; ".join(reasons))
+    raise BackendError(f"{op}: no backend can run on {describe(tensor)}: " + " | ".join(refused))

@@ -1,0 +1,109 @@
+"""Builds hiera_kernels and its C++ extension ``hiera_kernels._C``.
+
+Install with ``pip install --no-build-isolation -e .`` (the build needs the torch
+that is already installed). Environment flags:
+
+    HIERA_KERNELS_SKIP_CUDA=1   build only the C++ CPU kernels, even where nvcc exists
+    HIERA_KERNELS_CUDA_ARCHS    CUDA architectures, default "8.0;9.0"
+    MAX_JOBS                    parallel compile jobs (ninja)
+    CUDA_HOME                   CUDA toolkit; found from the nvcc on PATH when unset
+    HIERA_KERNELS_CPU_ARCH      -march for the C++ CPU kernels, default "native"
+    DEBUG=1                     -O0 -g
+
+The CUDA sources (csrc/cuda/*.cu) are built whenever torch has CUDA and nvcc is
+present, with or without a GPU: a CPU-only machine can build and link them.
+"""
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def real_cuda_home():
+    """The toolkit that ``nvcc`` really runs: the nvcc on PATH may be a wrapper script,
+    so ask it (``--dryrun`` prints ``_HERE_=<toolkit>/bin``) instead of trusting its path."""
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        dry = subprocess.run([nvcc, "--dryrun", "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"_HERE_=(\S+)", dry.stdout + dry.stderr)
+    return os.path.dirname(match.group(1)) if match else os.path.dirname(os.path.dirname(nvcc))
+
+
+def torch_cuda_include_dirs():
+    """CUDA headers that ATen includes (cuBLAS, cuSPARSE, ...) ship in torch's own
+    nvidia-* wheels rather than in the system toolkit: find them in the installed packages."""
+    dirs = []
+    try:
+        import nvidia  # namespace package of the nvidia-* wheels torch depends on
+    except ImportError:
+        return dirs
+    for base in nvidia.__path__:
+        dirs += sorted(glob.glob(os.path.join(base, "*", "include")))
+    return [d for d in dirs if os.path.isdir(d)]
+
+
+cuda_home = real_cuda_home()
+if cuda_home:
+    os.environ["CUDA_HOME"] = cuda_home  # before cpp_extension reads it at import
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+debug = os.environ.get("DEBUG", "0") == "1"
+cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+use_cuda = (
+    os.environ.get("HIERA_KERNELS_SKIP_CUDA", "0") != "1"
+    and torch.version.cuda is not None
+    and cuda_home is not None
+    and bool(cuda_sources)
+)
+
+cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+# -fopenmp: without it at::parallel_for silently runs on one thread.
+cxx_flags = ["-O0", "-g"] if debug else ["-O3", "-march=" + os.environ.get("HIERA_KERNELS_CPU_ARCH", "native")]
+cxx_flags += ["-fopenmp", "-DHIERA_KERNELS_WITH_CUDA=%d" % int(use_cuda)]
+include_dirs = [os.path.join(ROOT, "csrc", "include")]
+
+if use_cuda:
+    archs = os.environ.get("HIERA_KERNELS_CUDA_ARCHS", "8.0;9.0")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+    extension = CUDAExtension(
+        "hiera_kernels._C",
+        cpp_sources + cuda_sources,
+        include_dirs=include_dirs + torch_cuda_include_dirs(),
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=["-fopenmp"],
+    )
+else:
+    extension = CppExtension(
+        "hiera_kernels._C",
+        cpp_sources,
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"],
+    )
+
+setup(
+    name="hiera_kernels",
+    version="0.1.0",
+    description="Fused kernels for the Hiera vision transformer, behind a drop-in model",
+    packages=find_packages(include=["hiera_kernels", "hiera_kernels.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.6"],
+    ext_modules=[extension],
+    cmdclass={"build_ext": BuildExtension},
+    entry_points={"console_scripts": ["hiera-kernels=hiera_kernels.__main__:main"]},
+)
