@@ -54,14 +54,14 @@ def _check_geometry(op: str, size, schedule) -> Tuple[Tuple[int, ...], Tuple[Tup
     split into whole mask units."""
     if not isinstance(size, Sequence) or len(size) == 0:
         raise TypeError(f"{op}: size must be a non-empty sequence of ints, got {size!r}")
-    size = tuple(_check_positive_int(op, f"size[{d}]", s) for d, s in enumerate(size))
+    size = tuple([_check_positive_int(op, f"size[{d}]", s) for d, s in enumerate(size)])
     if not isinstance(schedule, Sequence):
         raise TypeError(f"{op}: schedule must be a sequence of stride tuples, got {schedule!r}")
     steps = []
     for j, step in enumerate(schedule):
         if not isinstance(step, Sequence) or len(step) != len(size):
             raise ValueError(f"{op}: schedule[{j}]={step!r} must have one stride per dim of size={size}")
-        steps.append(tuple(_check_positive_int(op, f"schedule[{j}][{d}]", s) for d, s in enumerate(step)))
+        steps.append(tuple([_check_positive_int(op, f"schedule[{j}][{d}]", s) for d, s in enumerate(step)]))
     for d, (n, unit) in enumerate(zip(size, mask_unit_shape(steps, len(size)))):
         if n % unit:
             raise ValueError(

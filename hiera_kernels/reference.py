@@ -38,7 +38,11 @@ Schedule = Sequence[Sequence[int]]
 
 def mask_unit_shape(schedule: Schedule, dims: int) -> List[int]:
     """Per-dim size of a mask unit after ``schedule``: the product of its strides."""
-    return [math.prod(s[d] for s in schedule) for d in range(dims)]
+    unit = [1] * dims
+    for step in schedule:
+        for d in range(dims):
+            unit[d] *= step[d]
+    return unit
 
 
 def _digit_views(size: Sequence[int], schedule: Schedule) -> Tuple[List[int], List[int], List[int]]:
@@ -138,9 +142,10 @@ def mask_unit_attention(
     # SDPA gets 4-D tensors (its fused kernels refuse 5-D). One copy of qkv.
     qkv = qkv.view(B, per_window, windows, 3, heads, head_dim).permute(3, 0, 2, 4, 1, 5)
     q, k, v = qkv.reshape(3, B * windows, heads, per_window, head_dim).unbind(0)
+    queries = per_window // q_stride
     if q_stride > 1:
         # The leading digit of t is the finest remaining 2x2 (or 1x2x2): a max-pool.
-        q = q.view(B * windows, heads, q_stride, per_window // q_stride, head_dim).max(dim=2).values
+        q = q.view(B * windows, heads, q_stride, queries, head_dim).max(dim=2).values
     out = F.scaled_dot_product_attention(q, k, v)  # [B*w, h, t', hd]
-    out = out.view(B, windows, heads, -1, head_dim).permute(0, 3, 1, 2, 4)  # [B, t', w, h, hd]
-    return out.reshape(B, -1, dim_out)
+    out = out.view(B, windows, heads, queries, head_dim).permute(0, 3, 1, 2, 4)  # [B, t', w, h, hd]
+    return out.reshape(B, queries * windows, dim_out)

@@ -1,0 +1,101 @@
+"""mask_unit_attention on the "torch" path against the official MaskUnitAttention."""
+
+import pytest
+import torch
+
+import hiera_kernels as hk
+from hiera_kernels import ops
+
+from helpers import official
+
+# Every attention block shape of Hiera-B/224 (spec §10), plus B+ (head_dim 56), MAE
+# with 19 kept units, video and odd sizes:
+# (dim, dim_out, heads, q_stride, window_size, use_mask_unit_attn, N)
+BLOCKS = {
+    "B_s1": (96, 96, 1, 1, 64, True, 3136),
+    "B_s2_pool": (96, 192, 2, 4, 16, True, 3136),
+    "B_s2": (192, 192, 2, 1, 16, True, 784),
+    "B_s3_pool": (192, 384, 4, 4, 4, True, 784),
+    "B_s3_global": (384, 384, 4, 1, 4, False, 196),
+    "B_s4_pool_global": (384, 768, 8, 4, 1, False, 196),
+    "B_s4": (768, 768, 8, 1, 1, False, 49),
+    "Bplus_s2_pool": (112, 224, 4, 4, 16, True, 3136),
+    "mae_s1_masked": (96, 96, 1, 1, 64, True, 19 * 64),
+    "mae_s4_no_pool": (384, 768, 8, 1, 4, False, 19 * 4),
+    "video_s2_pool": (96, 192, 2, 4, 16, True, 32 * 64),
+    "odd": (24, 30, 3, 3, 5, True, 45),
+}
+
+
+def make_pair(dim, dim_out, heads, q_stride, window_size, use_mu, dtype=torch.float32):
+    theirs = official.MaskUnitAttention(dim, dim_out, heads, q_stride, window_size, use_mu)
+    ours = hk.MaskUnitAttention(dim, dim_out, heads, q_stride, window_size, use_mu)
+    ours.load_state_dict(theirs.state_dict())
+    return theirs.to(dtype), ours.to(dtype)
+
+
+def run(module, x, grad):
+    x = x.detach().requires_grad_()
+    out = module(x)
+    grads = torch.autograd.grad(out, [x] + list(module.parameters()), grad)
+    return [out.detach()] + list(grads)
+
+
+@pytest.mark.parametrize("block", list(BLOCKS))
+def test_float32_output_matches_official(block):
+    dim, dim_out, heads, q_stride, window_size, use_mu, N = BLOCKS[block]
+    theirs, ours = make_pair(dim, dim_out, heads, q_stride, window_size, use_mu)
+    x = torch.randn(2, N, dim)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.set_backend("torch")(x), theirs(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("block", list(BLOCKS))
+def test_no_worse_than_official(block, dtype):
+    """flash-attention's rule, applied to the torch path itself: its error against a
+    float64 reference, for the output and every gradient, is at most twice the
+    official code's error in the same dtype."""
+    dim, dim_out, heads, q_stride, window_size, use_mu, N = BLOCKS[block]
+    theirs, ours = make_pair(dim, dim_out, heads, q_stride, window_size, use_mu)
+    ours.set_backend("torch")
+    x = torch.randn(2, N, dim)
+    grad = torch.randn(2, N // q_stride, dim_out)
+    reference = run(theirs.double(), x.double(), grad.double())
+    official_low = run(theirs.to(dtype), x.to(dtype), grad.to(dtype))
+    ours_low = run(ours.to(dtype), x.to(dtype), grad.to(dtype))
+    names = ["out", "dx"] + [n for n, _ in ours.named_parameters()]
+    for name, r, o, t in zip(names, reference, ours_low, official_low):
+        ours_err = (o.double() - r).abs().max().item()
+        official_err = (t.double() - r).abs().max().item()
+        assert ours_err <= 2 * official_err, f"{name}: torch path error {ours_err:.3g} > 2 x official {official_err:.3g}"
+
+
+def test_float64_gradcheck():
+    qkv = torch.randn(2, 32, 3 * 8, dtype=torch.float64, requires_grad=True)
+    for q_stride, window, use_mu in [(4, 4, True), (1, 8, True), (4, 0, False), (1, 0, False)]:
+        assert torch.autograd.gradcheck(lambda t: ops.mask_unit_attention(t, 2, q_stride, window, use_mu, backend="torch"), (qkv,))
+
+
+def test_empty_and_single_batch():
+    for B in [0, 1]:
+        qkv = torch.randn(B, 64, 3 * 16)
+        assert ops.mask_unit_attention(qkv, 2, 4, 4, True).shape == (B, 16, 16)
+
+
+def test_non_contiguous_qkv():
+    qkv = torch.randn(2, 3 * 16, 64).transpose(1, 2)  # [2, 64, 48]
+    torch.testing.assert_close(
+        ops.mask_unit_attention(qkv, 2, 4, 4, True), ops.mask_unit_attention(qkv.contiguous(), 2, 4, 4, True), atol=0, rtol=0
+    )
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_compiles_without_graph_breaks(backend):
+    qkv = torch.randn(2, 64, 3 * 16, requires_grad=True)
+    f = lambda t: ops.mask_unit_attention(t, 2, 4, 4, True, backend=backend)  # noqa: E731
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(qkv), f(qkv), atol=1e-6, rtol=0)
+    (g1,) = torch.autograd.grad(compiled(qkv).sum(), qkv)
+    (g2,) = torch.autograd.grad(f(qkv).sum(), qkv)
+    torch.testing.assert_close(g1, g2, atol=1e-6, rtol=0)

@@ -1,0 +1,132 @@
+"""Bad input gets a clear error naming the op, the argument and the numbers; backend
+choice says why it refused."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import hiera_kernels as hk
+from hiera_kernels import BackendError, ops
+from hiera_kernels.backends import choose
+
+S2 = [(2, 2)] * 3
+
+
+@pytest.mark.parametrize(
+    "call, error, pattern",
+    [
+        (lambda: ops.unroll(torch.randn(2, 784, 4), [28, 28], S2), ValueError, r"unroll: size\[0\]=28 is not divisible by 8"),
+        (lambda: ops.unroll(torch.randn(2, 780, 4), [56, 56], S2), ValueError, r"unroll: x has N=780 tokens but size=\(56, 56\) holds 3136"),
+        (lambda: ops.unroll(torch.randn(3136, 4), [56, 56], S2), ValueError, r"unroll: x must be \[B, N, C\], got shape \(3136, 4\)"),
+        (lambda: ops.unroll(torch.zeros(1, 64, 2, dtype=torch.int32), [8, 8], S2), TypeError, r"unroll: x has dtype torch.int32"),
+        (lambda: ops.unroll([1, 2], [8, 8], S2), TypeError, r"unroll: x must be a torch.Tensor, got list"),
+        (lambda: ops.unroll(torch.randn(1, 64, 2), [8, 8], [(2, 2, 1)]), ValueError, r"unroll: schedule\[0\]=\(2, 2, 1\) must have one stride per dim"),
+        (lambda: ops.unroll(torch.randn(1, 64, 2), [8, 0], S2), ValueError, r"unroll: size\[1\] must be >= 1, got 0"),
+        (lambda: ops.reroll(torch.randn(1, 64, 2), [8, 8], S2, torch.ones(1, 2)), TypeError, r"reroll: mask must be a bool tensor"),
+        (lambda: ops.reroll(torch.randn(1, 64, 2), [16, 16], S2, torch.ones(1, 3, dtype=torch.bool)), ValueError, r"reroll: mask must have shape \(B, num_units\)=\(1, 4\), got \(1, 3\)"),
+        (lambda: ops.reroll(torch.randn(1, 70, 2), [16, 16], S2, torch.ones(1, 4, dtype=torch.bool)), ValueError, r"reroll: with a mask, x must hold whole kept mask units of 64 tokens \(at most 4 units\), got N=70"),
+        (lambda: ops.reroll(torch.randn(1, 63, 2), [8, 8], S2), ValueError, r"reroll: x has N=63 tokens"),
+        (lambda: ops.query_pool(torch.randn(2, 10, 4), 4), ValueError, r"query_pool: N=10 is not divisible by stride=4"),
+        (lambda: ops.query_pool(torch.randn(2, 8, 4), 0), ValueError, r"query_pool: stride must be >= 1, got 0"),
+        (lambda: ops.query_pool(torch.randn(2, 8, 4), 2.0), TypeError, r"query_pool: stride must be an int, got float"),
+        (lambda: ops.mask_unit_attention(torch.randn(2, 64, 50), 2, 1, 64, True), ValueError, r"mask_unit_attention: qkv width 50 is not divisible by 3 \* heads = 6"),
+        (lambda: ops.mask_unit_attention(torch.randn(2, 60, 48), 2, 4, 4, True), ValueError, r"mask_unit_attention: N=60 is not a whole number of windows of q_stride \* window_size = 4 \* 4 tokens"),
+        (lambda: ops.mask_unit_attention(torch.randn(2, 62, 48), 2, 4, 0, False), ValueError, r"mask_unit_attention: N=62 is not divisible by q_stride=4"),
+        (lambda: ops.mask_unit_attention(torch.randn(2, 64, 48), 0, 1, 64, True), ValueError, r"mask_unit_attention: heads must be >= 1, got 0"),
+        (lambda: ops.mask_unit_attention(torch.randn(2, 64, 48, 1), 2, 1, 64, True), ValueError, r"mask_unit_attention: qkv must be \[B, N, 3 \* dim_out\]"),
+    ],
+)
+def test_bad_input(call, error, pattern):
+    with pytest.raises(error, match=pattern):
+        call()
+
+
+def test_bad_input_fails_the_same_on_every_backend():
+    for backend in ["torch", "cpu", "triton", "cuda"]:
+        with pytest.raises(ValueError, match=r"size\[0\]=28 is not divisible by 8"):
+            ops.unroll(torch.randn(2, 784, 4), [28, 28], S2, backend=backend)
+
+
+def test_named_backend_says_why_it_cannot_run():
+    qkv = torch.randn(2, 64, 48)
+    with pytest.raises(BackendError, match=r"mask_unit_attention: backend 'cpu' cannot run on float32\[2, 64, 48\] on cpu: has no mask_unit_attention kernel"):
+        ops.mask_unit_attention(qkv, 2, 1, 64, True, backend="cpu")
+    with pytest.raises(BackendError, match=r"backend 'triton' cannot run .*TRITON_INTERPRET=1"):
+        ops.unroll(torch.randn(1, 64, 2), [8, 8], S2, backend="triton")
+    with pytest.raises(BackendError, match=r"backend 'cuda' cannot run .*runs on cuda tensors, not cpu"):
+        ops.query_pool(torch.randn(1, 64, 2), 4, backend="cuda")
+    with pytest.raises(ValueError, match=r"unknown backend 'fast'; choose one of auto, torch, cpu, cuda, triton"):
+        ops.query_pool(torch.randn(1, 64, 2), 4, backend="fast")
+    reasons = hk.backend_reasons("cuda", "unroll", torch.float64)["cuda"]
+    assert any("dtype float64 is not supported" in r for r in reasons)
+
+
+def test_auto_picks_the_fastest_that_can_run():
+    x = torch.randn(1, 64, 2)
+    assert hk.available_backends("cpu") == ["cpu", "torch"]
+    assert choose("unroll", x).NAME == "cpu"
+    assert choose("query_pool", x, stride=4).NAME == "cpu"
+    assert choose("query_pool", x, stride=300).NAME == "torch"  # past the one-byte argmax
+    assert choose("mask_unit_attention", x).NAME == "torch"  # no C++ attention kernel yet
+    assert choose("unroll", x.to("meta")).NAME == "torch"  # devices without kernels
+
+
+def test_default_backend_setters():
+    x = torch.randn(1, 64, 2)
+    assert hk.get_backend() == "auto"
+    with hk.use_backend("torch"):
+        assert hk.get_backend() == "torch" and choose("unroll", x).NAME == "torch"
+        with hk.use_backend("cuda"), pytest.raises(BackendError):
+            ops.unroll(x, [8, 8], S2)
+    assert hk.get_backend() == "auto"
+    hk.set_backend("torch")
+    try:
+        assert choose("unroll", x).NAME == "torch"
+        assert choose("unroll", x, "cpu").NAME == "cpu"  # an explicit argument wins
+    finally:
+        hk.set_backend("auto")
+    with pytest.raises(ValueError, match="set_backend: unknown backend 'gpu'"):
+        hk.set_backend("gpu")
+
+
+def run_python(code, **env):
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env={**os.environ, **env}, timeout=300
+    )
+
+
+def test_environment_variable_sets_the_default():
+    done = run_python("import hiera_kernels as hk; print(hk.get_backend())", HIERA_KERNELS_BACKEND="torch")
+    assert done.returncode == 0 and done.stdout.strip() == "torch", done.stderr
+    bad = run_python("import hiera_kernels", HIERA_KERNELS_BACKEND="fastest")
+    assert bad.returncode != 0 and "HIERA_KERNELS_BACKEND: unknown backend 'fastest'" in bad.stderr
+
+
+def test_without_the_extension_torch_still_works_and_one_warning_says_how_to_build():
+    done = run_python(
+        """
+        import sys, warnings
+        sys.modules["hiera_kernels._C"] = None  # what a missing or broken build looks like
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import hiera_kernels as hk, torch
+        ours = [str(w.message) for w in caught if "hiera_kernels" in str(w.message)]
+        assert len(ours) == 1, ours
+        assert "pip install --no-build-isolation -e ." in ours[0], ours[0]
+        x = torch.randn(1, 64, 2)
+        assert hk.available_backends("cpu") == ["torch"]
+        hk.ops.unroll(x, [8, 8], [(2, 2)])
+        try:
+            hk.ops.unroll(x, [8, 8], [(2, 2)], backend="cpu")
+        except hk.BackendError as e:
+            assert "the C++ extension is not built" in str(e), e
+        else:
+            raise AssertionError("cpu backend ran without its extension")
+        print("ok")
+        """
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

@@ -1,0 +1,191 @@
+"""The drop-in models against the real official package (hiera-transformer 0.1.4):
+same weights in, same outputs, intermediates, MAE loss and gradients out."""
+
+import pytest
+import torch
+
+import hiera_kernels as hk
+from hiera_kernels.models import AUTOENCODERS, CLASSIFIERS, FACTORIES
+
+from helpers import official
+
+ATOL = 1e-5  # float32 parity target
+VIDEO_SMALL = dict(
+    input_size=(8, 64, 64), q_stride=(1, 2, 2), mask_unit_size=(1, 8, 8), patch_kernel=(3, 7, 7),
+    patch_stride=(2, 4, 4), patch_padding=(1, 3, 3), sep_pos_embed=True, num_classes=400,
+)
+
+
+def official_factory(name):
+    return getattr(official, name)
+
+
+def pair(name, **kwargs):
+    """(official, ours) with identical random weights, loaded strictly."""
+    if name == "video_small":
+        theirs, ours = official.Hiera(**VIDEO_SMALL, **kwargs), hk.Hiera(**VIDEO_SMALL)
+    elif name == "mae_video_small":
+        theirs = official.MaskedAutoencoderHiera(q_pool=2, **VIDEO_SMALL, **kwargs)
+        ours = hk.MaskedAutoencoderHiera(q_pool=2, **VIDEO_SMALL)
+    else:
+        theirs, ours = official_factory(name)(**kwargs), getattr(hk, name)()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    return theirs, ours
+
+
+def image_for(model, batch=2):
+    size = [s * p for s, p in zip(model.tokens_spatial_shape, model.patch_stride)]
+    return torch.randn(batch, 3, *size)
+
+
+def max_diff(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def grads(model, loss):
+    params = [p for p in model.parameters()]
+    return torch.autograd.grad(loss, params, allow_unused=True)
+
+
+def classifier_parity(theirs, ours, x):
+    """Eval probabilities, every intermediate, and train-mode gradients w.r.t. input and params."""
+    theirs.eval(), ours.eval()
+    with torch.no_grad():
+        out_t, inter_t = theirs(x, return_intermediates=True)
+        out_o, inter_o = ours(x, return_intermediates=True)
+    diffs = {"probs": max_diff(out_o, out_t)}
+    assert len(inter_t) == len(inter_o)
+    for i, (a, b) in enumerate(zip(inter_o, inter_t)):
+        assert a.shape == b.shape
+        diffs[f"intermediate{i}"] = max_diff(a, b)
+    theirs.train(), ours.train()
+    weights = torch.randn(x.shape[0], theirs.head.projection.out_features)
+    results = []
+    for model in (theirs, ours):
+        xi = x.clone().requires_grad_()
+        loss = (model(xi) * weights).sum()
+        results.append([torch.autograd.grad(loss, [xi] + list(model.parameters()))])
+    names = ["input"] + [n for n, _ in ours.named_parameters()]
+    for name, a, b in zip(names, results[1][0], results[0][0]):
+        diffs[f"grad {name}"] = max_diff(a, b)
+    return diffs
+
+
+@pytest.mark.parametrize("name", ["hiera_tiny_224", "hiera_base_plus_224", "video_small"])
+def test_classifier_matches_official(name):
+    theirs, ours = pair(name)
+    diffs = classifier_parity(theirs, ours, image_for(theirs))
+    worst = max(diffs, key=diffs.get)
+    assert diffs[worst] <= ATOL, f"{name}: {worst} differs by {diffs[worst]:.3g}"
+
+
+def mae_parity(theirs, ours, x, mask):
+    out_t = theirs(x, mask=mask)
+    out_o = ours(x, mask=mask)
+    diffs = {}
+    for label, a, b in zip(["loss", "pred", "label"], out_o[:3], out_t[:3]):
+        assert a.shape == b.shape
+        diffs[label] = max_diff(a, b)
+    assert torch.equal(out_o[3], out_t[3])
+    for name, a, b in zip([n for n, _ in ours.named_parameters()], grads(ours, out_o[0]), grads(theirs, out_t[0])):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            diffs[f"grad {name}"] = max_diff(a, b)
+    return diffs
+
+
+@pytest.mark.parametrize("name", ["mae_hiera_tiny_224", "mae_video_small"])
+def test_mae_matches_official_with_a_fixed_mask(name):
+    theirs, ours = pair(name)
+    x = image_for(theirs)
+    mask = theirs.get_random_mask(x, 0.6)
+    diffs = mae_parity(theirs, ours, x, mask)
+    worst = max(diffs, key=diffs.get)
+    assert diffs[worst] <= ATOL, f"{name}: {worst} differs by {diffs[worst]:.3g}"
+    # The random mask comes from the same RNG draws as the official one.
+    torch.manual_seed(7)
+    _, _, _, mask_t = theirs(x)
+    torch.manual_seed(7)
+    _, _, _, mask_o = ours(x)
+    assert torch.equal(mask_t, mask_o)
+
+
+def test_masked_encoder_tokens_match_official():
+    theirs, ours = pair("hiera_tiny_224")
+    x = image_for(theirs)
+    mask = theirs.get_random_mask(x, 0.6)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, mask=mask), theirs(x, mask=mask), atol=ATOL, rtol=0)
+
+
+def test_auto_backend_model_equals_torch_backend():
+    """On CPU, "auto" runs the C++ unroll/reroll/query_pool kernels: bit-identical."""
+    _, model = pair("hiera_tiny_224")
+    x = image_for(model)
+    results = {}
+    for backend in ["torch", "auto"]:
+        model.set_backend(backend)
+        xi = x.clone().requires_grad_()
+        out, inter = model.train()(xi, return_intermediates=True)
+        loss = out.square().sum() + sum(i.sum() for i in inter)
+        results[backend] = [out, *inter, *torch.autograd.grad(loss, [xi] + list(model.parameters()))]
+    for a, b in zip(results["auto"], results["torch"]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_backend_argument_and_set_backend():
+    model = hk.hiera_tiny_224(backend="torch")
+    assert {m.backend for m in model.modules() if isinstance(m, hk.models.hiera.UsesBackend)} == {"torch"}
+    model.set_backend("cpu")
+    assert model.blocks[3].attn.backend == "cpu"
+    x = image_for(model, 1)
+    with pytest.raises(hk.BackendError, match="backend 'cpu' cannot run .* has no mask_unit_attention kernel"):
+        model(x)
+    mae = hk.mae_hiera_tiny_224(backend="torch")
+    assert mae.decoder_blocks[0].attn.backend == "torch"
+    with pytest.raises(ValueError, match="unknown backend"):
+        hk.hiera_tiny_224(backend="fast")
+
+
+def test_pretrained_loads_an_official_checkpoint_file(tmp_path):
+    theirs = official.hiera_tiny_224(num_classes=10).eval()
+    path = tmp_path / "hiera_tiny_224.pth"
+    torch.save({"model_state": theirs.state_dict()}, path)
+    ours = hk.hiera_tiny_224(pretrained=True, checkpoint=str(path)).eval()
+    assert ours.head.projection.out_features == 10  # num_classes follows the checkpoint
+    x = image_for(ours, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), atol=ATOL, rtol=0)
+    # An MAE checkpoint loads into the classifier non-strictly, as officially.
+    mae_path = tmp_path / "mae_hiera_tiny_224.pth"
+    torch.save({"model_state": official.mae_hiera_tiny_224().state_dict()}, mae_path)
+    hk.hiera_tiny_224(pretrained=True, checkpoint=str(mae_path))
+    with pytest.raises(RuntimeError, match=r"Invalid checkpoint specified \(nope\)"):
+        hk.hiera_tiny_224(pretrained=True, checkpoint="nope")
+    assert hk.hiera_tiny_224.default == "mae_in1k_ft_in1k"
+    assert hk.hiera_tiny_224.checkpoints == official.hiera_tiny_224.checkpoints
+
+
+def test_compiled_model_fullgraph():
+    model = hk.hiera_tiny_224(num_classes=10).eval()
+    x = image_for(model, 1)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.extended
+@pytest.mark.parametrize("name", FACTORIES)
+def test_every_factory_has_official_keys_and_outputs(name):
+    theirs, ours = official_factory(name)(), getattr(hk, name)()
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = image_for(theirs, 1)
+    with torch.no_grad():
+        if name in CLASSIFIERS:
+            torch.testing.assert_close(ours.eval()(x), theirs.eval()(x), atol=ATOL, rtol=0)
+        else:
+            assert name in AUTOENCODERS
+            mask = theirs.get_random_mask(x, 0.9 if "16x" in name else 0.6)
+            for a, b in zip(ours(x, mask=mask), theirs(x, mask=mask)):
+                torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
