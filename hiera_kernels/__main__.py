@@ -1,0 +1,60 @@
+"""``python -m hiera_kernels {bench,check,info}`` (also the ``hiera-kernels`` command)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hiera_kernels", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+    b = sub.add_parser("bench", help="time the whole model: official vs each backend vs the GEMM floor (the default)")
+    b.add_argument("--model", default="hiera_base_224", help="any classifier factory name (default hiera_base_224)")
+    b.add_argument("--batch", type=int, default=8)
+    b.add_argument("--dtype", choices=list(DTYPES), help="default: bfloat16 on CPUs with bf16, float16 on GPUs, else float32")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--backends", help="comma-separated backend names (default: every backend that runs the model, and auto)")
+    b.add_argument("--mode", choices=["infer", "train", "both"], default="infer")
+    b.add_argument("--quick", action="store_true", help="fewer iterations")
+    b.add_argument("--out", help="directory for bench.csv and bench.json")
+    c = sub.add_parser("check", help="cross-check every available backend against the torch path")
+    c.add_argument("--model", default="hiera_tiny_224")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    c.add_argument("--batch", type=int, default=2)
+    sub.add_parser("info", help="versions, build, and why each backend is or is not available")
+    args = parser.parse_args(argv)
+
+    if args.command in (None, "bench"):
+        from .tools.bench import bench
+
+        if args.command is None:
+            args = parser.parse_args(["bench"])
+        bench(
+            model_name=args.model,
+            batch=args.batch,
+            dtype=DTYPES[args.dtype] if args.dtype else None,
+            device=args.device,
+            backend_names=args.backends.split(",") if args.backends else None,
+            mode=args.mode,
+            quick=args.quick,
+            out_dir=args.out,
+        )
+        return 0
+    if args.command == "check":
+        from .tools.check import check
+
+        return 0 if check(args.model, args.device, DTYPES[args.dtype], args.batch) else 1
+    from .tools.info import info
+
+    info()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""``python -m hiera_kernels bench``: the whole model, side by side in one run.
+
+Rows: the official package in eager mode (when installed), then hiera_kernels on
+each backend that can run the whole model on the device, and ``"auto"``. Every row
+runs the same random weights on the same batch, with warm-up, and reports the
+median. The GEMM floor is the time of the model's Linears and patch conv alone,
+each run on an input of the shape it sees in the model: what no fusion of the
+other ops can beat.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import statistics
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Callable, List, Optional
+
+import torch
+import torch.nn as nn
+
+from .. import backends, models
+
+
+@dataclass
+class Row:
+    name: str
+    mode: str
+    ms: float
+    images_per_s: float
+    speedup: Optional[float]  # against the official eager row
+    vs_gemm_floor: Optional[float]
+    max_abs_err: Optional[float]  # logits against hiera_kernels on "torch"
+    note: str = ""
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on CPUs with native bf16 arithmetic and on GPUs' fp16 tensor cores; else float32."""
+    if device.type == "cuda":
+        return torch.float16
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return torch.float32
+    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def gemm_floor(model: nn.Module, x: torch.Tensor, device, warmup: int, iters: int, train: bool) -> float:
+    """Median time of the model's Linears and convs alone, on inputs of the shapes they see."""
+    calls = []
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args: calls.append((mod, args[0].detach().clone())))
+        for m in model.modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d))
+    ]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+
+    def run():
+        for mod, inp in calls:
+            if train:
+                inp = inp.requires_grad_()
+                out = mod(inp)
+                torch.autograd.backward(out, torch.ones_like(out))
+            else:
+                with torch.no_grad():
+                    mod(inp)
+
+    return median_ms(run, device, warmup, iters)
+
+
+def bench(
+    model_name: str = "hiera_base_224",
+    batch: int = 8,
+    dtype: Optional[torch.dtype] = None,
+    device: str = "cpu",
+    backend_names: Optional[List[str]] = None,
+    mode: str = "infer",
+    quick: bool = False,
+    out_dir: Optional[str] = None,
+    print_fn: Callable[[str], None] = print,
+) -> List[Row]:
+    device = torch.device(device)
+    dtype = dtype or default_dtype(device)
+    warmup, iters = (1, 3) if quick else (3, 10)
+    if model_name not in models.CLASSIFIERS:
+        raise ValueError(f"bench: --model must be one of {', '.join(models.CLASSIFIERS)}, got {model_name!r}")
+    factory = getattr(models, model_name)
+    torch.manual_seed(0)
+    ours = factory().to(device=device, dtype=dtype)
+    size = [s * p for s, p in zip(ours.tokens_spatial_shape, ours.patch_stride)]
+    x = torch.randn(batch, 3, *size, device=device, dtype=dtype)
+    print_fn(header(model_name, batch, dtype, device, mode))
+
+    contenders = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            import hiera as official
+
+        theirs = getattr(official, model_name)()
+        theirs.load_state_dict(ours.state_dict())
+        contenders.append(("official (eager)", theirs.to(device=device, dtype=dtype), ""))
+    except ImportError:
+        print_fn("(official package hiera-transformer not installed: no official row)")
+    names = backend_names or [n for n in backends.available_backends(device) if can_run_model(n, device, dtype)] + ["auto"]
+    for name in names:
+        contenders.append((f"hiera_kernels [{name}]", ours, name))
+
+    modes = ["infer", "train"] if mode == "both" else [mode]
+    rows: List[Row] = []
+    for m in modes:
+        train = m == "train"
+        floor = gemm_floor(ours, x, device, warmup, iters, train)
+        # Errors on the logits (train-mode head, no dropout here): the eval softmax of a
+        # randomly initialised head is nearly uniform and would hide them.
+        with torch.no_grad():
+            reference = ours.set_backend("torch").train()(x).float()
+        official_ms = None
+        for label, model, backend in contenders:
+            if backend:
+                model.set_backend(backend)
+            model.train(train)
+
+            def step(model=model):
+                if train:
+                    model.zero_grad(set_to_none=True)
+                    model(x).float().square().mean().backward()
+                else:
+                    with torch.inference_mode():
+                        model(x)
+
+            try:
+                ms = median_ms(step, device, warmup, iters)
+            except Exception as exc:  # a row that cannot run says why instead of ending the table
+                rows.append(Row(label, m, float("nan"), float("nan"), None, None, None, f"failed: {exc}"))
+                print_fn(f"  {label}: failed: {exc}")
+                continue
+            with torch.no_grad():
+                err = (model.train()(x).float() - reference).abs().max().item()
+            if backend == "":
+                official_ms = ms
+            rows.append(
+                Row(label, m, ms, batch / ms * 1e3, (official_ms / ms) if official_ms else None, ms / floor, err)
+            )
+        rows.append(Row("GEMM floor (Linears + conv alone)", m, floor, batch / floor * 1e3, None, 1.0, None))
+    ours.set_backend(None)
+    print_fn(format_table(rows))
+    if out_dir:
+        save(rows, out_dir, model_name, batch, dtype, device)
+        print_fn(f"wrote {os.path.join(out_dir, 'bench.csv')} and bench.json")
+    return rows
+
+
+def can_run_model(name: str, device, dtype) -> bool:
+    return all(not r for r in (backends.backend_reasons(device, op, dtype)[name] for op in backends.OP_NAMES))
+
+
+def header(model_name, batch, dtype, device, mode) -> str:
+    import triton  # noqa: F401  (version only)
+
+    return (
+        f"{model_name} batch={batch} dtype={str(dtype).replace('torch.', '')} device={device} mode={mode} | "
+        f"{platform.processor() or platform.machine()} threads={torch.get_num_threads()} "
+        f"torch={torch.__version__} triton={triton.__version__}"
+    )
+
+
+def format_table(rows: List[Row]) -> str:
+    cols = ["row", "mode", "ms/batch", "img/s", "vs official", "vs GEMM floor", "logits max err", "note"]
+    lines = []
+    for r in rows:
+        lines.append(
+            [
+                r.name,
+                r.mode,
+                f"{r.ms:.1f}",
+                f"{r.images_per_s:.1f}",
+                f"{r.speedup:.2f}x" if r.speedup else "-",
+                f"{r.vs_gemm_floor:.2f}x" if r.vs_gemm_floor else "-",
+                f"{r.max_abs_err:.2e}" if r.max_abs_err is not None else "-",
+                r.note,
+            ]
+        )
+    widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(cols)]
+    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([fmt(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(line) for line in lines])
+
+
+def save(rows: List[Row], out_dir: str, model_name, batch, dtype, device) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    meta = dict(model=model_name, batch=batch, dtype=str(dtype), device=str(device), torch=torch.__version__,
+                threads=torch.get_num_threads(), timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    with open(os.path.join(out_dir, "bench.json"), "w") as f:
+        json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=2)
+    with open(os.path.join(out_dir, "bench.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])) + list(meta))
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({**asdict(r), **meta})

@@ -1,0 +1,113 @@
+"""``python -m hiera_kernels check``: every available backend against the ``"torch"`` path.
+
+For each backend that runs on the device, every op it implements runs at the
+shapes of every block of the chosen model, forward and backward, against the
+``"torch"`` path: permutations and pooling must match exactly; attention within
+twice the ``"torch"`` path's own error against a float64 reference. Then the whole
+model on ``"auto"``. Exits non-zero on any failure; this is how a GPU owner
+verifies the Triton and CUDA kernels on their hardware.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List
+
+import torch
+
+from .. import backends, models, ops
+from ..models.hiera import HieraBlock
+
+
+@dataclass
+class Case:
+    op: str
+    shape: str
+    run: Callable[[str, torch.dtype], torch.Tensor]  # backend, dtype -> output (grad flows from input)
+    make_input: Callable[[torch.dtype], torch.Tensor]
+
+
+def op_cases(model: models.Hiera, batch: int, device) -> List[Case]:
+    """The op calls of one forward of ``model``, at the shapes they see there."""
+    block_inputs = {}
+    hooks = [
+        blk.register_forward_pre_hook(lambda mod, args, i=i: block_inputs.__setitem__(i, tuple(args[0].shape)))
+        for i, blk in enumerate(model.blocks)
+    ]
+    size = [s * p for s, p in zip(model.tokens_spatial_shape, model.patch_stride)]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, *size, device=device))
+    for h in hooks:
+        h.remove()
+
+    def tensor(shape):
+        return lambda dtype: torch.randn(shape, device=device, dtype=dtype)
+
+    C0 = model.blocks[0].dim
+    N0 = block_inputs[0][1]
+    cases = [
+        Case("unroll", f"[{batch}, {N0}, {C0}]", lambda b, t: ops.unroll(t, model.unroll.size, model.unroll.schedule, backend=b), tensor((batch, N0, C0)))
+    ]
+    for i in model.stage_ends:
+        schedule, sz = model.reroll.schedule[i]
+        n, c = block_inputs[i][1] // model.blocks[i].attn.q_stride, model.blocks[i].dim_out
+        cases.append(Case("reroll", f"[{batch}, {n}, {c}] stage end {i}", lambda b, t, sz=sz, s=schedule: ops.reroll(t, sz, s, backend=b), tensor((batch, n, c))))
+    seen = set()
+    for i, blk in enumerate(model.blocks):
+        assert isinstance(blk, HieraBlock)
+        attn, n = blk.attn, block_inputs[i][1]
+        if blk.dim != blk.dim_out:
+            cases.append(Case("query_pool", f"[{batch}, {n}, {blk.dim_out}] block {i}", lambda b, t, s=attn.q_stride: ops.query_pool(t, s, backend=b), tensor((batch, n, blk.dim_out))))
+        key = (n, attn.dim_out, attn.heads, attn.q_stride, attn.window_size, attn.use_mask_unit_attn)
+        if key not in seen:
+            seen.add(key)
+            args = (attn.heads, attn.q_stride, attn.window_size, attn.use_mask_unit_attn)
+            cases.append(Case("mask_unit_attention", f"[{batch}, {n}, {3 * attn.dim_out}] block {i}", lambda b, t, a=args: ops.mask_unit_attention(t, *a, backend=b), tensor((batch, n, 3 * attn.dim_out))))
+    return cases
+
+
+def forward_backward(case: Case, backend: str, x: torch.Tensor, grad_seed: int):
+    x = x.detach().requires_grad_()
+    out = case.run(backend, x)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float32).to(out)
+    (dx,) = torch.autograd.grad(out, x, g)
+    return out.detach(), dx
+
+
+def check(model_name: str = "hiera_tiny_224", device: str = "cpu", dtype: torch.dtype = torch.float32, batch: int = 2,
+          print_fn=print) -> bool:
+    device = torch.device(device)
+    torch.manual_seed(0)
+    model = getattr(models, model_name)().to(device).eval()
+    candidates = [n for n in backends.available_backends(device) if n != "torch"]
+    print_fn(f"check {model_name} on {device}, {str(dtype).replace('torch.', '')}, batch {batch}: backends {candidates or 'none besides torch'}")
+    ok = True
+    for case in op_cases(model, batch, device):
+        x = case.make_input(dtype)
+        for backend in candidates:
+            reasons = backends.BACKENDS[backend].not_supported_reasons(case.op, device, dtype)
+            if reasons:
+                continue
+            got = forward_backward(case, backend, x, 1)
+            want = forward_backward(case, "torch", x, 1)
+            errs = [(a.double() - b.double()).abs().max().item() if a.numel() else 0.0 for a, b in zip(got, want)]
+            if case.op == "mask_unit_attention":
+                ref = forward_backward(case, "torch", x.double(), 1)
+                limits = [2 * (b.double() - r).abs().max().item() for b, r in zip(want, ref)]
+            else:
+                limits = [0.0, 0.0]
+            passed = all(e <= lim for e, lim in zip(errs, limits))
+            ok &= passed
+            print_fn(f"  {'PASS' if passed else 'FAIL'} {backend:6s} {case.op:19s} {case.shape:38s} out err {errs[0]:.2e} (<= {limits[0]:.1e})  grad err {errs[1]:.2e} (<= {limits[1]:.1e})")
+    size = [s * p for s, p in zip(model.tokens_spatial_shape, model.patch_stride)]
+    x = torch.randn(batch, 3, *size, device=device, dtype=dtype)
+    model = model.to(dtype)
+    with torch.no_grad():
+        want = model.set_backend("torch")(x)
+        got = model.set_backend("auto")(x)
+    err = (got.double() - want.double()).abs().max().item()
+    limit = 1e-5 if dtype in (torch.float32, torch.float64) else 1e-2
+    ok &= err <= limit
+    print_fn(f"  {'PASS' if err <= limit else 'FAIL'} auto   whole model {model_name} output err {err:.2e} (<= {limit:.0e})")
+    print_fn("all checks passed" if ok else "SOME CHECKS FAILED")
+    return ok

@@ -1,0 +1,33 @@
+"""``python -m hiera_kernels info``: versions, device, build, and every backend's status."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from .. import __version__, backends
+from .._extension import EXTENSION
+
+
+def info(print_fn=print) -> None:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError as exc:
+        triton_version = f"not importable ({exc})"
+    print_fn(f"hiera_kernels {__version__}  torch {torch.__version__} (CUDA {torch.version.cuda})  triton {triton_version}")
+    print_fn(f"python {platform.python_version()}  {platform.machine()}  CPU capability {torch.backends.cpu.get_cpu_capability()}  threads {torch.get_num_threads()}")
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    print_fn(f"GPUs: {', '.join(gpus) if gpus else 'none'}")
+    built = "loaded" if EXTENSION.loaded else f"NOT loaded ({EXTENSION.error})"
+    print_fn(f"extension hiera_kernels._C: {built}; CUDA sources compiled in: {EXTENSION.with_cuda}")
+    print_fn(f"default backend: {backends.get_backend()}")
+    for device in ["cpu", "cuda"]:
+        print_fn(f"{device} tensors (auto order: {' > '.join(backends.AUTO_ORDER[device])}):")
+        for name, backend in backends.BACKENDS.items():
+            reasons = backends.backend_reasons(device)[name]
+            status = "available" if not reasons else "unavailable: " + "; ".join(reasons)
+            ops = ", ".join(backend.OPS) or "-"
+            print_fn(f"  {name:7s} ops [{ops}]  {status}")
