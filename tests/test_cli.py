@@ -1,0 +1,48 @@
+"""Smoke tests of `python -m hiera_kernels bench | check | info` on a tiny model."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hiera_kernels.__main__ import main
+
+
+def test_bench_quick_prints_the_table_and_writes_files(tmp_path, capsys):
+    assert main(["bench", "--model", "hiera_tiny_224", "--batch", "1", "--dtype", "float32", "--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "hiera_tiny_224 batch=1 dtype=float32" in out
+    for row in ["official (eager)", "hiera_kernels [torch]", "hiera_kernels [auto]", "GEMM floor"]:
+        assert row in out
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    timed = [r for r in rows if r["name"].startswith("hiera_kernels")]
+    assert timed and all(r["ms"] > 0 and r["max_abs_err"] <= 1e-5 for r in timed)
+    assert (tmp_path / "bench.csv").read_text().startswith("name,mode,ms")
+
+
+def test_bench_reports_a_backend_that_cannot_run_instead_of_crashing(capsys):
+    main(["bench", "--model", "hiera_tiny_224", "--batch", "1", "--dtype", "float32", "--quick", "--backends", "torch,cuda"])
+    out = capsys.readouterr().out
+    assert "hiera_kernels [cuda]" in out and "failed: " in out and "backend 'cuda' cannot run" in out
+
+
+def test_bench_rejects_an_unknown_model():
+    with pytest.raises(ValueError, match="--model must be one of"):
+        main(["bench", "--model", "resnet50", "--quick"])
+
+
+def test_check_passes_and_lists_every_op(capsys):
+    assert main(["check", "--model", "hiera_tiny_224", "--batch", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "FAIL" not in out and "all checks passed" in out
+    for op in ["unroll", "reroll", "query_pool", "whole model"]:
+        assert op in out
+
+
+def test_info_reports_every_backend_and_why():
+    done = subprocess.run([sys.executable, "-m", "hiera_kernels", "info"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "extension hiera_kernels._C: loaded" in done.stdout
+    assert "cuda    ops [-]  unavailable:" in done.stdout
+    assert "triton  ops [-]  unavailable: runs on cuda tensors" in done.stdout
