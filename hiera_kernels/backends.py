@@ -32,8 +32,8 @@ if os.environ.get("HIERA_KERNELS_LOG"):
     log.setLevel(os.environ["HIERA_KERNELS_LOG"].upper())
 
 OP_NAMES = ("unroll", "reroll", "query_pool", "mask_unit_attention")
-LOW_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
-WITH_FLOAT64 = LOW_PRECISION + (torch.float64,)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+WITH_FLOAT64 = FLOAT_DTYPES + (torch.float64,)
 
 
 class BackendError(RuntimeError):
@@ -49,7 +49,7 @@ class Backend:
 
     NAME: str = ""
     DEVICES: Tuple[str, ...] = ()
-    DTYPES: Tuple[torch.dtype, ...] = LOW_PRECISION
+    DTYPES: Tuple[torch.dtype, ...] = FLOAT_DTYPES
     OPS: Tuple[str, ...] = ()
 
     def build_reasons(self) -> List[str]:

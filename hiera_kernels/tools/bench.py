@@ -184,12 +184,16 @@ def can_run_model(name: str, device, dtype) -> bool:
 
 
 def header(model_name, batch, dtype, device, mode) -> str:
-    import triton  # noqa: F401  (version only)
+    try:
+        import triton
 
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
     return (
         f"{model_name} batch={batch} dtype={str(dtype).replace('torch.', '')} device={device} mode={mode} | "
         f"{platform.processor() or platform.machine()} threads={torch.get_num_threads()} "
-        f"torch={torch.__version__} triton={triton.__version__}"
+        f"torch={torch.__version__} triton={triton_version}"
     )
 
 
