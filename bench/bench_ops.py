@@ -66,6 +66,7 @@ def test_op(benchmark, case, provider, dtype, mode):
 
         def step():
             out = call(op, x, kwargs, provider)
-            torch.autograd.backward(out, grad)  # clone's backward is the copy of the gradient
+            # grad, not backward: no accumulation into x.grad inside the timing
+            return torch.autograd.grad(out, x, grad)  # clone's backward is a copy of the gradient
 
         benchmark(step)

@@ -7,6 +7,8 @@ import sys
 
 import torch
 
+from .models import CLASSIFIERS
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -14,7 +16,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hiera_kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command")
     b = sub.add_parser("bench", help="time the whole model: official vs each backend vs the GEMM floor (the default)")
-    b.add_argument("--model", default="hiera_base_224", help="any classifier factory name (default hiera_base_224)")
+    b.add_argument("--model", default="hiera_base_224", choices=CLASSIFIERS, metavar="MODEL", help="a classifier factory name (default hiera_base_224)")
     b.add_argument("--batch", type=int, default=8)
     b.add_argument("--dtype", choices=list(DTYPES), help="default: bfloat16 on CPUs with bf16, float16 on GPUs, else float32")
     b.add_argument("--device", default="cpu")
@@ -23,7 +25,7 @@ def main(argv=None) -> int:
     b.add_argument("--quick", action="store_true", help="fewer iterations")
     b.add_argument("--out", help="directory for bench.csv and bench.json")
     c = sub.add_parser("check", help="cross-check every available backend against the torch path")
-    c.add_argument("--model", default="hiera_tiny_224")
+    c.add_argument("--model", default="hiera_tiny_224", choices=CLASSIFIERS, metavar="MODEL", help="a classifier factory name")
     c.add_argument("--device", default="cpu")
     c.add_argument("--dtype", choices=list(DTYPES), default="float32")
     c.add_argument("--batch", type=int, default=2)

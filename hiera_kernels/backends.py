@@ -15,6 +15,7 @@ configure the ``hiera_kernels`` logger) to see every ``"auto"`` decision.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -27,9 +28,12 @@ from ._extension import BUILD_HINT, EXTENSION
 from .library import OPS as KERNEL_OPS
 
 log = logging.getLogger("hiera_kernels")
-if os.environ.get("HIERA_KERNELS_LOG"):
+_log_level = os.environ.get("HIERA_KERNELS_LOG", "").upper()
+if _log_level:
+    if _log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError(f"HIERA_KERNELS_LOG={_log_level!r}: use debug, info, warning or error")
     logging.basicConfig()
-    log.setLevel(os.environ["HIERA_KERNELS_LOG"].upper())
+    log.setLevel(_log_level)
 
 OP_NAMES = ("unroll", "reroll", "query_pool", "mask_unit_attention")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -114,15 +118,21 @@ def _flat(schedule: Sequence[Sequence[int]]) -> List[int]:
 
 
 class KernelOpsBackend(Backend):
-    """Backends whose kernels are registered on the ops of :mod:`hiera_kernels.library`."""
+    """Backends whose kernels are registered on the ops of :mod:`hiera_kernels.library`.
+    Their bounds are the C++ ones (csrc/include/hiera_kernels/token_order.h)."""
 
     OPS = ("unroll", "reroll", "query_pool")
+    MAX_DIMS, MAX_STEPS, MAX_POOL_STRIDE = 4, 8, 256
 
     def not_supported_reasons(self, op, device, dtype, **limits):
         reasons = super().not_supported_reasons(op, device, dtype, **limits)
-        stride = limits.get("stride", 1)
-        if op == "query_pool" and stride > 256:
-            reasons.append(f"stride={stride} exceeds 256, the most a one-byte argmax can route")
+        stride, dims, steps = limits.get("stride", 1), limits.get("dims", 1), limits.get("steps", 0)
+        if stride > self.MAX_POOL_STRIDE:
+            reasons.append(f"stride={stride} exceeds {self.MAX_POOL_STRIDE}, the most a one-byte argmax can route")
+        if dims > self.MAX_DIMS:
+            reasons.append(f"{dims} spatial dims exceed the kernels' {self.MAX_DIMS}")
+        if steps > self.MAX_STEPS:
+            reasons.append(f"{steps} unroll steps exceed the kernels' {self.MAX_STEPS}")
         return reasons
 
     def unroll(self, x, size, schedule):
@@ -154,11 +164,11 @@ class CpuBackend(KernelOpsBackend):
 
 
 class CudaBackend(KernelOpsBackend):
-    """C++/CUDA kernels for CUDA tensors (csrc/cuda)."""
+    """C++/CUDA kernels for CUDA tensors (planned in csrc/cuda: no kernels yet)."""
 
     NAME = "cuda"
     DEVICES = ("cuda",)
-    OPS = ()  # csrc/cuda has no kernels yet
+    OPS = ()
 
     def build_reasons(self):
         if not EXTENSION.loaded:
@@ -168,19 +178,26 @@ class CudaBackend(KernelOpsBackend):
         return []
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return str(exc)
+    return None
+
+
 class TritonBackend(Backend):
-    """Triton kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (for tests)."""
+    """Triton kernels (planned: no kernels yet) for CUDA tensors; CPU tensors will run
+    under TRITON_INTERPRET=1, for tests."""
 
     NAME = "triton"
     DEVICES = ("cuda",)
-    OPS = ()  # no Triton kernels yet
+    OPS = ()
 
     def build_reasons(self):
-        try:
-            import triton  # noqa: F401
-        except ImportError as exc:
-            return [f"triton is not importable ({exc})"]
-        return []
+        error = _triton_import_error()
+        return [f"triton is not importable ({error})"] if error else []
 
     def device_reasons(self, device):
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
@@ -197,13 +214,13 @@ NAMES = ("auto",) + tuple(BACKENDS)
 AUTO_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")}
 
 
-def _check_name(name: str, where: str) -> str:
+def check_name(name: str, where: str) -> str:
     if name not in NAMES:
         raise ValueError(f"{where}: unknown backend {name!r}; choose one of {', '.join(NAMES)}")
     return name
 
 
-_default = _check_name(os.environ.get("HIERA_KERNELS_BACKEND", "auto"), "HIERA_KERNELS_BACKEND")
+_default = check_name(os.environ.get("HIERA_KERNELS_BACKEND", "auto"), "HIERA_KERNELS_BACKEND")
 
 
 def get_backend() -> str:
@@ -214,14 +231,14 @@ def get_backend() -> str:
 def set_backend(name: str) -> None:
     """Set the default backend for every op and model without a ``backend=`` of its own."""
     global _default
-    _default = _check_name(name, "set_backend")
+    _default = check_name(name, "set_backend")
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Use ``name`` as the default backend inside a ``with`` block."""
     global _default
-    previous, _default = _default, _check_name(name, "use_backend")
+    previous, _default = _default, check_name(name, "use_backend")
     try:
         yield
     finally:
@@ -252,7 +269,7 @@ def available_backends(device="cpu") -> List[str]:
 def choose(op: str, tensor: torch.Tensor, backend: Optional[str] = None, **limits) -> Backend:
     """The backend that runs ``op`` on ``tensor``: ``backend`` (or the default), or the
     first that can under ``"auto"``. Raises :class:`BackendError` saying why otherwise."""
-    name = _check_name(backend, op) if backend is not None else _default
+    name = check_name(backend, op) if backend is not None else _default
     if name != "auto":
         chosen = BACKENDS[name]
         reasons = chosen.not_supported_reasons(op, tensor.device, tensor.dtype, **limits)
@@ -263,8 +280,8 @@ def choose(op: str, tensor: torch.Tensor, backend: Optional[str] = None, **limit
     for candidate in AUTO_ORDER.get(tensor.device.type, ("torch",)):
         reasons = BACKENDS[candidate].not_supported_reasons(op, tensor.device, tensor.dtype, **limits)
         if not reasons:
-            if refused and not torch.compiler.is_compiling() and log.isEnabledFor(logging.DEBUG):
-                log.debug("%s on %s: auto chose %r; %s", op, describe(tensor), candidate, " | ".join(refused))
+            if not torch.compiler.is_compiling() and log.isEnabledFor(logging.DEBUG):
+                log.debug("%s on %s: auto chose %r %s", op, describe(tensor), candidate, " | ".join(refused))
             return BACKENDS[candidate]
         refused.append(f"{candidate!r} refused: " + "; ".join(reasons))
     raise BackendError(f"{op}: no backend can run on {describe(tensor)}: " + " | ".join(refused))

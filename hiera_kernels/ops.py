@@ -23,10 +23,9 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from .backends import WITH_FLOAT64 as SUPPORTED_DTYPES
 from .backends import choose
 from .reference import mask_unit_shape
-
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _check_tensor(op: str, name: str, x, layout: str) -> None:
@@ -78,7 +77,7 @@ def unroll(x: torch.Tensor, size: Sequence[int], schedule: Sequence[Sequence[int
     size, schedule = _check_geometry("unroll", size, schedule)
     if x.shape[1] != math.prod(size):
         raise ValueError(f"unroll: x has N={x.shape[1]} tokens but size={size} holds {math.prod(size)}")
-    return choose("unroll", x, backend).unroll(x, size, schedule)
+    return choose("unroll", x, backend, dims=len(size), steps=len(schedule)).unroll(x, size, schedule)
 
 
 def reroll(
@@ -91,7 +90,8 @@ def reroll(
 ):
     """The official ``Reroll`` for one stage: ``size`` is the stage's token grid and
     ``schedule`` its remaining unroll strides. Returns [B, *size, C]; with a boolean
-    keep-mask [B, num_units] (x then holds the K kept units), [B, K, *mu_shape, C]."""
+    keep-mask [B, num_units] (x then holds the K kept units), [B, K, *mu_shape, C].
+    As officially, only the mask's shape matters: K comes from x."""
     _check_tensor("reroll", "x", x, "[B, N, C]")
     size, schedule = _check_geometry("reroll", size, schedule)
     B, N, _ = x.shape
@@ -110,7 +110,8 @@ def reroll(
                 f"reroll: with a mask, x must hold whole kept mask units of {unit} tokens "
                 f"(at most {units} units), got N={N}"
             )
-    return choose("reroll", x, backend).reroll(x, size, schedule, mask is not None)
+    impl = choose("reroll", x, backend, dims=len(size), steps=len(schedule))
+    return impl.reroll(x, size, schedule, mask is not None)
 
 
 def query_pool(x: torch.Tensor, stride: int, *, backend: Optional[str] = None):

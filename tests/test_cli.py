@@ -27,16 +27,19 @@ def test_bench_reports_a_backend_that_cannot_run_instead_of_crashing(capsys):
     assert "hiera_kernels [cuda]" in out and "failed: " in out and "backend 'cuda' cannot run" in out
 
 
-def test_bench_rejects_an_unknown_model():
-    with pytest.raises(ValueError, match="--model must be one of"):
-        main(["bench", "--model", "resnet50", "--quick"])
+def test_unknown_model_is_a_usage_error(capsys):
+    for command in ["bench", "check"]:
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--model", "resnet50"])
+        assert exit_info.value.code == 2
+        assert "argument --model: invalid choice: 'resnet50'" in capsys.readouterr().err
 
 
 def test_check_passes_and_lists_every_op(capsys):
     assert main(["check", "--model", "hiera_tiny_224", "--batch", "1"]) == 0
     out = capsys.readouterr().out
     assert "FAIL" not in out and "all checks passed" in out
-    for op in ["unroll", "reroll", "query_pool", "whole model"]:
+    for op in ["unroll", "reroll", "query_pool", "whole model logits", "whole model stage 4 features"]:
         assert op in out
 
 

@@ -73,6 +73,13 @@ def test_auto_picks_the_fastest_that_can_run():
     assert choose("query_pool", x, stride=300).NAME == "torch"  # past the one-byte argmax
     assert choose("mask_unit_attention", x).NAME == "torch"  # no C++ attention kernel yet
     assert choose("unroll", x.to("meta")).NAME == "torch"  # devices without kernels
+    # Past the C++ kernels' bounds, "auto" still runs where "torch" can.
+    assert choose("unroll", x, dims=5, steps=1).NAME == "torch"
+    assert choose("reroll", x, dims=1, steps=9).NAME == "torch"
+    x9 = torch.randn(1, 2**9, 3)
+    torch.testing.assert_close(ops.unroll(x9, [2**9], [(2,)] * 9), ops.unroll(x9, [2**9], [(2,)] * 9, backend="torch"), atol=0, rtol=0)
+    with pytest.raises(BackendError, match="9 unroll steps exceed the kernels' 8"):
+        ops.unroll(x9, [2**9], [(2,)] * 9, backend="cpu")
 
 
 def test_default_backend_setters():
@@ -94,8 +101,11 @@ def test_default_backend_setters():
 
 
 def run_python(code, **env):
+    """Run ``code`` in a fresh interpreter, with the HIERA_KERNELS_* variables of this
+    process replaced by ``env``."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("HIERA_KERNELS_")}
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env={**os.environ, **env}, timeout=300
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env={**base, **env}, timeout=300
     )
 
 
@@ -104,6 +114,22 @@ def test_environment_variable_sets_the_default():
     assert done.returncode == 0 and done.stdout.strip() == "torch", done.stderr
     bad = run_python("import hiera_kernels", HIERA_KERNELS_BACKEND="fastest")
     assert bad.returncode != 0 and "HIERA_KERNELS_BACKEND: unknown backend 'fastest'" in bad.stderr
+    bad_log = run_python("import hiera_kernels", HIERA_KERNELS_LOG="1")
+    assert bad_log.returncode != 0 and "HIERA_KERNELS_LOG='1': use debug, info, warning or error" in bad_log.stderr
+
+
+def test_debug_log_names_every_auto_choice():
+    done = run_python(
+        """
+        import torch, hiera_kernels as hk
+        hk.ops.unroll(torch.randn(1, 64, 2), [8, 8], [(2, 2)])
+        hk.ops.mask_unit_attention(torch.randn(1, 64, 6), 1, 1, 64, True)
+        """,
+        HIERA_KERNELS_LOG="debug",
+    )
+    assert done.returncode == 0, done.stderr
+    assert "unroll on float32[1, 64, 2] on cpu: auto chose 'cpu'" in done.stderr
+    assert "mask_unit_attention on float32[1, 64, 6] on cpu: auto chose 'torch' 'cpu' refused: has no mask_unit_attention kernel" in done.stderr
 
 
 def test_without_the_extension_torch_still_works_and_one_warning_says_how_to_build():

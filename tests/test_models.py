@@ -38,6 +38,13 @@ def image_for(model, batch=2):
     return torch.randn(batch, 3, *size)
 
 
+def logits(model, x, **kwargs):
+    """Pre-softmax outputs: the official eval head returns softmax probabilities, which
+    for a randomly initialised head are nearly uniform and would hide differences."""
+    with torch.no_grad():
+        return model.train()(x, **kwargs)
+
+
 def max_diff(a, b):
     return (a.double() - b.double()).abs().max().item()
 
@@ -53,7 +60,7 @@ def classifier_parity(theirs, ours, x):
     with torch.no_grad():
         out_t, inter_t = theirs(x, return_intermediates=True)
         out_o, inter_o = ours(x, return_intermediates=True)
-    diffs = {"probs": max_diff(out_o, out_t)}
+    diffs = {"probs": max_diff(out_o, out_t), "logits": max_diff(logits(ours, x), logits(theirs, x))}
     assert len(inter_t) == len(inter_o)
     for i, (a, b) in enumerate(zip(inter_o, inter_t)):
         assert a.shape == b.shape
@@ -110,6 +117,31 @@ def test_mae_matches_official_with_a_fixed_mask(name):
     assert torch.equal(mask_t, mask_o)
 
 
+def test_stochastic_depth_matches_official_in_training():
+    """Same seed, same Bernoulli draws: DropPath follows timm's exactly."""
+    theirs = official.hiera_tiny_224(drop_path_rate=0.5, num_classes=10)
+    ours = hk.hiera_tiny_224(drop_path_rate=0.5, num_classes=10)
+    ours.load_state_dict(theirs.state_dict())
+    x = image_for(theirs)
+    torch.manual_seed(3)
+    want = logits(theirs, x)
+    torch.manual_seed(3)
+    got = logits(ours, x)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    assert hk.models.hiera.DropPath(1.0).train()(torch.ones(2, 3)).eq(0).all()  # no 0/0
+
+
+def test_bad_masks_get_a_clear_error():
+    model = hk.hiera_tiny_224()
+    x = image_for(model)
+    uneven = torch.zeros(2, 49, dtype=torch.bool)
+    uneven[0, :10], uneven[1, :12] = True, True
+    with pytest.raises(ValueError, match=r"every sample must keep the same number of mask units, got \[10, 12\]"):
+        model(x, mask=uneven)
+    with pytest.raises(ValueError, match=r"mask must be a bool tensor of shape \(B, num_mask_units\)=\(2, 49\), got torch.float32"):
+        model(x, mask=uneven.float())
+
+
 def test_masked_encoder_tokens_match_official():
     theirs, ours = pair("hiera_tiny_224")
     x = image_for(theirs)
@@ -151,11 +183,14 @@ def test_pretrained_loads_an_official_checkpoint_file(tmp_path):
     theirs = official.hiera_tiny_224(num_classes=10).eval()
     path = tmp_path / "hiera_tiny_224.pth"
     torch.save({"model_state": theirs.state_dict()}, path)
-    ours = hk.hiera_tiny_224(pretrained=True, checkpoint=str(path)).eval()
+    ours = hk.hiera_tiny_224(pretrained=True, checkpoint=str(path))
     assert ours.head.projection.out_features == 10  # num_classes follows the checkpoint
     x = image_for(ours, 1)
-    with torch.no_grad():
-        torch.testing.assert_close(ours(x), theirs(x), atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits(ours, x), logits(theirs, x), atol=ATOL, rtol=0)
+    # Asking for another head size keeps the trunk and drops the head.
+    other = hk.hiera_tiny_224(pretrained=True, checkpoint=str(path), num_classes=3)
+    assert other.head.projection.out_features == 3
+    torch.testing.assert_close(other.blocks[5].attn.qkv.weight, theirs.blocks[5].attn.qkv.weight, atol=0, rtol=0)
     # An MAE checkpoint loads into the classifier non-strictly, as officially.
     mae_path = tmp_path / "mae_hiera_tiny_224.pth"
     torch.save({"model_state": official.mae_hiera_tiny_224().state_dict()}, mae_path)
@@ -167,7 +202,7 @@ def test_pretrained_loads_an_official_checkpoint_file(tmp_path):
 
 
 def test_compiled_model_fullgraph():
-    model = hk.hiera_tiny_224(num_classes=10).eval()
+    model = hk.hiera_tiny_224(num_classes=10).train()
     x = image_for(model, 1)
     compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
@@ -183,7 +218,7 @@ def test_every_factory_has_official_keys_and_outputs(name):
     x = image_for(theirs, 1)
     with torch.no_grad():
         if name in CLASSIFIERS:
-            torch.testing.assert_close(ours.eval()(x), theirs.eval()(x), atol=ATOL, rtol=0)
+            torch.testing.assert_close(logits(ours, x), logits(theirs, x), atol=ATOL, rtol=0)
         else:
             assert name in AUTOENCODERS
             mask = theirs.get_random_mask(x, 0.9 if "16x" in name else 0.6)

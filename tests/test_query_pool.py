@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hiera_kernels import library, ops
+from hiera_kernels import BackendError, library, ops
 
 from helpers import CPU_BACKENDS, DTYPES, official_utils
 
@@ -69,7 +69,7 @@ def test_opcheck():
 
 def test_kernel_refuses_stride_over_one_byte():
     x = torch.randn(1, 257 * 2, 1)
-    with pytest.raises(Exception, match="stride=257 exceeds 256"):
+    with pytest.raises(BackendError, match="stride=257 exceeds 256"):
         ops.query_pool(x, 257, backend="cpu")
     assert ops.query_pool(x, 257).shape == (1, 2, 1)  # auto takes the torch path
 

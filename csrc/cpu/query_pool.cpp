@@ -1,6 +1,5 @@
 // CPU kernels for query pooling: out[b, i, c] = max_s x[b, s * No + i, c] with a
-// one-byte argmax (s) for the backward, which writes every element of the input
-// gradient once (the gradient or zero), so no separate zero fill.
+// one-byte argmax (s) for the backward.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -8,7 +7,15 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <cstring>
 #include <tuple>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 #include "hiera_kernels/token_order.h"
 
@@ -21,6 +28,28 @@ void check_pool_args(const char* op, const at::Tensor& x, int64_t stride) {
               kMaxPoolStride, "] (one-byte argmax), got ", stride);
 }
 
+// In [B, N, C] with N = stride * No, the stride slices of one image are `stride`
+// contiguous slabs of No * C elements, so pooling is an elementwise max across
+// slabs: a branch-free loop the compiler vectorises.
+// Widen a block to the accumulation type. c10::Half's scalar conversion does not
+// vectorise, so fp16 uses F16C where the build has it.
+template <typename scalar_t, typename acc_t>
+inline void load_as_acc(const scalar_t* src, acc_t* dst, int64_t n) {
+  int64_t k = 0;
+#if defined(__F16C__)
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    for (; k + 8 <= n; k += 8) {
+      const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k));
+      _mm256_storeu_ps(dst + k, _mm256_cvtph_ps(half));
+    }
+  }
+#endif
+  for (; k < n; ++k) dst[k] = static_cast<acc_t>(src[k]);
+}
+
+constexpr int64_t kPoolGrain = 16 << 10;  // elements per task
+constexpr int64_t kPoolBlock = 256;       // elements per register-friendly block
+
 std::tuple<at::Tensor, at::Tensor> query_pool_cpu(const at::Tensor& input, int64_t stride) {
   check_pool_args("hiera_kernels::query_pool", input, stride);
   TORCH_CHECK(input.size(1) % stride == 0, "hiera_kernels::query_pool: N=", input.size(1),
@@ -30,31 +59,40 @@ std::tuple<at::Tensor, at::Tensor> query_pool_cpu(const at::Tensor& input, int64
   at::Tensor out = at::empty({batch, pooled, channels}, x.options());
   at::Tensor argmax = at::empty({batch, pooled, channels}, x.options().dtype(at::kByte));
   if (out.numel() == 0) return {out, argmax};
+  const int64_t slab = pooled * channels;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "query_pool_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* src = x.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     uint8_t* arg = argmax.mutable_data_ptr<uint8_t>();
-    const int64_t slice = pooled * channels;  // elements between the stride slices
-    at::parallel_for(0, batch * pooled, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t b = row / pooled, i = row - b * pooled;
-        const scalar_t* in = src + b * stride * slice + i * channels;
-        scalar_t* o = dst + row * channels;
-        uint8_t* a = arg + row * channels;
-        for (int64_t c = 0; c < channels; ++c) {
-          o[c] = in[c];
-          a[c] = 0;
-        }
-        for (int64_t s = 1; s < stride; ++s) {
-          const scalar_t* in_s = in + s * slice;
-          for (int64_t c = 0; c < channels; ++c) {
-            if (pool_takes<acc_t>(in_s[c], o[c])) {
-              o[c] = in_s[c];
-              a[c] = static_cast<uint8_t>(s);
+    at::parallel_for(0, batch * slab, kPoolGrain, [&](int64_t begin, int64_t end) {
+      while (begin < end) {  // split [begin, end) at image boundaries
+        const int64_t b = begin / slab, j0 = begin - b * slab;
+        const int64_t j1 = std::min(slab, j0 + (end - begin));
+        const scalar_t* in = src + b * stride * slab;
+        // Block-local accumulators: stores through uint8_t* may alias anything, which
+        // would keep the compiler from vectorising a loop that wrote them directly.
+        for (int64_t k0 = j0; k0 < j1; k0 += kPoolBlock) {
+          const int64_t n = std::min(kPoolBlock, j1 - k0);
+          acc_t best[kPoolBlock], value[kPoolBlock];
+          uint8_t best_s[kPoolBlock];
+          load_as_acc(in + k0, best, n);
+          std::memset(best_s, 0, n);
+          for (int64_t s = 1; s < stride; ++s) {
+            load_as_acc(in + s * slab + k0, value, n);
+            for (int64_t k = 0; k < n; ++k) {
+              const acc_t v = value[k];
+              const bool take = pool_takes<acc_t>(v, best[k]);
+              best[k] = take ? v : best[k];
+              best_s[k] = take ? static_cast<uint8_t>(s) : best_s[k];
             }
           }
+          scalar_t* out_block = dst + b * slab + k0;
+          uint8_t* arg_block = arg + b * slab + k0;
+          for (int64_t k = 0; k < n; ++k) out_block[k] = static_cast<scalar_t>(best[k]);
+          std::memcpy(arg_block, best_s, n);
         }
+        begin += j1 - j0;
       }
     });
   });
@@ -72,26 +110,35 @@ at::Tensor query_pool_backward_cpu(const at::Tensor& grad_out, const at::Tensor&
   const int64_t batch = g.size(0), pooled = g.size(1), channels = g.size(2);
   at::Tensor grad_in = at::empty({batch, pooled * stride, channels}, g.options());
   if (grad_in.numel() == 0) return grad_in;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "query_pool_backward_cpu", [&] {
-    const scalar_t* src = g.const_data_ptr<scalar_t>();
+  const int64_t slab = pooled * channels;
+  // A selection, not arithmetic: move raw bits (all-zero bits are +0.0 in every
+  // float format), so one loop per element size serves every dtype and vectorises.
+  auto scatter = [&](auto bits_tag) {
+    using bits_t = decltype(bits_tag);
+    const bits_t* src = static_cast<const bits_t*>(g.const_data_ptr());
     const uint8_t* arg = a.const_data_ptr<uint8_t>();
-    scalar_t* dst = grad_in.mutable_data_ptr<scalar_t>();
-    const int64_t slice = pooled * channels;
-    at::parallel_for(0, batch * pooled, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t b = row / pooled, i = row - b * pooled;
-        const scalar_t* go = src + row * channels;
-        const uint8_t* ar = arg + row * channels;
-        scalar_t* gi = dst + b * stride * slice + i * channels;
-        for (int64_t s = 0; s < stride; ++s) {
-          scalar_t* gi_s = gi + s * slice;
-          for (int64_t c = 0; c < channels; ++c) {
-            gi_s[c] = ar[c] == s ? go[c] : scalar_t(0);
-          }
+    bits_t* dst = static_cast<bits_t*>(grad_in.mutable_data_ptr());
+    at::parallel_for(0, batch * slab, kPoolGrain, [&](int64_t begin, int64_t end) {
+      while (begin < end) {
+        const int64_t b = begin / slab, j0 = begin - b * slab;
+        const int64_t j1 = std::min(slab, j0 + (end - begin));
+        const bits_t* __restrict__ go = src + b * slab;
+        const uint8_t* __restrict__ ar = arg + b * slab;
+        for (int64_t s = 0; s < stride; ++s) {  // every input element written once: no zero fill
+          bits_t* __restrict__ gi_s = dst + b * stride * slab + s * slab;
+          const uint8_t tag = static_cast<uint8_t>(s);
+          for (int64_t j = j0; j < j1; ++j) gi_s[j] = ar[j] == tag ? go[j] : bits_t(0);
         }
+        begin += j1 - j0;
       }
     });
-  });
+  };
+  switch (g.element_size()) {
+    case 2: scatter(uint16_t{}); break;
+    case 4: scatter(uint32_t{}); break;
+    case 8: scatter(uint64_t{}); break;
+    default: TORCH_CHECK(false, "hiera_kernels::query_pool_backward: unsupported dtype ", g.scalar_type());
+  }
   return grad_in;
 }
 

@@ -17,14 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from ..backends import NAMES as BACKEND_NAMES
+from ..backends import check_name
 from .pretrained import pretrained_model
-
-
-def _check_backend(backend: Optional[str]) -> Optional[str]:
-    if backend is not None and backend not in BACKEND_NAMES:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
-    return backend
 
 
 class UsesBackend(nn.Module):
@@ -34,7 +28,8 @@ class UsesBackend(nn.Module):
 
     def set_backend(self, backend: Optional[str]) -> "UsesBackend":
         """Run every op of this module and its children on ``backend`` (None: the default)."""
-        backend = _check_backend(backend)
+        if backend is not None:
+            check_name(backend, f"{type(self).__name__}.set_backend")
         for module in self.modules():
             if isinstance(module, UsesBackend):
                 module.backend = backend
@@ -68,7 +63,9 @@ class DropPath(nn.Module):
             return x
         keep = 1.0 - self.drop_prob
         noise = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x * noise.div_(keep)
+        if keep > 0.0:
+            noise.div_(keep)
+        return x * noise
 
 
 class Mlp(nn.Module):
@@ -106,7 +103,7 @@ class MaskUnitAttention(UsesBackend):
         self.heads = heads
         self.q_stride = q_stride
         self.head_dim = dim_out // heads
-        self.scale = self.head_dim**-0.5
+        self.scale = self.head_dim**-0.5  # unused (SDPA's default scale); kept as an official attribute
         self.qkv = nn.Linear(dim, 3 * dim_out)
         self.proj = nn.Linear(dim_out, dim_out)
         self.window_size = window_size
@@ -369,6 +366,8 @@ class Hiera(UsesBackend):
             x = x[0]
         intermediates = []
         B = x.shape[0]
+        if mask is not None:
+            self._check_mask(mask, B)
         x = self.patch_embed(x, mask=mask.view(B, 1, *self.mask_spatial_shape) if mask is not None else None)
         x = x + self.get_pos_embed()
         x = self.unroll(x)
@@ -389,6 +388,23 @@ class Hiera(UsesBackend):
             x = self.head(self.norm(x.mean(dim=1)))
 
         return (x, intermediates) if return_intermediates else x
+
+    def _check_mask(self, mask: torch.Tensor, batch: int) -> None:
+        """The official model silently mixes tokens across samples when the kept counts
+        differ; say so instead."""
+        units = math.prod(self.mask_spatial_shape)
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (batch, units):
+            raise ValueError(
+                f"{type(self).__name__}.forward: mask must be a bool tensor of shape (B, num_mask_units)="
+                f"({batch}, {units}), got {getattr(mask, 'dtype', type(mask))} {tuple(getattr(mask, 'shape', ()))}"
+            )
+        if not torch.compiler.is_compiling() and batch > 1:
+            kept = mask.sum(dim=1)
+            if bool((kept != kept[0]).any()):
+                raise ValueError(
+                    f"{type(self).__name__}.forward: every sample must keep the same number of mask units, "
+                    f"got {kept.tolist()}"
+                )
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"

@@ -39,7 +39,7 @@ class Row:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on CPUs with native bf16 arithmetic and on GPUs' fp16 tensor cores; else float32."""
+    """float16 on GPUs; on CPUs bfloat16 where they have native bf16 arithmetic, else float32."""
     if device.type == "cuda":
         return torch.float16
     try:

@@ -36,7 +36,6 @@ inline TokenGeometry make_token_geometry(const char* op, const at::Tensor& x, at
   }
   for (int d = 0; d < dims; ++d) g.unit_size *= g.unit[d];
   const int64_t tokens = x.size(1);
-  g.tokens = tokens;
   if (windowed) {
     TORCH_CHECK(tokens % g.unit_size == 0, op, ": N=", tokens,
                 " is not a whole number of mask units of ", g.unit_size, " tokens");
@@ -52,6 +51,11 @@ inline TokenGeometry make_token_geometry(const char* op, const at::Tensor& x, at
     }
     TORCH_CHECK(grid_tokens == tokens, op, ": x has N=", tokens, " tokens but size ", size,
                 " holds ", grid_tokens);
+  }
+  int64_t row = 1;  // row-major strides over the spatial side's shape
+  for (int d = g.dims - 1; d >= 0; --d) {
+    g.spatial_stride[d] = row;
+    row *= windowed ? g.unit[d] : g.grid[d] * g.unit[d];
   }
   return g;
 }

@@ -32,15 +32,19 @@ struct TokenGeometry {
   int64_t stride[kMaxSteps][kMaxDims] = {};  // S_{j+1}_d
   int64_t unit[kMaxDims] = {};               // mu_d = prod_j S_j_d
   int64_t grid[kMaxDims] = {};               // units per dim (raster order only)
+  int64_t spatial_stride[kMaxDims] = {};     // token stride of dim d on the spatial side:
+                                             // over size (raster) or over mu (windowed)
   int64_t unit_size = 1;                     // prod_d mu_d
   int64_t num_units = 1;                     // windows per image: N / unit_size
-  int64_t tokens = 1;                        // N
 };
 
-// Index in raster (or windowed) order of the token at unrolled index n.
-HK_HOST_DEVICE int64_t spatial_index(const TokenGeometry& g, int64_t n) {
-  int64_t w = n % g.num_units;
-  int64_t t = n / g.num_units;
+// Token n = t * num_units + w sits at spatial index
+//   unit_offset(g, w) + in_unit_offset(g, t)
+// in raster (or windowed) order: the unit's first token plus the position inside it.
+// Kernels that walk a unit's tokens compute the unit's part once.
+
+// Spatial offset of in-unit position t (the digits [r1..rk]) from its unit's first token.
+HK_HOST_DEVICE int64_t in_unit_offset(const TokenGeometry& g, int64_t t) {
   int64_t m[kMaxDims] = {0, 0, 0, 0};
   // r1 is the most significant digit of t but the least significant of m:
   // peel digits from the least significant end of t (rk_{D-1} first).
@@ -51,19 +55,20 @@ HK_HOST_DEVICE int64_t spatial_index(const TokenGeometry& g, int64_t n) {
       t /= s;
     }
   }
-  int64_t index = 0;
-  if (g.windowed) {
-    index = w;
-    for (int d = 0; d < g.dims; ++d) index = index * g.unit[d] + m[d];
-    return index;
-  }
-  int64_t coord[kMaxDims];
-  for (int d = g.dims - 1; d >= 0; --d) {
-    coord[d] = (w % g.grid[d]) * g.unit[d] + m[d];
+  int64_t offset = 0;
+  for (int d = 0; d < g.dims; ++d) offset += m[d] * g.spatial_stride[d];
+  return offset;
+}
+
+// Spatial index of the first token of unit w.
+HK_HOST_DEVICE int64_t unit_offset(const TokenGeometry& g, int64_t w) {
+  if (g.windowed) return w * g.unit_size;
+  int64_t offset = 0;
+  for (int d = g.dims - 1; d >= 0; --d) {  // w is row-major over the unit grid
+    offset += (w % g.grid[d]) * g.unit[d] * g.spatial_stride[d];
     w /= g.grid[d];
   }
-  for (int d = 0; d < g.dims; ++d) index = index * (g.grid[d] * g.unit[d]) + coord[d];
-  return index;
+  return offset;
 }
 
 // Query pooling (spec §5): output token i of [B, N / stride, C] is the max over
