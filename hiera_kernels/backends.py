@@ -149,6 +149,10 @@ class KernelOpsBackend(Backend):
     def query_pool(self, x, stride):
         return KERNEL_OPS["query_pool"](x, stride)[0]
 
+    def mask_unit_attention(self, qkv, heads, q_stride, window_size, use_mask_unit_attn):
+        windows = qkv.shape[1] // (q_stride * window_size) if use_mask_unit_attn else 1
+        return KERNEL_OPS["mask_unit_attention"](qkv, heads, q_stride, windows)[0]
+
 
 class CpuBackend(KernelOpsBackend):
     """C++ kernels for CPU tensors (csrc/cpu)."""
@@ -156,6 +160,7 @@ class CpuBackend(KernelOpsBackend):
     NAME = "cpu"
     DEVICES = ("cpu",)
     DTYPES = WITH_FLOAT64
+    OPS = OP_NAMES
 
     def build_reasons(self):
         if not EXTENSION.loaded:

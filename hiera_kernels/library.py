@@ -14,6 +14,11 @@ views that give reroll its spatial shape.
     reroll(x, size, strides, windowed)   [B, N, C] unrolled -> raster (or windowed)
     query_pool(x, stride)                [B, N, C] -> ([B, N/stride, C], uint8 argmax)
     query_pool_backward(grad, argmax, stride) -> [B, N, C]
+    mask_unit_attention(qkv, heads, q_stride, windows)
+        qkv [B, N, 3 * C] -> (out [B, N / q_stride, C], lse [B, heads, windows, N / (windows * q_stride)]
+                              in float32 (float64 for float64 qkv),
+                              q_argmax uint8 [B, N / q_stride, C], or [0] when q_stride == 1)
+    mask_unit_attention_backward(grad_out, qkv, out, lse, q_argmax, heads, q_stride, windows) -> grad_qkv
 
 ``windowed`` order is Reroll-with-a-mask order: unit after unit, each unit's
 tokens in raster order over the unit shape; ``size`` then only gives the number
@@ -31,12 +36,19 @@ _lib.define("unroll(Tensor x, int[] size, int[] strides, bool windowed) -> Tenso
 _lib.define("reroll(Tensor x, int[] size, int[] strides, bool windowed) -> Tensor")
 _lib.define("query_pool(Tensor x, int stride) -> (Tensor, Tensor)")
 _lib.define("query_pool_backward(Tensor grad_out, Tensor argmax, int stride) -> Tensor")
+_lib.define("mask_unit_attention(Tensor qkv, int heads, int q_stride, int windows) -> (Tensor, Tensor, Tensor)")
+_lib.define(
+    "mask_unit_attention_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, Tensor q_argmax, "
+    "int heads, int q_stride, int windows) -> Tensor"
+)
 
 OPS = {
     "unroll": torch.ops.hiera_kernels.unroll.default,
     "reroll": torch.ops.hiera_kernels.reroll.default,
     "query_pool": torch.ops.hiera_kernels.query_pool.default,
     "query_pool_backward": torch.ops.hiera_kernels.query_pool_backward.default,
+    "mask_unit_attention": torch.ops.hiera_kernels.mask_unit_attention.default,
+    "mask_unit_attention_backward": torch.ops.hiera_kernels.mask_unit_attention_backward.default,
 }
 
 
@@ -63,6 +75,24 @@ def _query_pool_fake(x, stride):
 def _query_pool_backward_fake(grad_out, argmax, stride):
     B, N, C = grad_out.shape
     return grad_out.new_empty((B, N * stride, C))
+
+
+@torch.library.register_fake("hiera_kernels::mask_unit_attention")
+def _mask_unit_attention_fake(qkv, heads, q_stride, windows):
+    B, N, width = qkv.shape
+    torch._check(width % (3 * heads) == 0, lambda: f"mask_unit_attention: qkv width {width} is not divisible by {3 * heads}")
+    torch._check(N % (windows * q_stride) == 0, lambda: f"mask_unit_attention: N={N} does not split into {windows} windows")
+    dim, queries = width // 3, N // (windows * q_stride)
+    out = qkv.new_empty((B, queries * windows, dim))
+    lse_dtype = torch.float64 if qkv.dtype == torch.float64 else torch.float32  # the accumulation type
+    lse = qkv.new_empty((B, heads, windows, queries), dtype=lse_dtype)
+    argmax_shape = (B, queries * windows, dim) if q_stride > 1 else (0,)
+    return out, lse, qkv.new_empty(argmax_shape, dtype=torch.uint8)
+
+
+@torch.library.register_fake("hiera_kernels::mask_unit_attention_backward")
+def _mask_unit_attention_backward_fake(grad_out, qkv, out, lse, q_argmax, heads, q_stride, windows):
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
 
 
 # ------------------------------------------------------------------------- autograd
@@ -95,3 +125,23 @@ def _query_pool_backward(ctx, grad, _grad_argmax):
 
 
 torch.library.register_autograd("hiera_kernels::query_pool", _query_pool_backward, setup_context=_setup_query_pool)
+
+
+def _setup_attention(ctx, inputs, output):
+    qkv, ctx.heads, ctx.q_stride, ctx.windows = inputs
+    out, lse, q_argmax = output
+    ctx.mark_non_differentiable(lse, q_argmax)
+    ctx.save_for_backward(qkv, out, lse, q_argmax)
+
+
+def _attention_backward(ctx, grad_out, _grad_lse, _grad_argmax):
+    qkv, out, lse, q_argmax = ctx.saved_tensors
+    grad_qkv = OPS["mask_unit_attention_backward"](
+        grad_out.contiguous(), qkv, out, lse, q_argmax, ctx.heads, ctx.q_stride, ctx.windows
+    )
+    return grad_qkv, None, None, None
+
+
+torch.library.register_autograd(
+    "hiera_kernels::mask_unit_attention", _attention_backward, setup_context=_setup_attention
+)

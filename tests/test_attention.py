@@ -1,10 +1,12 @@
-"""mask_unit_attention on the "torch" path against the official MaskUnitAttention."""
+"""mask_unit_attention: the "torch" path against the official MaskUnitAttention, and the
+kernels against the "torch" path (flash-attention's rule: within twice its error
+against a float64 reference, output and gradient)."""
 
 import pytest
 import torch
 
 import hiera_kernels as hk
-from hiera_kernels import ops
+from hiera_kernels import library, ops
 
 from helpers import official
 
@@ -71,26 +73,90 @@ def test_no_worse_than_official(block, dtype):
         assert ours_err <= 2 * official_err, f"{name}: torch path error {ours_err:.3g} > 2 x official {official_err:.3g}"
 
 
-def test_float64_gradcheck():
+def op_args(block):
+    dim, dim_out, heads, q_stride, window_size, use_mu, N = BLOCKS[block]
+    return N, dim_out, (heads, q_stride, window_size, use_mu)
+
+
+def forward_backward(qkv, args, grad, backend):
+    qkv = qkv.detach().requires_grad_()
+    out = ops.mask_unit_attention(qkv, *args, backend=backend)
+    (dqkv,) = torch.autograd.grad(out, qkv, grad)
+    return out.detach(), dqkv
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block", list(BLOCKS))
+def test_cpu_kernel_error_rule(block, dtype):
+    N, dim_out, args = op_args(block)
+    qkv = torch.randn(2, N, 3 * dim_out)
+    grad = torch.randn(2, N // args[1], dim_out)
+    reference = forward_backward(qkv.double(), args, grad.double(), "torch")
+    torch_low = forward_backward(qkv.to(dtype), args, grad.to(dtype), "torch")
+    cpu_low = forward_backward(qkv.to(dtype), args, grad.to(dtype), "cpu")
+    for name, r, t, c in zip(["out", "dqkv"], reference, torch_low, cpu_low):
+        assert c.dtype == dtype
+        cpu_err = (c.double() - r).abs().max().item()
+        torch_err = (t.double() - r).abs().max().item()
+        assert cpu_err <= 2 * torch_err, f"{name}: cpu error {cpu_err:.3g} > 2 x torch path's {torch_err:.3g}"
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_float64_gradcheck(backend):
     qkv = torch.randn(2, 32, 3 * 8, dtype=torch.float64, requires_grad=True)
     for q_stride, window, use_mu in [(4, 4, True), (1, 8, True), (4, 0, False), (1, 0, False)]:
-        assert torch.autograd.gradcheck(lambda t: ops.mask_unit_attention(t, 2, q_stride, window, use_mu, backend="torch"), (qkv,))
+        assert torch.autograd.gradcheck(lambda t: ops.mask_unit_attention(t, 2, q_stride, window, use_mu, backend=backend), (qkv,))
 
 
-def test_empty_and_single_batch():
-    for B in [0, 1]:
-        qkv = torch.randn(B, 64, 3 * 16)
-        assert ops.mask_unit_attention(qkv, 2, 4, 4, True).shape == (B, 16, 16)
+def test_float64_kernel_matches_torch_path():
+    qkv = torch.randn(2, 784, 3 * 192, dtype=torch.float64)
+    grad = torch.randn(2, 196, 192, dtype=torch.float64)
+    for a, b in zip(forward_backward(qkv, (4, 4, 4, True), grad, "cpu"), forward_backward(qkv, (4, 4, 4, True), grad, "torch")):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
-def test_non_contiguous_qkv():
-    qkv = torch.randn(2, 3 * 16, 64).transpose(1, 2)  # [2, 64, 48]
-    torch.testing.assert_close(
-        ops.mask_unit_attention(qkv, 2, 4, 4, True), ops.mask_unit_attention(qkv.contiguous(), 2, 4, 4, True), atol=0, rtol=0
+def test_pooling_ties_route_the_query_gradient_like_pytorch():
+    """Integer-valued q makes many pooling ties; the first maximum must get the gradient."""
+    qkv = torch.randint(-2, 3, (2, 64, 3 * 16)).float()
+    grad = torch.randn(2, 16, 16)
+    cpu, ref = forward_backward(qkv, (2, 4, 4, True), grad, "cpu"), forward_backward(qkv, (2, 4, 4, True), grad, "torch")
+    torch.testing.assert_close(cpu[0], ref[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(cpu[1], ref[1], atol=1e-5, rtol=0)
+    assert (ref[1][..., :16] == 0).float().mean() > 0.5  # most q candidates get no gradient
+
+
+@pytest.mark.parametrize("tokens, q_stride, windows", [(48, 4, 4), (48, 1, 1), (45, 3, 5), (32, 4, 1)])
+def test_opcheck(tokens, q_stride, windows):
+    qkv = torch.randn(2, tokens, 3 * 12, requires_grad=True)
+    torch.library.opcheck(library.OPS["mask_unit_attention"], (qkv, 3, q_stride, windows))
+    out, lse, argmax = library.OPS["mask_unit_attention"](qkv.detach(), 3, q_stride, windows)
+    torch.library.opcheck(
+        library.OPS["mask_unit_attention_backward"], (torch.randn_like(out), qkv.detach(), out, lse, argmax, 3, q_stride, windows)
     )
 
 
-@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_empty_and_single_batch(backend):
+    for B in [0, 1]:
+        qkv = torch.randn(B, 64, 3 * 16, requires_grad=True)
+        out = ops.mask_unit_attention(qkv, 2, 4, 4, True, backend=backend)
+        assert out.shape == (B, 16, 16)
+        out.sum().backward()
+        assert qkv.grad.shape == qkv.shape
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_non_contiguous_qkv(backend):
+    qkv = torch.randn(2, 3 * 16, 64).transpose(1, 2)  # [2, 64, 48]
+    torch.testing.assert_close(
+        ops.mask_unit_attention(qkv, 2, 4, 4, True, backend=backend),
+        ops.mask_unit_attention(qkv.contiguous(), 2, 4, 4, True, backend=backend),
+        atol=0,
+        rtol=0,
+    )
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_compiles_without_graph_breaks(backend):
     qkv = torch.randn(2, 64, 3 * 16, requires_grad=True)
     f = lambda t: ops.mask_unit_attention(t, 2, 4, 4, True, backend=backend)  # noqa: E731

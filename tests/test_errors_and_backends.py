@@ -53,8 +53,8 @@ def test_bad_input_fails_the_same_on_every_backend():
 
 def test_named_backend_says_why_it_cannot_run():
     qkv = torch.randn(2, 64, 48)
-    with pytest.raises(BackendError, match=r"mask_unit_attention: backend 'cpu' cannot run on float32\[2, 64, 48\] on cpu: has no mask_unit_attention kernel"):
-        ops.mask_unit_attention(qkv, 2, 1, 64, True, backend="cpu")
+    with pytest.raises(BackendError, match=r"mask_unit_attention: backend 'cuda' cannot run on float32\[2, 64, 48\] on cpu: .*has no mask_unit_attention kernel"):
+        ops.mask_unit_attention(qkv, 2, 1, 64, True, backend="cuda")
     with pytest.raises(BackendError, match=r"backend 'triton' cannot run .*TRITON_INTERPRET=1"):
         ops.unroll(torch.randn(1, 64, 2), [8, 8], S2, backend="triton")
     with pytest.raises(BackendError, match=r"backend 'cuda' cannot run .*runs on cuda tensors, not cpu"):
@@ -71,7 +71,7 @@ def test_auto_picks_the_fastest_that_can_run():
     assert choose("unroll", x).NAME == "cpu"
     assert choose("query_pool", x, stride=4).NAME == "cpu"
     assert choose("query_pool", x, stride=300).NAME == "torch"  # past the one-byte argmax
-    assert choose("mask_unit_attention", x).NAME == "torch"  # no C++ attention kernel yet
+    assert choose("mask_unit_attention", x).NAME == "cpu"
     assert choose("unroll", x.to("meta")).NAME == "torch"  # devices without kernels
     # Past the C++ kernels' bounds, "auto" still runs where "torch" can.
     assert choose("unroll", x, dims=5, steps=1).NAME == "torch"
@@ -123,13 +123,13 @@ def test_debug_log_names_every_auto_choice():
         """
         import torch, hiera_kernels as hk
         hk.ops.unroll(torch.randn(1, 64, 2), [8, 8], [(2, 2)])
-        hk.ops.mask_unit_attention(torch.randn(1, 64, 6), 1, 1, 64, True)
+        hk.ops.query_pool(torch.randn(1, 600, 2), 300)
         """,
         HIERA_KERNELS_LOG="debug",
     )
     assert done.returncode == 0, done.stderr
     assert "unroll on float32[1, 64, 2] on cpu: auto chose 'cpu'" in done.stderr
-    assert "mask_unit_attention on float32[1, 64, 6] on cpu: auto chose 'torch' 'cpu' refused: has no mask_unit_attention kernel" in done.stderr
+    assert "query_pool on float32[1, 600, 2] on cpu: auto chose 'torch' 'cpu' refused: stride=300 exceeds 256" in done.stderr
 
 
 def test_without_the_extension_torch_still_works_and_one_warning_says_how_to_build():
