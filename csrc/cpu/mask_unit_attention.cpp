@@ -31,7 +31,7 @@
 namespace hiera_kernels {
 namespace {
 
-constexpr int64_t kQueryBlock = 64;   // at most; blocks are balanced (196 queries: 4 x 49)
+constexpr int64_t kQueryBlock = 64;   // queries per block when a window's keys span several key blocks
 constexpr int64_t kKeyBlock = 256;    // a window's keys, or a global block, in one score tile
 // One 64-byte vector of T (an AVX-512 register; two AVX2 registers elsewhere).
 template <typename T>
@@ -52,11 +52,12 @@ inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 // columns, accumulated in registers. A(m, k) = a[m * a_row + k * a_col], so a
 // transposed A costs nothing.
 template <typename T, int MR, int NV>
-void gemm_tile(int64_t K, const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb, T* c, int64_t ldc) {
+void gemm_tile(int64_t K, const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb, T* c, int64_t ldc,
+               bool accumulate) {
   using S = Simd<T>;
   typename S::Vec acc[MR][NV];
   for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = S::load(c + r * ldc + v * S::kLanes);
+    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? S::load(c + r * ldc + v * S::kLanes) : typename S::Vec{};
   for (int64_t k = 0; k < K; ++k) {
     typename S::Vec bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = S::load(b + k * ldb + v * S::kLanes);
@@ -71,26 +72,28 @@ void gemm_tile(int64_t K, const T* a, int64_t a_row, int64_t a_col, const T* b, 
 
 template <typename T, int MR>
 void gemm_row_tile(int64_t K, int64_t nv, const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb, T* c,
-                   int64_t ldc) {
+                   int64_t ldc, bool accumulate) {
   switch (nv) {
-    case 1: return gemm_tile<T, MR, 1>(K, a, a_row, a_col, b, ldb, c, ldc);
-    case 2: return gemm_tile<T, MR, 2>(K, a, a_row, a_col, b, ldb, c, ldc);
-    case 3: return gemm_tile<T, MR, 3>(K, a, a_row, a_col, b, ldb, c, ldc);
-    default: return gemm_tile<T, MR, 4>(K, a, a_row, a_col, b, ldb, c, ldc);
+    case 1: return gemm_tile<T, MR, 1>(K, a, a_row, a_col, b, ldb, c, ldc, accumulate);
+    case 2: return gemm_tile<T, MR, 2>(K, a, a_row, a_col, b, ldb, c, ldc, accumulate);
+    case 3: return gemm_tile<T, MR, 3>(K, a, a_row, a_col, b, ldb, c, ldc, accumulate);
+    default: return gemm_tile<T, MR, 4>(K, a, a_row, a_col, b, ldb, c, ldc, accumulate);
   }
 }
 
-// C[M, N] += A(M, K) . B[K, N], N a whole number of vectors, row-major.
+// C[M, N] (+)= A(M, K) . B[K, N], N a whole number of vectors, row-major; without
+// accumulate, C is overwritten (so it needs no zero fill).
 template <typename T>
 void gemm_rows(int64_t M, int64_t K, int64_t N, const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb,
-               T* c, int64_t ldc) {
+               T* c, int64_t ldc, bool accumulate = true) {
   constexpr int64_t lanes = Simd<T>::kLanes;
   for (int64_t n0 = 0; n0 < N; n0 += 4 * lanes) {
     const int64_t nv = std::min<int64_t>(4, (N - n0) / lanes);
     int64_t m0 = 0;
     for (; m0 + 4 <= M; m0 += 4)
-      gemm_row_tile<T, 4>(K, nv, a + m0 * a_row, a_row, a_col, b + n0, ldb, c + m0 * ldc + n0, ldc);
-    for (; m0 < M; ++m0) gemm_row_tile<T, 1>(K, nv, a + m0 * a_row, a_row, a_col, b + n0, ldb, c + m0 * ldc + n0, ldc);
+      gemm_row_tile<T, 4>(K, nv, a + m0 * a_row, a_row, a_col, b + n0, ldb, c + m0 * ldc + n0, ldc, accumulate);
+    for (; m0 < M; ++m0)
+      gemm_row_tile<T, 1>(K, nv, a + m0 * a_row, a_row, a_col, b + n0, ldb, c + m0 * ldc + n0, ldc, accumulate);
   }
 }
 
@@ -121,51 +124,38 @@ inline vec16 exp16(vec16 x) {
   return p * scale;
 }
 
-// x[j] = exp(x[j] - shift) over a row of whole vectors.
-inline void exp_row(float* x, int64_t n, float shift) {
-  for (int64_t j = 0; j < n; j += Simd<float>::kLanes)
-    Simd<float>::store(x + j, exp16(Simd<float>::load(x + j) - shift));
-}
-inline void exp_row(double* x, int64_t n, double shift) {  // float64: exact libm exp (gradcheck)
-  for (int64_t j = 0; j < n; ++j) x[j] = std::exp(x[j] - shift);
+// exp of every lane: the polynomial for fp32, libm for fp64 (gradcheck).
+inline Simd<float>::Vec exp_vec(Simd<float>::Vec x) { return exp16(x); }
+inline Simd<double>::Vec exp_vec(Simd<double>::Vec x) {
+  for (int64_t l = 0; l < Simd<double>::kLanes; ++l) x[l] = std::exp(x[l]);
+  return x;
 }
 
-// Working tiles of one task in the accumulation type, reused across a thread's tasks.
-template <typename acc_t>
-struct Tiles {
-  static constexpr int64_t kLanes = Simd<acc_t>::kLanes;
-  int64_t hd_pad = 0;
-  std::vector<acc_t> q, o, s, k, kt, v, vt, dq, dk, dv, dp, row_max, row_sum, delta, lse;
-  Tiles(const AttentionLayout& L, int64_t query_rows) {
-    hd_pad = round_up(L.head_dim, kLanes);
-    const int64_t kb = round_up(std::min(kKeyBlock, L.per_window), kLanes);
-    q.assign(query_rows * hd_pad, 0);
-    o.assign(query_rows * hd_pad, 0);
-    s.assign(std::min(query_rows, kQueryBlock) * kb, 0);
-    dp.assign(std::min(query_rows, kQueryBlock) * kb, 0);
-    k.assign(kb * hd_pad, 0);
-    v.assign(kb * hd_pad, 0);
-    kt.assign(L.head_dim * kb, 0);
-    vt.assign(L.head_dim * kb, 0);
-    row_max.assign(query_rows, 0);
-    row_sum.assign(query_rows, 0);
-  }
-};
+template <typename V>
+inline V vmax(V a, V b) {
+  return a > b ? a : b;
+}
 
-// Widen rows [j0, j0 + kb) of k or v (which) for (b, h, w) into fp32 tiles: row-major
-// [kb_pad, hd_pad] and/or transposed [hd, kb_pad], zero-padded.
+// Rows [j0, j0 + n) of k or v (which) of (b, h, w), widened into rows [n, hd_pad],
+// zero-padded: contiguous copies, no transposes.
 template <typename scalar_t, typename acc_t>
-void load_keys(const AttentionLayout& L, const scalar_t* qkv, int which, int64_t b, int64_t h, int64_t w,
-               int64_t j0, int64_t kb, int64_t kb_pad, int64_t hd_pad, acc_t* rows, acc_t* cols) {
-  if (rows) std::fill(rows, rows + kb_pad * hd_pad, acc_t(0));
-  if (cols) std::fill(cols, cols + L.head_dim * kb_pad, acc_t(0));
-  for (int64_t j = 0; j < kb; ++j) {
+void load_rows(const AttentionLayout& L, const scalar_t* qkv, int which, int64_t b, int64_t h, int64_t w,
+               int64_t j0, int64_t n, int64_t hd_pad, acc_t* rows) {
+  for (int64_t j = 0; j < n; ++j) {
     const scalar_t* src = qkv + L.qkv_offset(b, which, h, j0 + j, w);
-    for (int64_t d = 0; d < L.head_dim; ++d) {
-      const acc_t x = static_cast<acc_t>(src[d]);
-      if (rows) rows[j * hd_pad + d] = x;
-      if (cols) cols[d * kb_pad + j] = x;
-    }
+    acc_t* dst = rows + j * hd_pad;
+    for (int64_t d = 0; d < L.head_dim; ++d) dst[d] = static_cast<acc_t>(src[d]);
+    std::fill(dst + L.head_dim, dst + hd_pad, acc_t(0));
+  }
+}
+
+// cols [hd, n_pad] = rows [n, hd_pad] transposed, columns n..n_pad zero.
+template <typename acc_t>
+void transpose_rows(const acc_t* rows, int64_t n, int64_t hd, int64_t hd_pad, acc_t* cols, int64_t n_pad) {
+  for (int64_t d = 0; d < hd; ++d) {
+    acc_t* col = cols + d * n_pad;
+    for (int64_t i = 0; i < n; ++i) col[i] = rows[i * hd_pad + d];
+    std::fill(col + n, col + n_pad, acc_t(0));
   }
 }
 
@@ -207,100 +197,153 @@ void load_queries(const AttentionLayout& L, const scalar_t* qkv, const uint8_t* 
   }
 }
 
+// The products run in transposed space: scores^T [keys, queries] = K . Q^T, so K and
+// V are plain row copies, only the (small) query block is transposed, and the
+// softmax over keys is a reduction down columns: vectorised across queries.
+template <typename acc_t>
+struct ForwardTiles {
+  int64_t hd_pad, q_pad;
+  std::vector<acc_t> q_rows, q_cols, o, k_rows, v_rows, scores, col_max, col_sum, rescale;
+  ForwardTiles(const AttentionLayout& L, int64_t queries) {
+    constexpr int64_t lanes = Simd<acc_t>::kLanes;
+    hd_pad = round_up(L.head_dim, lanes);
+    q_pad = round_up(queries, lanes);
+    const int64_t kb = std::min(kKeyBlock, L.per_window);
+    q_rows.resize(queries * hd_pad);
+    q_cols.resize(L.head_dim * q_pad);
+    o.resize(queries * hd_pad);
+    k_rows.resize(kb * hd_pad);
+    v_rows.resize(kb * hd_pad);
+    scores.resize(kb * q_pad);
+    col_max.resize(q_pad);
+    col_sum.resize(q_pad);
+    rescale.resize(q_pad);
+  }
+};
+
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void forward_task(const AttentionLayout& L, const scalar_t* qkv, scalar_t* out, acc_t* lse, uint8_t* argmax,
-                  int64_t b, int64_t h, int64_t w, int64_t i0, int64_t mq, Tiles<acc_t>& t) {
-  constexpr int64_t lanes = Simd<acc_t>::kLanes;
-  const int64_t hd = L.head_dim, hdp = t.hd_pad;
-  acc_t* q = t.q.data();
-  acc_t* o = t.o.data();
-  load_queries<scalar_t, true, acc_t>(L, qkv, nullptr, argmax, b, h, w, i0, mq, hdp, q);
-  std::fill(o, o + mq * hdp, acc_t(0));
-  std::fill(t.row_max.begin(), t.row_max.begin() + mq, -std::numeric_limits<acc_t>::infinity());
-  std::fill(t.row_sum.begin(), t.row_sum.begin() + mq, acc_t(0));
+                  int64_t b, int64_t h, int64_t w, int64_t i0, int64_t mq, ForwardTiles<acc_t>& t) {
+  using S = Simd<acc_t>;
+  using Vec = typename S::Vec;
+  const int64_t hd = L.head_dim, hdp = t.hd_pad, mqp = round_up(mq, S::kLanes);
+  load_queries<scalar_t, true, acc_t>(L, qkv, nullptr, argmax, b, h, w, i0, mq, hdp, t.q_rows.data());
+  transpose_rows(t.q_rows.data(), mq, hd, hdp, t.q_cols.data(), mqp);
+  std::fill(t.o.begin(), t.o.begin() + mq * hdp, acc_t(0));
+  std::fill(t.col_max.begin(), t.col_max.begin() + mqp, -std::numeric_limits<acc_t>::infinity());
+  std::fill(t.col_sum.begin(), t.col_sum.begin() + mqp, acc_t(0));
+  acc_t* st = t.scores.data();
   for (int64_t j0 = 0; j0 < L.per_window; j0 += kKeyBlock) {
-    const int64_t kb = std::min(kKeyBlock, L.per_window - j0), kbp = round_up(kb, lanes);
-    load_keys<scalar_t, acc_t>(L, qkv, AttentionLayout::kKey, b, h, w, j0, kb, kbp, hdp, nullptr, t.kt.data());
-    load_keys<scalar_t, acc_t>(L, qkv, AttentionLayout::kValue, b, h, w, j0, kb, kbp, hdp, t.v.data(), nullptr);
-    acc_t* s = t.s.data();
-    std::fill(s, s + mq * kbp, 0.f);
-    gemm_rows(mq, hd, kbp, q, hdp, 1, t.kt.data(), kbp, s, kbp);  // scores [mq, kbp]
-    for (int64_t i = 0; i < mq; ++i) {
-      acc_t* si = s + i * kbp;
-      const acc_t block_max = *std::max_element(si, si + kb);
-      const acc_t new_max = std::max(t.row_max[i], block_max);
-      const acc_t rescale = std::exp(t.row_max[i] - new_max);
-      exp_row(si, kbp, new_max);
-      std::fill(si + kb, si + kbp, acc_t(0));
-      acc_t sum = 0;
-      for (int64_t j = 0; j < kb; ++j) sum += si[j];
-      t.row_sum[i] = t.row_sum[i] * rescale + sum;
-      t.row_max[i] = new_max;
-      if (rescale != acc_t(1))
-        for (int64_t d = 0; d < hdp; ++d) o[i * hdp + d] *= rescale;
+    const int64_t kb = std::min(kKeyBlock, L.per_window - j0);
+    load_rows(L, qkv, AttentionLayout::kKey, b, h, w, j0, kb, hdp, t.k_rows.data());
+    load_rows(L, qkv, AttentionLayout::kValue, b, h, w, j0, kb, hdp, t.v_rows.data());
+    gemm_rows(kb, hd, mqp, t.k_rows.data(), hdp, 1, t.q_cols.data(), mqp, st, mqp, false);  // scores^T
+    for (int64_t c = 0; c < mqp; c += S::kLanes) {  // online softmax, S::kLanes queries at a time
+      Vec block_max = S::load(st + c);
+      for (int64_t j = 1; j < kb; ++j) block_max = vmax(block_max, S::load(st + j * mqp + c));
+      const Vec old_max = S::load(t.col_max.data() + c);
+      const Vec new_max = vmax(old_max, block_max);
+      Vec sum = Vec{};
+      for (int64_t j = 0; j < kb; ++j) {
+        const Vec p = exp_vec(S::load(st + j * mqp + c) - new_max);
+        S::store(st + j * mqp + c, p);
+        sum += p;
+      }
+      const Vec rescale = exp_vec(old_max - new_max);  // 0 (or ~1e-38) on the first block
+      S::store(t.col_sum.data() + c, S::load(t.col_sum.data() + c) * rescale + sum);
+      S::store(t.col_max.data() + c, new_max);
+      S::store(t.rescale.data() + c, rescale);
     }
-    gemm_rows(mq, kb, hdp, s, kbp, 1, t.v.data(), hdp, o, hdp);  // o += p . v
+    if (j0 > 0)
+      for (int64_t i = 0; i < mq; ++i)
+        for (int64_t d = 0; d < hdp; ++d) t.o[i * hdp + d] *= t.rescale[i];
+    gemm_rows(mq, kb, hdp, st, 1, mqp, t.v_rows.data(), hdp, t.o.data(), hdp);  // o += p . v
   }
   for (int64_t i = 0; i < mq; ++i) {
-    const acc_t inv = acc_t(1) / t.row_sum[i];
+    const acc_t inv = acc_t(1) / t.col_sum[i];
     scalar_t* dst = out + L.out_offset(b, h, i0 + i, w);
-    for (int64_t d = 0; d < hd; ++d) dst[d] = static_cast<scalar_t>(o[i * hdp + d] * inv);
-    lse[L.lse_offset(b, h, w, i0 + i)] = t.row_max[i] + std::log(t.row_sum[i]);
+    for (int64_t d = 0; d < hd; ++d) dst[d] = static_cast<scalar_t>(t.o[i * hdp + d] * inv);
+    lse[L.lse_offset(b, h, w, i0 + i)] = t.col_max[i] + std::log(t.col_sum[i]);
   }
 }
+
+template <typename acc_t>
+struct BackwardTiles {
+  int64_t hd_pad, q_pad;
+  std::vector<acc_t> q_rows, q_cols, d_out_rows, d_out_cols, dq, k_rows, v_rows, dk, dv, p, ds, lse, delta;
+  explicit BackwardTiles(const AttentionLayout& L) {
+    constexpr int64_t lanes = Simd<acc_t>::kLanes;
+    hd_pad = round_up(L.head_dim, lanes);
+    q_pad = round_up(L.queries, lanes);
+    const int64_t kb = std::min(kKeyBlock, L.per_window);
+    q_rows.resize(L.queries * hd_pad);
+    d_out_rows.resize(L.queries * hd_pad);
+    dq.resize(L.queries * hd_pad);
+    q_cols.resize(L.head_dim * q_pad);
+    d_out_cols.resize(L.head_dim * q_pad);
+    k_rows.resize(kb * hd_pad);
+    v_rows.resize(kb * hd_pad);
+    dk.resize(kb * hd_pad);
+    dv.resize(kb * hd_pad);
+    p.resize(kb * kQueryBlock);
+    ds.resize(kb * kQueryBlock);
+    lse.resize(q_pad);
+    delta.resize(q_pad);
+  }
+};
 
 // dq, dk and dv of one (b, h, w): recompute p = exp(s - lse) block by block.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void backward_task(const AttentionLayout& L, const scalar_t* grad_out, const scalar_t* qkv, const scalar_t* out,
                    const acc_t* lse, const uint8_t* argmax, scalar_t* grad_qkv, int64_t b, int64_t h, int64_t w,
-                   Tiles<acc_t>& t) {
-  constexpr int64_t lanes = Simd<acc_t>::kLanes;
+                   BackwardTiles<acc_t>& t) {
+  using S = Simd<acc_t>;
+  using Vec = typename S::Vec;
+  static_assert(kQueryBlock % S::kLanes == 0, "query blocks must start on whole vectors");
   const acc_t scale = acc_t(1) / std::sqrt(static_cast<acc_t>(L.head_dim));
-  const int64_t hd = L.head_dim, hdp = t.hd_pad, nq = L.queries;
-  std::vector<acc_t>& q = t.q;     // [nq, hdp], pre-scaled
-  std::vector<acc_t>& dO = t.o;    // [nq, hdp]
-  t.dq.assign(nq * hdp, acc_t(0));
-  t.delta.resize(nq);
-  t.lse.resize(nq);
-  load_queries<scalar_t, false, acc_t>(L, qkv, argmax, nullptr, b, h, w, 0, nq, hdp, q.data());
-  std::fill(dO.begin(), dO.begin() + nq * hdp, acc_t(0));
+  const int64_t hd = L.head_dim, hdp = t.hd_pad, nq = L.queries, nqp = t.q_pad;
+  load_queries<scalar_t, false, acc_t>(L, qkv, argmax, nullptr, b, h, w, 0, nq, hdp, t.q_rows.data());
+  transpose_rows(t.q_rows.data(), nq, hd, hdp, t.q_cols.data(), nqp);
+  std::fill(t.lse.begin(), t.lse.end(), acc_t(0));
+  std::fill(t.delta.begin(), t.delta.end(), acc_t(0));
   for (int64_t i = 0; i < nq; ++i) {
     const scalar_t* go = grad_out + L.out_offset(b, h, i, w);
     const scalar_t* oi = out + L.out_offset(b, h, i, w);
+    acc_t* dOi = t.d_out_rows.data() + i * hdp;
     acc_t delta = 0;  // rowsum(dO * O): the softmax backward's correction
     for (int64_t d = 0; d < hd; ++d) {
-      dO[i * hdp + d] = static_cast<acc_t>(go[d]);
-      delta += dO[i * hdp + d] * static_cast<acc_t>(oi[d]);
+      dOi[d] = static_cast<acc_t>(go[d]);
+      delta += dOi[d] * static_cast<acc_t>(oi[d]);
     }
+    std::fill(dOi + hd, dOi + hdp, acc_t(0));
     t.delta[i] = delta;
     t.lse[i] = lse[L.lse_offset(b, h, w, i)];
   }
+  transpose_rows(t.d_out_rows.data(), nq, hd, hdp, t.d_out_cols.data(), nqp);
+  std::fill(t.dq.begin(), t.dq.begin() + nq * hdp, acc_t(0));
   for (int64_t j0 = 0; j0 < L.per_window; j0 += kKeyBlock) {
-    const int64_t kb = std::min(kKeyBlock, L.per_window - j0), kbp = round_up(kb, lanes);
-    load_keys<scalar_t, acc_t>(L, qkv, AttentionLayout::kKey, b, h, w, j0, kb, kbp, hdp, t.k.data(), t.kt.data());
-    load_keys<scalar_t, acc_t>(L, qkv, AttentionLayout::kValue, b, h, w, j0, kb, kbp, hdp, nullptr, t.vt.data());
-    t.dk.assign(kbp * hdp, acc_t(0));
-    t.dv.assign(kbp * hdp, acc_t(0));
+    const int64_t kb = std::min(kKeyBlock, L.per_window - j0);
+    load_rows(L, qkv, AttentionLayout::kKey, b, h, w, j0, kb, hdp, t.k_rows.data());
+    load_rows(L, qkv, AttentionLayout::kValue, b, h, w, j0, kb, hdp, t.v_rows.data());
+    std::fill(t.dk.begin(), t.dk.begin() + kb * hdp, acc_t(0));
+    std::fill(t.dv.begin(), t.dv.begin() + kb * hdp, acc_t(0));
     for (int64_t i0 = 0; i0 < nq; i0 += kQueryBlock) {
-      const int64_t mq = std::min(kQueryBlock, nq - i0);
-      acc_t* p = t.s.data();
-      acc_t* dp = t.dp.data();
-      std::fill(p, p + mq * kbp, acc_t(0));
-      std::fill(dp, dp + mq * kbp, acc_t(0));
-      gemm_rows(mq, hd, kbp, q.data() + i0 * hdp, hdp, 1, t.kt.data(), kbp, p, kbp);
-      gemm_rows(mq, hd, kbp, dO.data() + i0 * hdp, hdp, 1, t.vt.data(), kbp, dp, kbp);  // dp = dO . v^T
-      for (int64_t i = 0; i < mq; ++i) {
-        acc_t* pi = p + i * kbp;
-        acc_t* dpi = dp + i * kbp;
-        exp_row(pi, kbp, t.lse[i0 + i]);
-        std::fill(pi + kb, pi + kbp, acc_t(0));
-        const acc_t delta = t.delta[i0 + i];
-        for (int64_t j = 0; j < kb; ++j) dpi[j] = pi[j] * (dpi[j] - delta);  // ds
+      const int64_t mq = std::min(kQueryBlock, nq - i0), mqp = round_up(mq, S::kLanes);
+      acc_t* pt = t.p.data();
+      acc_t* dst = t.ds.data();
+      gemm_rows(kb, hd, mqp, t.k_rows.data(), hdp, 1, t.q_cols.data() + i0, nqp, pt, mqp, false);       // s^T
+      gemm_rows(kb, hd, mqp, t.v_rows.data(), hdp, 1, t.d_out_cols.data() + i0, nqp, dst, mqp, false);  // dp^T
+      for (int64_t j = 0; j < kb; ++j) {
+        for (int64_t c = 0; c < mqp; c += S::kLanes) {
+          const Vec p = exp_vec(S::load(pt + j * mqp + c) - S::load(t.lse.data() + i0 + c));
+          S::store(pt + j * mqp + c, p);
+          S::store(dst + j * mqp + c, p * (S::load(dst + j * mqp + c) - S::load(t.delta.data() + i0 + c)));
+        }
       }
       // dv += p^T . dO ; dk += ds^T . q (q pre-scaled) ; dq += ds . k (scaled at the end)
-      gemm_rows(kb, mq, hdp, p, 1, kbp, dO.data() + i0 * hdp, hdp, t.dv.data(), hdp);
-      gemm_rows(kb, mq, hdp, dp, 1, kbp, q.data() + i0 * hdp, hdp, t.dk.data(), hdp);
-      gemm_rows(mq, kb, hdp, dp, kbp, 1, t.k.data(), hdp, t.dq.data() + i0 * hdp, hdp);
+      gemm_rows(kb, mq, hdp, pt, mqp, 1, t.d_out_rows.data() + i0 * hdp, hdp, t.dv.data(), hdp);
+      gemm_rows(kb, mq, hdp, dst, mqp, 1, t.q_rows.data() + i0 * hdp, hdp, t.dk.data(), hdp);
+      gemm_rows(mq, kb, hdp, dst, 1, mqp, t.k_rows.data(), hdp, t.dq.data() + i0 * hdp, hdp);
     }
     for (int64_t j = 0; j < kb; ++j) {
       scalar_t* gk = grad_qkv + L.qkv_offset(b, AttentionLayout::kKey, h, j0 + j, w);
@@ -359,13 +402,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_unit_attention_cpu(const at:
   at::Tensor argmax = q_stride > 1 ? at::empty({L.batch, L.queries * L.windows, L.dim}, qkv.options().dtype(at::kByte))
                                    : at::empty({0}, qkv.options().dtype(at::kByte));
   if (out.numel() == 0) return {out, lse, argmax};
-  const int64_t query_blocks = (L.queries + kQueryBlock - 1) / kQueryBlock;
-  const int64_t block_rows = (L.queries + query_blocks - 1) / query_blocks;  // balanced blocks
+  // Keys that fit one block are loaded once for all of a window's queries; longer
+  // sequences split the queries into blocks (more tasks, keys re-read per block).
+  const int64_t block_rows = L.per_window <= kKeyBlock ? L.queries : kQueryBlock;
+  const int64_t query_blocks = (L.queries + block_rows - 1) / block_rows;
   const int64_t tasks = L.batch * L.heads * L.windows * query_blocks;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "mask_unit_attention_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-      Tiles<acc_t> tiles(L, block_rows);
+      ForwardTiles<acc_t> tiles(L, block_rows);
       for (int64_t task = begin; task < end; ++task) {
         int64_t rest = task;
         const int64_t block = rest % query_blocks;
@@ -405,7 +450,7 @@ at::Tensor mask_unit_attention_backward_cpu(const at::Tensor& grad_out_in, const
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "mask_unit_attention_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-      Tiles<acc_t> tiles(L, L.queries);
+      BackwardTiles<acc_t> tiles(L);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t w = task % L.windows, h = (task / L.windows) % L.heads, b = task / (L.windows * L.heads);
         backward_task<scalar_t>(L, grad_out.const_data_ptr<scalar_t>(), qkv.const_data_ptr<scalar_t>(),
