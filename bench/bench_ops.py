@@ -1,20 +1,30 @@
 """Per-op CPU microbenchmarks at every Hiera-B/224 block shape (pytest-benchmark).
 
-    pytest bench/bench_ops.py --benchmark-group-by=group --benchmark-columns=median,iqr,rounds
+    python -m pytest bench/bench_ops.py --benchmark-group-by=group --benchmark-columns=median,iqr,rounds
 
-Each group is one op at one shape, dtype and mode (fwd, or fwd+bwd); its rows are
-the backends that can run it, plus the roofline: ``clone`` (a plain copy of the
-same bytes, the memory-bandwidth limit) for the memory-bound ops. Compare rows
-within one group of one run: the machines here are shared and noisy.
-Batch: HIERA_BENCH_BATCH (default 8).
+Each group is one op at one shape, batch, dtype and mode (fwd, or fwd+bwd); its rows
+are the backends that can run it, plus the rooflines: ``clone`` (a plain copy of
+the same tensor, two in fwd+bwd: the memory-bandwidth limit) for the memory-bound ops, and for
+attention ``official`` (the official package's own code between its Linears: 5-D
+SDPA, which runs PyTorch's math path). Compare rows within one group of one run:
+the machines here are shared and noisy. Batch: HIERA_BENCH_BATCH (default 8).
 """
 
 import os
+import warnings
 
 import pytest
 import torch
+import torch.nn as nn
 
 from hiera_kernels import backends, ops
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)
+    try:
+        import hiera as official
+    except ImportError:
+        official = None
 
 BATCH = int(os.environ.get("HIERA_BENCH_BATCH", "8"))
 S = [(2, 2)] * 3
@@ -35,13 +45,28 @@ CASES = [
     ("mask_unit_attention", "s4-pool global 49/196 h8", 196, 2304, dict(heads=8, q_stride=4, window_size=1, use_mask_unit_attn=False)),
     ("mask_unit_attention", "s4 global 49 h8", 49, 2304, dict(heads=8, q_stride=1, window_size=1, use_mask_unit_attn=False)),
 ]
-PROVIDERS = ["clone", "torch", "cpu"]
+PROVIDERS = ["clone", "official", "torch", "cpu"]
 
 
-def call(op, x, kwargs, backend):
-    if backend == "clone":
-        return x.clone()
-    return getattr(ops, op)(x, **kwargs, backend=backend)
+def official_attention(channels, heads, q_stride, window_size, use_mask_unit_attn):
+    """The official MaskUnitAttention with its Linears replaced by identities: exactly
+    its code between qkv and proj."""
+    dim_out = channels // 3
+    module = official.MaskUnitAttention(dim_out, dim_out, heads, q_stride, window_size, use_mask_unit_attn)
+    module.qkv, module.proj = nn.Identity(), nn.Identity()
+    return module
+
+
+def make_call(op, channels, kwargs, provider):
+    """The function to time, x -> output; reasons to skip come back as a string."""
+    if provider == "clone":
+        return (lambda x: x.clone()) if op != "mask_unit_attention" else "attention is compute-bound: no copy roofline"
+    if provider == "official":
+        if op != "mask_unit_attention" or official is None:
+            return "official: attention only, and it needs hiera-transformer"
+        return official_attention(channels, **kwargs)
+    fn = getattr(ops, op)
+    return lambda x: fn(x, **kwargs, backend=provider)
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
@@ -50,9 +75,10 @@ def call(op, x, kwargs, backend):
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
 def test_op(benchmark, case, provider, dtype, mode):
     op, label, tokens, channels, kwargs = case
-    if provider == "clone" and op == "mask_unit_attention":
-        pytest.skip("attention is compute-bound: its roofline is FLOPs, not a copy")
-    if provider != "clone":
+    call = make_call(op, channels, kwargs, provider)
+    if isinstance(call, str):
+        pytest.skip(call)
+    if provider in backends.BACKENDS:
         reasons = backends.BACKENDS[provider].not_supported_reasons(op, torch.device("cpu"), dtype)
         if reasons:
             pytest.skip(f"{provider}: {'; '.join(reasons)}")
@@ -60,13 +86,13 @@ def test_op(benchmark, case, provider, dtype, mode):
     x = torch.randn(BATCH, tokens, channels, dtype=dtype, requires_grad=(mode == "fwd+bwd"))
     if mode == "fwd":
         with torch.no_grad():
-            benchmark(call, op, x, kwargs, provider)
+            benchmark(call, x)
+    elif provider == "clone":
+        # A permutation's forward and backward each move the tensor once; autograd's
+        # clone backward moves nothing, so the roofline is two explicit copies.
+        grad = torch.randn_like(x.detach())
+        benchmark(lambda: (x.detach().clone(), grad.clone()))
     else:
-        grad = torch.randn_like(call(op, x.detach(), kwargs, provider))
-
-        def step():
-            out = call(op, x, kwargs, provider)
-            # grad, not backward: no accumulation into x.grad inside the timing
-            return torch.autograd.grad(out, x, grad)  # clone's backward is a copy of the gradient
-
-        benchmark(step)
+        grad = torch.randn_like(call(x.detach()))
+        # grad, not backward: nothing accumulates into x.grad inside the timing.
+        benchmark(lambda: torch.autograd.grad(call(x), x, grad))

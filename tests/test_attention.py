@@ -10,8 +10,8 @@ from hiera_kernels import library, ops
 
 from helpers import official
 
-# Every attention block shape of Hiera-B/224 (spec §10), plus B+ (head_dim 56), MAE
-# with 19 kept units, video and odd sizes:
+# Every attention block shape of Hiera-B/224 (spec §10), plus B+ (head_dim 56), L
+# (head_dim 72), H (head_dim 64), MAE with 19 kept units, video and odd sizes:
 # (dim, dim_out, heads, q_stride, window_size, use_mask_unit_attn, N)
 BLOCKS = {
     "B_s1": (96, 96, 1, 1, 64, True, 3136),
@@ -22,6 +22,10 @@ BLOCKS = {
     "B_s4_pool_global": (384, 768, 8, 4, 1, False, 196),
     "B_s4": (768, 768, 8, 1, 1, False, 49),
     "Bplus_s2_pool": (112, 224, 4, 4, 16, True, 3136),
+    "L_s1": (144, 144, 2, 1, 64, True, 3136),
+    "L_s3_pool": (288, 576, 8, 4, 4, True, 784),
+    "H_s2": (512, 512, 8, 1, 16, True, 784),
+    "H_s4_global": (2048, 2048, 32, 1, 1, False, 49),
     "mae_s1_masked": (96, 96, 1, 1, 64, True, 19 * 64),
     "mae_s4_no_pool": (384, 768, 8, 1, 4, False, 19 * 4),
     "video_s2_pool": (96, 192, 2, 4, 16, True, 32 * 64),
@@ -99,6 +103,29 @@ def test_cpu_kernel_error_rule(block, dtype):
         cpu_err = (c.double() - r).abs().max().item()
         torch_err = (t.double() - r).abs().max().item()
         assert cpu_err <= 2 * torch_err, f"{name}: cpu error {cpu_err:.3g} > 2 x torch path's {torch_err:.3g}"
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_cpu_kernel_random_sweep(seed):
+    """Random geometries, seeded by the iteration: odd head dims, strides, window counts,
+    long global sequences (several key blocks) and batch sizes."""
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda values: values[int(torch.randint(len(values), (1,), generator=g))]  # noqa: E731
+    heads, head_dim, q_stride = pick([1, 2, 3, 5]), pick([1, 7, 16, 33, 56, 72, 96, 130]), pick([1, 2, 4, 9])
+    use_mu = bool(seed % 2)
+    windows = pick([1, 3, 49]) if use_mu else 1
+    window_size = pick([1, 4, 16]) if use_mu else pick([3, 40, 150])  # global: N up to 1350 (several key blocks)
+    N = windows * q_stride * window_size
+    B, dtype = pick([1, 2, 3]), pick([torch.float32, torch.bfloat16])
+    args = (heads, q_stride, window_size if use_mu else 0, use_mu)
+    qkv = torch.randn(B, N, 3 * heads * head_dim, generator=g)
+    grad = torch.randn(B, N // q_stride, heads * head_dim, generator=g)
+    reference = forward_backward(qkv.double(), args, grad.double(), "torch")
+    torch_low = forward_backward(qkv.to(dtype), args, grad.to(dtype), "torch")
+    cpu_low = forward_backward(qkv.to(dtype), args, grad.to(dtype), "cpu")
+    for name, r, t, c in zip(["out", "dqkv"], reference, torch_low, cpu_low):
+        cpu_err, torch_err = (c.double() - r).abs().max().item(), (t.double() - r).abs().max().item()
+        assert cpu_err <= 2 * torch_err + 1e-7, f"{name} {args} N={N} {dtype}: {cpu_err:.3g} > 2 x {torch_err:.3g}"
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])

@@ -21,6 +21,13 @@ def test_bench_quick_prints_the_table_and_writes_files(tmp_path, capsys):
     assert (tmp_path / "bench.csv").read_text().startswith("name,mode,ms")
 
 
+def test_bench_profile_prints_the_op_table(capsys):
+    main(["bench", "--model", "hiera_tiny_224", "--batch", "1", "--dtype", "float32", "--quick", "--backends", "cpu", "--profile"])
+    out = capsys.readouterr().out
+    assert "Where the time goes: hiera_kernels [cpu]" in out
+    assert "hiera_kernels::mask_unit_attention" in out and "Self CPU" in out
+
+
 def test_bench_reports_a_backend_that_cannot_run_instead_of_crashing(capsys):
     main(["bench", "--model", "hiera_tiny_224", "--batch", "1", "--dtype", "float32", "--quick", "--backends", "torch,cuda"])
     out = capsys.readouterr().out

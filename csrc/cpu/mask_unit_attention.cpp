@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "hiera_kernels/attention_layout.h"
+#include "pool_rows.h"
 
 namespace hiera_kernels {
 namespace {
@@ -90,6 +91,8 @@ void gemm_rows(int64_t M, int64_t K, int64_t N, const T* a, int64_t a_row, int64
   for (int64_t n0 = 0; n0 < N; n0 += 4 * lanes) {
     const int64_t nv = std::min<int64_t>(4, (N - n0) / lanes);
     int64_t m0 = 0;
+    for (; m0 + 6 <= M; m0 += 6)
+      gemm_row_tile<T, 6>(K, nv, a + m0 * a_row, a_row, a_col, b + n0, ldb, c + m0 * ldc + n0, ldc, accumulate);
     for (; m0 + 4 <= M; m0 += 4)
       gemm_row_tile<T, 4>(K, nv, a + m0 * a_row, a_row, a_col, b + n0, ldb, c + m0 * ldc + n0, ldc, accumulate);
     for (; m0 < M; ++m0)
@@ -177,22 +180,15 @@ void load_queries(const AttentionLayout& L, const scalar_t* qkv, const uint8_t* 
       continue;
     }
     const int64_t s_stride = L.queries * L.qkv_position_stride();  // from candidate s to s + 1
-    for (int64_t d = 0; d < L.head_dim; ++d) {
-      if constexpr (kPool) {
-        acc_t best = static_cast<acc_t>(first[d]);
-        uint8_t best_s = 0;
-        for (int64_t s = 1; s < L.q_stride; ++s) {
-          const acc_t x = static_cast<acc_t>(first[s * s_stride + d]);
-          if (pool_takes<acc_t>(x, best)) {
-            best = x;
-            best_s = static_cast<uint8_t>(s);
-          }
-        }
-        argmax_out[arg_offset + d] = best_s;
-        qi[d] = best * scale;
-      } else {
-        qi[d] = static_cast<acc_t>(first[argmax_in[arg_offset + d] * s_stride + d]) * scale;
+    if constexpr (kPool) {
+      for (int64_t d0 = 0; d0 < L.head_dim; d0 += kPoolRowBlock) {
+        const int64_t n = std::min(kPoolRowBlock, L.head_dim - d0);
+        max_over_rows(first + d0, s_stride, L.q_stride, n, qi + d0, argmax_out + arg_offset + d0);
       }
+      for (int64_t d = 0; d < L.head_dim; ++d) qi[d] *= scale;
+    } else {
+      for (int64_t d = 0; d < L.head_dim; ++d)
+        qi[d] = static_cast<acc_t>(first[argmax_in[arg_offset + d] * s_stride + d]) * scale;
     }
   }
 }

@@ -13,11 +13,9 @@
 #include <cstring>
 #include <tuple>
 
-#if defined(__F16C__)
-#include <immintrin.h>
-#endif
 
 #include "hiera_kernels/token_order.h"
+#include "pool_rows.h"
 
 namespace hiera_kernels {
 namespace {
@@ -31,24 +29,7 @@ void check_pool_args(const char* op, const at::Tensor& x, int64_t stride) {
 // In [B, N, C] with N = stride * No, the stride slices of one image are `stride`
 // contiguous slabs of No * C elements, so pooling is an elementwise max across
 // slabs: a branch-free loop the compiler vectorises.
-// Widen a block to the accumulation type. c10::Half's scalar conversion does not
-// vectorise, so fp16 uses F16C where the build has it.
-template <typename scalar_t, typename acc_t>
-inline void load_as_acc(const scalar_t* src, acc_t* dst, int64_t n) {
-  int64_t k = 0;
-#if defined(__F16C__)
-  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-    for (; k + 8 <= n; k += 8) {
-      const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k));
-      _mm256_storeu_ps(dst + k, _mm256_cvtph_ps(half));
-    }
-  }
-#endif
-  for (; k < n; ++k) dst[k] = static_cast<acc_t>(src[k]);
-}
-
 constexpr int64_t kPoolGrain = 16 << 10;  // elements per task
-constexpr int64_t kPoolBlock = 256;       // elements per register-friendly block
 
 std::tuple<at::Tensor, at::Tensor> query_pool_cpu(const at::Tensor& input, int64_t stride) {
   check_pool_args("hiera_kernels::query_pool", input, stride);
@@ -70,27 +51,12 @@ std::tuple<at::Tensor, at::Tensor> query_pool_cpu(const at::Tensor& input, int64
         const int64_t b = begin / slab, j0 = begin - b * slab;
         const int64_t j1 = std::min(slab, j0 + (end - begin));
         const scalar_t* in = src + b * stride * slab;
-        // Block-local accumulators: stores through uint8_t* may alias anything, which
-        // would keep the compiler from vectorising a loop that wrote them directly.
-        for (int64_t k0 = j0; k0 < j1; k0 += kPoolBlock) {
-          const int64_t n = std::min(kPoolBlock, j1 - k0);
-          acc_t best[kPoolBlock], value[kPoolBlock];
-          uint8_t best_s[kPoolBlock];
-          load_as_acc(in + k0, best, n);
-          std::memset(best_s, 0, n);
-          for (int64_t s = 1; s < stride; ++s) {
-            load_as_acc(in + s * slab + k0, value, n);
-            for (int64_t k = 0; k < n; ++k) {
-              const acc_t v = value[k];
-              const bool take = pool_takes<acc_t>(v, best[k]);
-              best[k] = take ? v : best[k];
-              best_s[k] = take ? static_cast<uint8_t>(s) : best_s[k];
-            }
-          }
+        for (int64_t k0 = j0; k0 < j1; k0 += kPoolRowBlock) {
+          const int64_t n = std::min(kPoolRowBlock, j1 - k0);
+          acc_t best[kPoolRowBlock];
+          max_over_rows(in + k0, slab, stride, n, best, arg + b * slab + k0);
           scalar_t* out_block = dst + b * slab + k0;
-          uint8_t* arg_block = arg + b * slab + k0;
           for (int64_t k = 0; k < n; ++k) out_block[k] = static_cast<scalar_t>(best[k]);
-          std::memcpy(arg_block, best_s, n);
         }
         begin += j1 - j0;
       }

@@ -105,6 +105,7 @@ def bench(
     mode: str = "infer",
     quick: bool = False,
     out_dir: Optional[str] = None,
+    profile: bool = False,
     print_fn: Callable[[str], None] = print,
 ) -> List[Row]:
     device = torch.device(device)
@@ -171,12 +172,32 @@ def bench(
                 Row(label, m, ms, batch / ms * 1e3, (official_ms / ms) if official_ms else None, ms / floor, err)
             )
         rows.append(Row("GEMM floor (Linears + conv alone)", m, floor, batch / floor * 1e3, None, 1.0, None))
-    ours.set_backend(None)
     print_fn(format_table(rows))
+    if profile:
+        fastest = min((r for r in rows if r.name.startswith("hiera_kernels") and r.ms == r.ms), key=lambda r: r.ms)
+        backend = fastest.name[fastest.name.index("[") + 1 : -1]
+        print_fn(f"\nWhere the time goes: hiera_kernels [{backend}], one {fastest.mode} step, by op (self CPU time)")
+        print_fn(profile_table(ours.set_backend(backend), x, train=fastest.mode == "train"))
+    ours.set_backend(None)
     if out_dir:
         save(rows, out_dir, model_name, batch, dtype, device)
         print_fn(f"wrote {os.path.join(out_dir, 'bench.csv')} and bench.json")
     return rows
+
+
+def profile_table(model: nn.Module, x: torch.Tensor, train: bool, rows: int = 15) -> str:
+    """torch.profiler's table of one step by op, sorted by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.is_cuda else [])
+    model.train(train)
+    with profile(activities=activities) as prof:
+        if train:
+            model(x).float().square().mean().backward()
+        else:
+            with torch.inference_mode():
+                model(x)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
 def can_run_model(name: str, device, dtype) -> bool:
