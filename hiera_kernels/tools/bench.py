@@ -2,8 +2,8 @@
 
 Rows: the official package in eager mode (when installed), then hiera_kernels on
 each backend that can run the whole model on the device, and ``"auto"``. Every row
-runs the same random weights on the same batch, with warm-up, and reports the
-median. The GEMM floor is the time of the model's Linears and patch conv alone,
+runs the same random weights on the same batch; after warm-up the rows are timed
+round-robin, one step each per round, and each reports its median. The GEMM floor is the time of the model's Linears and patch conv alone,
 each run on an input of the shape it sees in the model: what no fusion of the
 other ops can beat.
 """
@@ -18,7 +18,7 @@ import statistics
 import time
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -55,21 +55,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
+def interleaved_medians(steps: Dict[str, Callable[[], object]], device, iters: int) -> Dict[str, float]:
+    """Median ms of each step, timed round-robin (every round runs every step once), so
+    that the drift of a shared machine falls on all rows alike instead of on whichever
+    row happened to run during a slow minute."""
+    times: Dict[str, List[float]] = {name: [] for name in steps}
     for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for name, step in steps.items():
+            sync(device)
+            start = time.perf_counter()
+            step()
+            sync(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def gemm_floor(model: nn.Module, x: torch.Tensor, device, warmup: int, iters: int, train: bool) -> float:
-    """Median time of the model's Linears and convs alone, on inputs of the shapes they see."""
+def gemm_floor_step(model: nn.Module, x: torch.Tensor, train: bool) -> Callable[[], None]:
+    """The model's Linears and convs alone, each on an input of the shape it sees."""
     calls = []
     hooks = [
         m.register_forward_pre_hook(lambda mod, args: calls.append((mod, args[0].detach().clone())))
@@ -78,7 +80,7 @@ def gemm_floor(model: nn.Module, x: torch.Tensor, device, warmup: int, iters: in
     ]
     try:
         with torch.no_grad():
-            model(x)
+            model.set_backend("torch")(x)  # any backend that runs: only the inputs' shapes matter
     finally:
         for h in hooks:
             h.remove()
@@ -93,7 +95,7 @@ def gemm_floor(model: nn.Module, x: torch.Tensor, device, warmup: int, iters: in
                 with torch.no_grad():
                     mod(inp)
 
-    return median_ms(run, device, warmup, iters)
+    return run
 
 
 def bench(
@@ -136,21 +138,22 @@ def bench(
         contenders.append((f"hiera_kernels [{name}]", ours, name))
 
     modes = ["infer", "train"] if mode == "both" else [mode]
+    floor_name = "GEMM floor (Linears + conv alone)"
     rows: List[Row] = []
     for m in modes:
         train = m == "train"
-        floor = gemm_floor(ours, x, device, warmup, iters, train)
         # Errors on the logits (train-mode head, no dropout here): the eval softmax of a
         # randomly initialised head is nearly uniform and would hide them.
         with torch.no_grad():
             reference = ours.set_backend("torch").train()(x).float()
-        official_ms = None
+        steps: Dict[str, Callable[[], object]] = {}
+        failures: Dict[str, str] = {}
         for label, model, backend in contenders:
-            if backend:
-                model.set_backend(backend)
-            model.train(train)
 
-            def step(model=model):
+            def step(model=model, backend=backend):
+                if backend:
+                    model.set_backend(backend)
+                model.train(train)
                 if train:
                     model.zero_grad(set_to_none=True)
                     model(x).float().square().mean().backward()
@@ -159,19 +162,30 @@ def bench(
                         model(x)
 
             try:
-                ms = median_ms(step, device, warmup, iters)
+                for _ in range(warmup):
+                    step()
             except Exception as exc:  # a row that cannot run says why instead of ending the table
-                rows.append(Row(label, m, float("nan"), float("nan"), None, None, None, f"failed: {exc}"))
+                failures[label] = f"failed: {exc}"
                 print_fn(f"  {label}: failed: {exc}")
                 continue
+            steps[label] = step
+        steps[floor_name] = gemm_floor_step(ours, x, train)
+        steps[floor_name]()
+        medians = interleaved_medians(steps, device, iters)
+        floor = medians[floor_name]
+        official_ms = medians.get("official (eager)")
+        for label, model, backend in contenders:
+            if label in failures:
+                rows.append(Row(label, m, float("nan"), float("nan"), None, None, None, failures[label]))
+                continue
+            ms = medians[label]
             with torch.no_grad():
+                if backend:
+                    model.set_backend(backend)
                 err = (model.train()(x).float() - reference).abs().max().item()
-            if backend == "":
-                official_ms = ms
-            rows.append(
-                Row(label, m, ms, batch / ms * 1e3, (official_ms / ms) if official_ms else None, ms / floor, err)
-            )
-        rows.append(Row("GEMM floor (Linears + conv alone)", m, floor, batch / floor * 1e3, None, 1.0, None))
+            speedup = official_ms / ms if official_ms else None
+            rows.append(Row(label, m, ms, batch / ms * 1e3, speedup, ms / floor, err))
+        rows.append(Row(floor_name, m, floor, batch / floor * 1e3, None, 1.0, None))
     print_fn(format_table(rows))
     if profile:
         fastest = min((r for r in rows if r.name.startswith("hiera_kernels") and r.ms == r.ms), key=lambda r: r.ms)
