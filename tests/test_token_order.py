@@ -135,7 +135,7 @@ def test_random_sweep_cpu_matches_torch_exactly(seed):
 @pytest.mark.extended
 def test_more_than_2_31_elements():
     """int64 offsets: a bfloat16 [1, 2^24, 130] tensor has 2.18e9 elements (4.4 GB; the
-    test peaks near 14 GB). Every bit pattern of int16 occurs, NaNs included."""
+    test peaks near 20 GB). Every bit pattern of int16 occurs, NaNs included."""
     size, schedule = [4096, 4096], [(2, 2)] * 3
     x = torch.empty(1, 4096 * 4096, 130, dtype=torch.bfloat16)
     x.view(torch.int16).copy_(torch.arange(4096 * 4096, dtype=torch.int16).view(1, -1, 1).expand_as(x))
