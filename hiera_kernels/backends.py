@@ -67,7 +67,8 @@ class Backend:
 
     def not_supported_reasons(self, op: str, device: torch.device, dtype: torch.dtype, **limits) -> List[str]:
         """Why this backend cannot run ``op`` on ``dtype`` tensors on ``device`` (empty if it can).
-        ``limits`` carries op arguments with backend-specific bounds (query_pool's ``stride``)."""
+        ``limits`` carries op arguments with backend-specific bounds: a pooling ``stride``
+        (query_pool's stride, attention's q_stride) and unroll/reroll's ``dims`` and ``steps``."""
         reasons = self.build_reasons() + self.device_reasons(device)
         if op not in self.OPS:
             reasons.append(f"has no {op} kernel (it implements: {', '.join(self.OPS) or 'nothing yet'})")

@@ -80,6 +80,11 @@ def test_auto_picks_the_fastest_that_can_run():
     torch.testing.assert_close(ops.unroll(x9, [2**9], [(2,)] * 9), ops.unroll(x9, [2**9], [(2,)] * 9, backend="torch"), atol=0, rtol=0)
     with pytest.raises(BackendError, match="9 unroll steps exceed the kernels' 8"):
         ops.unroll(x9, [2**9], [(2,)] * 9, backend="cpu")
+    qkv = torch.randn(1, 300, 6)
+    assert choose("mask_unit_attention", qkv, stride=300).NAME == "torch"
+    ops.mask_unit_attention(qkv, 1, 300, 0, False)  # auto: the torch path pools 300 rows
+    with pytest.raises(BackendError, match="stride=300 exceeds 256"):
+        ops.mask_unit_attention(qkv, 1, 300, 0, False, backend="cpu")
 
 
 def test_default_backend_setters():
