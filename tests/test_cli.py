@@ -18,6 +18,8 @@ def test_bench_quick_prints_the_table_and_writes_files(tmp_path, capsys):
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     timed = [r for r in rows if r["name"].startswith("hiera_kernels")]
     assert timed and all(r["ms"] > 0 and r["max_abs_err"] <= 1e-5 for r in timed)
+    assert all(r["moved_mb"] > 0 and r["saved_mb"] is None for r in timed)  # inference: nothing saved
+    assert "MB moved outside GEMM (fwd)" in out
     assert (tmp_path / "bench.csv").read_text().startswith("name,mode,ms")
 
 

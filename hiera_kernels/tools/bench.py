@@ -3,9 +3,13 @@
 Rows: the official package in eager mode (when installed), then hiera_kernels on
 each backend that can run the whole model on the device, and ``"auto"``. Every row
 runs the same random weights on the same batch; after warm-up the rows are timed
-round-robin, one step each per round, and each reports its median. The GEMM floor is the time of the model's Linears and patch conv alone,
-each run on an input of the shape it sees in the model: what no fusion of the
-other ops can beat.
+round-robin, one step each per round, and each reports its median. The GEMM
+floor is the time of the model's Linears and patch conv alone, each run on an
+input of the shape it sees in the model: what no fusion of the other ops can
+beat. Two device-independent columns come from
+:mod:`hiera_kernels.tools.traffic`: bytes moved outside GEMM/conv in one forward
+(what predicts memory-bound time on a GPU) and activation bytes saved for the
+backward (training rows).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from .. import backends, models
+from .traffic import bytes_moved, saved_activation_bytes
 
 
 @dataclass
@@ -35,6 +40,8 @@ class Row:
     speedup: Optional[float]  # against the official eager row
     vs_gemm_floor: Optional[float]
     max_abs_err: Optional[float]  # logits against hiera_kernels on "torch"
+    moved_mb: Optional[float] = None  # bytes read + written outside GEMM/conv, one forward
+    saved_mb: Optional[float] = None  # activations saved for the backward, one training forward
     note: str = ""
 
 
@@ -176,15 +183,17 @@ def bench(
         official_ms = medians.get("official (eager)")
         for label, model, backend in contenders:
             if label in failures:
-                rows.append(Row(label, m, float("nan"), float("nan"), None, None, None, failures[label]))
+                rows.append(Row(label, m, float("nan"), float("nan"), None, None, None, note=failures[label]))
                 continue
             ms = medians[label]
+            if backend:
+                model.set_backend(backend)
             with torch.no_grad():
-                if backend:
-                    model.set_backend(backend)
                 err = (model.train()(x).float() - reference).abs().max().item()
+            moved = bytes_moved(lambda: model.eval()(x)).total / 1e6
+            saved = saved_activation_bytes(model, lambda: model.train()(x)) / 1e6 if train else None
             speedup = official_ms / ms if official_ms else None
-            rows.append(Row(label, m, ms, batch / ms * 1e3, speedup, ms / floor, err))
+            rows.append(Row(label, m, ms, batch / ms * 1e3, speedup, ms / floor, err, moved, saved))
         rows.append(Row(floor_name, m, floor, batch / floor * 1e3, None, 1.0, None))
     print_fn(format_table(rows))
     if profile:
@@ -233,7 +242,8 @@ def header(model_name, batch, dtype, device, mode) -> str:
 
 
 def format_table(rows: List[Row]) -> str:
-    cols = ["row", "mode", "ms/batch", "img/s", "vs official", "vs GEMM floor", "logits max err", "note"]
+    cols = ["row", "mode", "ms/batch", "img/s", "vs official", "vs GEMM floor", "logits max err",
+            "MB moved outside GEMM (fwd)", "saved activations MB", "note"]
     lines = []
     for r in rows:
         lines.append(
@@ -245,6 +255,8 @@ def format_table(rows: List[Row]) -> str:
                 f"{r.speedup:.2f}x" if r.speedup else "-",
                 f"{r.vs_gemm_floor:.2f}x" if r.vs_gemm_floor else "-",
                 f"{r.max_abs_err:.2e}" if r.max_abs_err is not None else "-",
+                f"{r.moved_mb:.1f}" if r.moved_mb is not None else "-",
+                f"{r.saved_mb:.1f}" if r.saved_mb is not None else "-",
                 r.note,
             ]
         )
