@@ -23,6 +23,16 @@ def test_bench_quick_prints_the_table_and_writes_files(tmp_path, capsys):
     assert (tmp_path / "bench.csv").read_text().startswith("name,mode,ms")
 
 
+def test_bench_compile_rows(capsys):
+    main(["bench", "--model", "hiera_tiny_224", "--batch", "1", "--dtype", "float32", "--quick", "--backends", "cpu", "--compile"])
+    out = capsys.readouterr().out
+    for row in ["official + torch.compile", "hiera_kernels [auto] + torch.compile"]:
+        line = next(line for line in out.splitlines() if line.startswith(f"| {row}"))
+        assert "failed" not in line, line
+        cells = [c.strip() for c in line.split("|")]
+        assert float(cells[3]) > 0 and float(cells[7]) <= 1e-5  # ms/batch, logits error
+
+
 def test_bench_profile_prints_the_op_table(capsys):
     main(["bench", "--model", "hiera_tiny_224", "--batch", "1", "--dtype", "float32", "--quick", "--backends", "cpu", "--profile"])
     out = capsys.readouterr().out

@@ -1,7 +1,9 @@
 """``python -m hiera_kernels bench``: the whole model, side by side in one run.
 
 Rows: the official package in eager mode (when installed), then hiera_kernels on
-each backend that can run the whole model on the device, and ``"auto"``. Every row
+each backend that can run the whole model on the device, and ``"auto"``; with
+``compile``, also the official model and hiera_kernels on ``"auto"`` under
+``torch.compile`` (compiled during warm-up). Every row
 runs the same random weights on the same batch; after warm-up the rows are timed
 round-robin, one step each per round, and each reports its median. The GEMM
 floor is the time of the model's Linears and patch conv alone, each run on an
@@ -14,6 +16,7 @@ backward (training rows).
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
@@ -115,6 +118,7 @@ def bench(
     quick: bool = False,
     out_dir: Optional[str] = None,
     profile: bool = False,
+    compile: bool = False,
     print_fn: Callable[[str], None] = print,
 ) -> List[Row]:
     device = torch.device(device)
@@ -143,6 +147,12 @@ def bench(
     names = backend_names or [n for n in backends.available_backends(device) if can_run_model(n, device, dtype)] + ["auto"]
     for name in names:
         contenders.append((f"hiera_kernels [{name}]", ours, name))
+    if compile:
+        # Own copies, their backend fixed before compiling: switching a compiled module's
+        # backend between rounds would fail its guards and recompile every round.
+        if contenders[0][0] == "official (eager)":
+            contenders.insert(1, ("official + torch.compile", torch.compile(copy.deepcopy(contenders[0][1])), ""))
+        contenders.append(("hiera_kernels [auto] + torch.compile", torch.compile(copy.deepcopy(ours).set_backend("auto")), ""))
 
     modes = ["infer", "train"] if mode == "both" else [mode]
     floor_name = "GEMM floor (Linears + conv alone)"
@@ -190,8 +200,10 @@ def bench(
                 model.set_backend(backend)
             with torch.no_grad():
                 err = (model.train()(x).float() - reference).abs().max().item()
-            moved = bytes_moved(lambda: model.eval()(x)).total / 1e6
-            saved = saved_activation_bytes(model, lambda: model.train()(x)) / 1e6 if train else None
+            eager = not isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
+            # Traffic and saved tensors are counted on eager runs: compiled code bypasses the dispatcher.
+            moved = bytes_moved(lambda: model.eval()(x)).total / 1e6 if eager else None
+            saved = saved_activation_bytes(model, lambda: model.train()(x)) / 1e6 if train and eager else None
             speedup = official_ms / ms if official_ms else None
             rows.append(Row(label, m, ms, batch / ms * 1e3, speedup, ms / floor, err, moved, saved))
         rows.append(Row(floor_name, m, floor, batch / floor * 1e3, None, 1.0, None))
