@@ -125,6 +125,11 @@ class KernelOpsBackend(Backend):
     OPS = ("unroll", "reroll", "query_pool")
     MAX_DIMS, MAX_STEPS, MAX_POOL_STRIDE = 4, 8, 256
 
+    def build_reasons(self):
+        if not EXTENSION.loaded:
+            return [f"the C++ extension is not built ({EXTENSION.error}); {BUILD_HINT}"]
+        return []
+
     def not_supported_reasons(self, op, device, dtype, **limits):
         reasons = super().not_supported_reasons(op, device, dtype, **limits)
         stride, dims, steps = limits.get("stride", 1), limits.get("dims", 1), limits.get("steps", 0)
@@ -151,7 +156,7 @@ class KernelOpsBackend(Backend):
         return KERNEL_OPS["query_pool"](x, stride)[0]
 
     def mask_unit_attention(self, qkv, heads, q_stride, window_size, use_mask_unit_attn):
-        windows = qkv.shape[1] // (q_stride * window_size) if use_mask_unit_attn else 1
+        windows = reference.window_count(qkv.shape[1], q_stride, window_size, use_mask_unit_attn)
         return KERNEL_OPS["mask_unit_attention"](qkv, heads, q_stride, windows)[0]
 
 
@@ -163,11 +168,6 @@ class CpuBackend(KernelOpsBackend):
     DTYPES = WITH_FLOAT64
     OPS = OP_NAMES
 
-    def build_reasons(self):
-        if not EXTENSION.loaded:
-            return [f"the C++ extension is not built ({EXTENSION.error}); {BUILD_HINT}"]
-        return []
-
 
 class CudaBackend(KernelOpsBackend):
     """C++/CUDA kernels for CUDA tensors (planned in csrc/cuda: no kernels yet)."""
@@ -178,7 +178,7 @@ class CudaBackend(KernelOpsBackend):
 
     def build_reasons(self):
         if not EXTENSION.loaded:
-            return [f"the C++ extension is not built ({EXTENSION.error}); {BUILD_HINT}"]
+            return super().build_reasons()
         if not EXTENSION.with_cuda:
             return ["the C++ extension was built without CUDA sources (needs torch with CUDA and nvcc at build time)"]
         return []

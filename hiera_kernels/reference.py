@@ -125,6 +125,11 @@ def query_pool(x: torch.Tensor, stride: int) -> torch.Tensor:
     return x.view(B, stride, N // stride, C).max(dim=1).values
 
 
+def window_count(tokens: int, q_stride: int, window_size: int, use_mask_unit_attn: bool) -> int:
+    """Windows of a mask-unit attention block: N // (q_stride * window_size), or 1 (global)."""
+    return tokens // (q_stride * window_size) if use_mask_unit_attn else 1
+
+
 def mask_unit_attention(
     qkv: torch.Tensor, heads: int, q_stride: int, window_size: int, use_mask_unit_attn: bool
 ) -> torch.Tensor:
@@ -136,7 +141,7 @@ def mask_unit_attention(
     B, N, width = qkv.shape
     dim_out = width // 3
     head_dim = dim_out // heads
-    windows = N // (q_stride * window_size) if use_mask_unit_attn else 1
+    windows = window_count(N, q_stride, window_size, use_mask_unit_attn)
     per_window = N // windows
     # [B, t, w, 3, h, hd] -> [3, B*w, h, t, hd]: windows folded into the batch so
     # SDPA gets 4-D tensors (its fused kernels refuse 5-D). One copy of qkv.
