@@ -10,8 +10,11 @@ that is already installed). Environment flags:
     HIERA_KERNELS_CPU_ARCH      -march for the C++ CPU kernels, default "native"
     DEBUG=1                     -O0 -g
 
-The CUDA sources (csrc/cuda/*.cu) are built whenever torch has CUDA and nvcc is
-present, with or without a GPU: a CPU-only machine can build and link them.
+The CUDA sources are built whenever torch has CUDA and nvcc is present, with or
+without a GPU: a CPU-only machine can build and link them. csrc/cuda/*.cu hold the
+kernels and their launchers (no torch headers, so nvcc compiles them quickly);
+csrc/cuda/*.cpp hold the torch-facing entry points and their CUDA registrations,
+compiled by the host compiler.
 """
 
 import glob
@@ -62,7 +65,7 @@ import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 debug = os.environ.get("DEBUG", "0") == "1"
-cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
 use_cuda = (
     os.environ.get("HIERA_KERNELS_SKIP_CUDA", "0") != "1"
     and torch.version.cuda is not None
