@@ -15,7 +15,6 @@ configure the ``hiera_kernels`` logger) to see every ``"auto"`` decision.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import os
@@ -25,7 +24,7 @@ import torch
 
 from . import reference
 from ._extension import BUILD_HINT, EXTENSION
-from .library import OPS as KERNEL_OPS
+from . import library
 
 log = logging.getLogger("hiera_kernels")
 _log_level = os.environ.get("HIERA_KERNELS_LOG", "").upper()
@@ -60,6 +59,11 @@ class Backend:
         """Why this backend cannot run at all in this installation (empty if it can)."""
         return []
 
+    def by_name_only(self, device: torch.device) -> bool:
+        """Whether this backend runs on ``device`` only when asked for by name (never
+        listed as available, never chosen by ``"auto"``)."""
+        return False
+
     def device_reasons(self, device: torch.device) -> List[str]:
         if device.type not in self.DEVICES:
             return [f"runs on {'/'.join(self.DEVICES)} tensors, not {device.type}"]
@@ -68,7 +72,8 @@ class Backend:
     def not_supported_reasons(self, op: str, device: torch.device, dtype: torch.dtype, **limits) -> List[str]:
         """Why this backend cannot run ``op`` on ``dtype`` tensors on ``device`` (empty if it can).
         ``limits`` carries op arguments with backend-specific bounds: a pooling ``stride``
-        (query_pool's stride, attention's q_stride) and unroll/reroll's ``dims`` and ``steps``."""
+        (query_pool's stride, attention's q_stride), attention's ``head_dim``, and
+        unroll/reroll's ``dims`` and ``steps``."""
         reasons = self.build_reasons() + self.device_reasons(device)
         if op not in self.OPS:
             reasons.append(f"has no {op} kernel (it implements: {', '.join(self.OPS) or 'nothing yet'})")
@@ -119,10 +124,12 @@ def _flat(schedule: Sequence[Sequence[int]]) -> List[int]:
 
 
 class KernelOpsBackend(Backend):
-    """Backends whose kernels are registered on the ops of :mod:`hiera_kernels.library`.
-    Their bounds are the C++ ones (csrc/include/hiera_kernels/token_order.h)."""
+    """Backends whose kernels are registered on the ops of :mod:`hiera_kernels.library`
+    (``KERNELS``: the C++ family or the Triton family). Their bounds are the C++ ones
+    (csrc/include/hiera_kernels/token_order.h), which the Triton kernels share."""
 
     OPS = ("unroll", "reroll", "query_pool")
+    KERNELS = library.OPS
     MAX_DIMS, MAX_STEPS, MAX_POOL_STRIDE = 4, 8, 256
 
     def build_reasons(self):
@@ -142,22 +149,22 @@ class KernelOpsBackend(Backend):
         return reasons
 
     def unroll(self, x, size, schedule):
-        return KERNEL_OPS["unroll"](x, list(size), _flat(schedule), False)
+        return self.KERNELS["unroll"](x, list(size), _flat(schedule), False)
 
     def reroll(self, x, size, schedule, windowed):
         B, N, C = x.shape
-        out = KERNEL_OPS["reroll"](x, list(size), _flat(schedule), windowed)
+        out = self.KERNELS["reroll"](x, list(size), _flat(schedule), windowed)
         if not windowed:
             return out.view(B, *size, C)
         mu = reference.mask_unit_shape(schedule, len(size))
         return out.view(B, N // math.prod(mu), *mu, C)
 
     def query_pool(self, x, stride):
-        return KERNEL_OPS["query_pool"](x, stride)[0]
+        return self.KERNELS["query_pool"](x, stride)[0]
 
     def mask_unit_attention(self, qkv, heads, q_stride, window_size, use_mask_unit_attn):
         windows = reference.window_count(qkv.shape[1], q_stride, window_size, use_mask_unit_attn)
-        return KERNEL_OPS["mask_unit_attention"](qkv, heads, q_stride, windows)[0]
+        return self.KERNELS["mask_unit_attention"](qkv, heads, q_stride, windows)[0]
 
 
 class CpuBackend(KernelOpsBackend):
@@ -184,33 +191,49 @@ class CudaBackend(KernelOpsBackend):
         return []
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_import_error() -> Optional[str]:
+def _import_triton_kernels():
+    """(hiera_kernels.triton, None), or (None, why it cannot be imported)."""
     try:
-        import triton  # noqa: F401
+        from . import triton as kernels
     except ImportError as exc:
-        return str(exc)
-    return None
+        return None, f"{type(exc).__name__}: {exc}"
+    return kernels, None
 
 
-class TritonBackend(Backend):
-    """Triton kernels (planned: no kernels yet) for CUDA tensors; CPU tensors will run
-    under TRITON_INTERPRET=1, for tests."""
+TRITON_KERNELS, TRITON_IMPORT_ERROR = _import_triton_kernels()
+
+
+class TritonBackend(KernelOpsBackend):
+    """Triton kernels (hiera_kernels/triton) for CUDA tensors; CPU tensors run only when
+    the kernels were loaded under TRITON_INTERPRET=1, for tests."""
 
     NAME = "triton"
     DEVICES = ("cuda",)
-    OPS = ()
+    OPS = OP_NAMES
+    KERNELS = library.TRITON_OPS
 
     def build_reasons(self):
-        error = _triton_import_error()
-        return [f"triton is not importable ({error})"] if error else []
+        return [f"the Triton kernels cannot be imported ({TRITON_IMPORT_ERROR})"] if TRITON_KERNELS is None else []
 
     def device_reasons(self, device):
-        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        if device.type == "cpu" and TRITON_KERNELS is not None and TRITON_KERNELS.INTERPRETED:
             return []
         if device.type == "cpu":
-            return ["runs on cuda tensors (CPU tensors only under TRITON_INTERPRET=1, for testing)"]
+            return ["runs on cuda tensors (CPU tensors only in the interpreter: set TRITON_INTERPRET=1 "
+                    "before importing hiera_kernels, for testing)"]
         return super().device_reasons(device)
+
+    def by_name_only(self, device):
+        return device.type == "cpu"  # the interpreter: for tests, far too slow for use
+
+    def not_supported_reasons(self, op, device, dtype, **limits):
+        reasons = super().not_supported_reasons(op, device, dtype, **limits)
+        head_dim = limits.get("head_dim")
+        if TRITON_KERNELS is not None and head_dim is not None:
+            most = TRITON_KERNELS.mask_unit_attention.MAX_HEAD_DIM
+            if head_dim > most:
+                reasons.append(f"head_dim={head_dim} exceeds the attention kernel's {most}")
+        return reasons
 
 
 BACKENDS: Dict[str, Backend] = {b.NAME: b for b in (TorchBackend(), CpuBackend(), CudaBackend(), TritonBackend())}
@@ -265,10 +288,11 @@ def backend_reasons(device, op: Optional[str] = None, dtype: torch.dtype = torch
 
 
 def available_backends(device="cpu") -> List[str]:
-    """Backends that can run at least one op on ``device``, in ``"auto"`` priority order."""
+    """Backends that can run at least one op on ``device``, in ``"auto"`` priority order
+    (the Triton interpreter on CPU tensors excluded: it runs only when named)."""
     device = torch.device(device)
     order = AUTO_ORDER.get(device.type, ("torch",))
-    ready = [n for n, reasons in backend_reasons(device).items() if not reasons]
+    ready = [n for n, reasons in backend_reasons(device).items() if not reasons and not BACKENDS[n].by_name_only(device)]
     return [n for n in order if n in ready] + [n for n in ready if n not in order]
 
 

@@ -1,9 +1,15 @@
 """The kernel ops: schemas defined once with ``torch.library``, plus fake and autograd.
 
-Every backend except ``"torch"`` runs these ops. Their C++ kernels register per
-dispatch key when ``hiera_kernels._C`` loads: ``csrc/cpu/*.cpp`` for CPU, and (planned)
-``csrc/cuda/*.cu`` for CUDA. Triton kernels (planned) will get ops of their own
-(``*_triton``), since they share the CUDA dispatch key with the CUDA C++ kernels.
+Every backend except ``"torch"`` runs these ops. Two families share each schema:
+
+* ``hiera_kernels::<op>``: the C++ kernels register per dispatch key when
+  ``hiera_kernels._C`` loads (``csrc/cpu`` for CPU, ``csrc/cuda`` for CUDA);
+* ``hiera_kernels::<op>_triton``: the Triton kernels (:mod:`hiera_kernels.triton`),
+  registered for CUDA and, under ``TRITON_INTERPRET=1``, CPU. They need ops of their
+  own because they share the CUDA dispatch key with the CUDA C++ kernels.
+
+Both families get the same fake and autograd registrations, so each backend's
+backward runs that backend's backward kernels.
 
 The schemas speak in flat integer lists: an unroll schedule ``[(2, 2), (2, 2)]``
 travels as ``strides=[2, 2, 2, 2]`` with ``len(size)`` telling the dims apart.
@@ -30,40 +36,26 @@ from __future__ import annotations
 import torch
 
 NAMESPACE = "hiera_kernels"
+TRITON_SUFFIX = "_triton"
+
+SCHEMAS = {
+    "unroll": "(Tensor x, int[] size, int[] strides, bool windowed) -> Tensor",
+    "reroll": "(Tensor x, int[] size, int[] strides, bool windowed) -> Tensor",
+    "query_pool": "(Tensor x, int stride) -> (Tensor, Tensor)",
+    "query_pool_backward": "(Tensor grad_out, Tensor argmax, int stride) -> Tensor",
+    "mask_unit_attention": "(Tensor qkv, int heads, int q_stride, int windows) -> (Tensor, Tensor, Tensor)",
+    "mask_unit_attention_backward": "(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, Tensor q_argmax, "
+    "int heads, int q_stride, int windows) -> Tensor",
+}
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
-_lib.define("unroll(Tensor x, int[] size, int[] strides, bool windowed) -> Tensor")
-_lib.define("reroll(Tensor x, int[] size, int[] strides, bool windowed) -> Tensor")
-_lib.define("query_pool(Tensor x, int stride) -> (Tensor, Tensor)")
-_lib.define("query_pool_backward(Tensor grad_out, Tensor argmax, int stride) -> Tensor")
-_lib.define("mask_unit_attention(Tensor qkv, int heads, int q_stride, int windows) -> (Tensor, Tensor, Tensor)")
-_lib.define(
-    "mask_unit_attention_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, Tensor q_argmax, "
-    "int heads, int q_stride, int windows) -> Tensor"
-)
-
-OPS = {
-    "unroll": torch.ops.hiera_kernels.unroll.default,
-    "reroll": torch.ops.hiera_kernels.reroll.default,
-    "query_pool": torch.ops.hiera_kernels.query_pool.default,
-    "query_pool_backward": torch.ops.hiera_kernels.query_pool_backward.default,
-    "mask_unit_attention": torch.ops.hiera_kernels.mask_unit_attention.default,
-    "mask_unit_attention_backward": torch.ops.hiera_kernels.mask_unit_attention_backward.default,
-}
 
 
 # ----------------------------------------------------------------------------- fake
-@torch.library.register_fake("hiera_kernels::unroll")
-def _unroll_fake(x, size, strides, windowed):
+def _permutation_fake(x, size, strides, windowed):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.register_fake("hiera_kernels::reroll")
-def _reroll_fake(x, size, strides, windowed):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-@torch.library.register_fake("hiera_kernels::query_pool")
 def _query_pool_fake(x, stride):
     B, N, C = x.shape
     torch._check(N % stride == 0, lambda: f"query_pool: N={N} is not divisible by stride={stride}")
@@ -71,13 +63,11 @@ def _query_pool_fake(x, stride):
     return out, x.new_empty((B, N // stride, C), dtype=torch.uint8)
 
 
-@torch.library.register_fake("hiera_kernels::query_pool_backward")
 def _query_pool_backward_fake(grad_out, argmax, stride):
     B, N, C = grad_out.shape
     return grad_out.new_empty((B, N * stride, C))
 
 
-@torch.library.register_fake("hiera_kernels::mask_unit_attention")
 def _mask_unit_attention_fake(qkv, heads, q_stride, windows):
     B, N, width = qkv.shape
     torch._check(width % (3 * heads) == 0, lambda: f"mask_unit_attention: qkv width {width} is not divisible by {3 * heads}")
@@ -90,26 +80,31 @@ def _mask_unit_attention_fake(qkv, heads, q_stride, windows):
     return out, lse, qkv.new_empty(argmax_shape, dtype=torch.uint8)
 
 
-@torch.library.register_fake("hiera_kernels::mask_unit_attention_backward")
 def _mask_unit_attention_backward_fake(grad_out, qkv, out, lse, q_argmax, heads, q_stride, windows):
     return torch.empty_like(qkv, memory_format=torch.contiguous_format)
 
 
+FAKES = {
+    "unroll": _permutation_fake,
+    "reroll": _permutation_fake,
+    "query_pool": _query_pool_fake,
+    "query_pool_backward": _query_pool_backward_fake,
+    "mask_unit_attention": _mask_unit_attention_fake,
+    "mask_unit_attention_backward": _mask_unit_attention_backward_fake,
+}
+
+
 # ------------------------------------------------------------------------- autograd
+# Each family's backward calls the same family's ops (``ops``, bound below).
 def _setup_permutation(ctx, inputs, output):
     _, ctx.size, ctx.strides, ctx.windowed = inputs
 
 
-def _unroll_backward(ctx, grad):
-    return OPS["reroll"](grad, ctx.size, ctx.strides, ctx.windowed), None, None, None
+def _permutation_backward(inverse):
+    def backward(ctx, grad):  # unroll's backward is reroll, and vice versa
+        return inverse(grad, ctx.size, ctx.strides, ctx.windowed), None, None, None
 
-
-def _reroll_backward(ctx, grad):
-    return OPS["unroll"](grad, ctx.size, ctx.strides, ctx.windowed), None, None, None
-
-
-torch.library.register_autograd("hiera_kernels::unroll", _unroll_backward, setup_context=_setup_permutation)
-torch.library.register_autograd("hiera_kernels::reroll", _reroll_backward, setup_context=_setup_permutation)
+    return backward
 
 
 def _setup_query_pool(ctx, inputs, output):
@@ -119,12 +114,12 @@ def _setup_query_pool(ctx, inputs, output):
     ctx.save_for_backward(argmax)
 
 
-def _query_pool_backward(ctx, grad, _grad_argmax):
-    (argmax,) = ctx.saved_tensors
-    return OPS["query_pool_backward"](grad.contiguous(), argmax, ctx.stride), None
+def _query_pool_backward(ops):
+    def backward(ctx, grad, _grad_argmax):
+        (argmax,) = ctx.saved_tensors
+        return ops["query_pool_backward"](grad.contiguous(), argmax, ctx.stride), None
 
-
-torch.library.register_autograd("hiera_kernels::query_pool", _query_pool_backward, setup_context=_setup_query_pool)
+    return backward
 
 
 def _setup_attention(ctx, inputs, output):
@@ -134,14 +129,35 @@ def _setup_attention(ctx, inputs, output):
     ctx.save_for_backward(qkv, out, lse, q_argmax)
 
 
-def _attention_backward(ctx, grad_out, _grad_lse, _grad_argmax):
-    qkv, out, lse, q_argmax = ctx.saved_tensors
-    grad_qkv = OPS["mask_unit_attention_backward"](
-        grad_out.contiguous(), qkv, out, lse, q_argmax, ctx.heads, ctx.q_stride, ctx.windows
-    )
-    return grad_qkv, None, None, None
+def _attention_backward(ops):
+    def backward(ctx, grad_out, _grad_lse, _grad_argmax):
+        qkv, out, lse, q_argmax = ctx.saved_tensors
+        grad_qkv = ops["mask_unit_attention_backward"](
+            grad_out.contiguous(), qkv, out, lse, q_argmax, ctx.heads, ctx.q_stride, ctx.windows
+        )
+        return grad_qkv, None, None, None
+
+    return backward
 
 
-torch.library.register_autograd(
-    "hiera_kernels::mask_unit_attention", _attention_backward, setup_context=_setup_attention
-)
+def _define_family(suffix: str):
+    """Define every op as ``hiera_kernels::<op><suffix>`` with its fake and autograd;
+    return ``{op: OpOverload}`` keyed by the unsuffixed name."""
+    ops = {}
+    for name, schema in SCHEMAS.items():
+        _lib.define(name + suffix + schema)
+        torch.library.register_fake(f"{NAMESPACE}::{name}{suffix}", FAKES[name], lib=_lib)
+        ops[name] = getattr(torch.ops.hiera_kernels, name + suffix).default
+    autograd = {
+        "unroll": (_permutation_backward(ops["reroll"]), _setup_permutation),
+        "reroll": (_permutation_backward(ops["unroll"]), _setup_permutation),
+        "query_pool": (_query_pool_backward(ops), _setup_query_pool),
+        "mask_unit_attention": (_attention_backward(ops), _setup_attention),
+    }
+    for name, (backward, setup) in autograd.items():
+        torch.library.register_autograd(f"{NAMESPACE}::{name}{suffix}", backward, setup_context=setup, lib=_lib)
+    return ops
+
+
+OPS = _define_family("")
+TRITON_OPS = _define_family(TRITON_SUFFIX)

@@ -77,9 +77,25 @@ def _permute_digits(x: torch.Tensor, digit_shape, src_axes, dst_axes) -> torch.T
     return x.reshape(B, *src_shape, C).permute(perm).reshape(B, N, C)
 
 
+def token_orders(size: Sequence[int], schedule: Schedule, windowed: bool, tokens: int):
+    """``(digit_shape, spatial_axes, unrolled_axes)`` of ``tokens`` tokens: the digits
+    and the two axis orders that spell the spatial side (raster order, or windowed
+    order when ``windowed``) and the unrolled side. Windowed order (Reroll with a
+    keep-mask) has the kept units in order, each in raster order over the unit
+    shape: the unit index is one opaque digit, the most significant spatially and
+    the least significant unrolled. With ``size == mu`` every q_d is 1, so those
+    axes are inert."""
+    if not windowed:
+        return _digit_views(size, schedule)
+    mu = mask_unit_shape(schedule, len(size))
+    digit_shape, raster, unrolled = _digit_views(mu, schedule)
+    unit = len(digit_shape)
+    return digit_shape + [tokens // math.prod(mu)], [unit] + raster, unrolled + [unit]
+
+
 def unroll(x: torch.Tensor, size: Sequence[int], schedule: Schedule) -> torch.Tensor:
     """Official ``Unroll(size, schedule)``: [B, N, C] raster -> [B, N, C] unrolled."""
-    digit_shape, raster, unrolled = _digit_views(size, schedule)
+    digit_shape, raster, unrolled = token_orders(size, schedule, False, x.shape[1])
     return _permute_digits(x, digit_shape, raster, unrolled)
 
 
@@ -91,18 +107,12 @@ def reroll(x: torch.Tensor, size: Sequence[int], schedule: Schedule, windowed: b
     the K kept units in order.
     """
     B, N, C = x.shape
-    dims = len(size)
-    mu = mask_unit_shape(schedule, dims)
+    digit_shape, spatial, unrolled = token_orders(size, schedule, windowed, N)
+    out = _permute_digits(x, digit_shape, unrolled, spatial)
     if not windowed:
-        digit_shape, raster, unrolled = _digit_views(size, schedule)
-        return _permute_digits(x, digit_shape, unrolled, raster).view(B, *size, C)
-    # Kept units are opaque: the unit index K follows the in-unit digits. With
-    # size == mu every q_d is 1, so those axes are inert.
-    kept = N // math.prod(mu)
-    digit_shape, raster, unrolled = _digit_views(mu, schedule)
-    unit = len(digit_shape)
-    out = _permute_digits(x, digit_shape + [kept], unrolled + [unit], [unit] + raster)
-    return out.view(B, kept, *mu, C)
+        return out.view(B, *size, C)
+    mu = mask_unit_shape(schedule, len(size))
+    return out.view(B, N // math.prod(mu), *mu, C)
 
 
 def undo_windowing(x: torch.Tensor, size: Sequence[int], mu_shape: Sequence[int]) -> torch.Tensor:

@@ -1,6 +1,13 @@
 import os
 import random
 
+# No GPU here: the Triton kernels run in Triton's interpreter on CPU tensors. triton.jit
+# reads this when the kernels are decorated, so it must be set before anything imports
+# hiera_kernels. The "triton" backend then runs CPU tensors when asked for by name
+# ("auto" never picks it on CPU); tests of the non-interpreted behaviour run in
+# subprocesses without it (helpers.without_interpreter).
+os.environ["TRITON_INTERPRET"] = "1"
+
 import pytest
 import torch
 

@@ -1,6 +1,7 @@
 """Shared test helpers: the official package, backends to test, model configs."""
 
 import math
+import os
 import warnings
 
 import torch
@@ -52,3 +53,11 @@ def token_grid(name):
 
 def mu_size(schedule, dims):
     return math.prod(hk.reference.mask_unit_shape(schedule, dims))
+
+
+def without_interpreter():
+    """The environment for a subprocess that sees hiera_kernels as a user does (the test
+    session runs the Triton kernels in the interpreter: see conftest.py)."""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    return env

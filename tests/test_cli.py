@@ -8,6 +8,8 @@ import pytest
 
 from hiera_kernels.__main__ import main
 
+from helpers import without_interpreter
+
 
 def test_bench_quick_prints_the_table_and_writes_files(tmp_path, capsys):
     assert main(["bench", "--model", "hiera_tiny_224", "--batch", "1", "--dtype", "float32", "--quick", "--out", str(tmp_path)]) == 0
@@ -63,7 +65,8 @@ def test_check_passes_and_lists_every_op(capsys):
 
 
 def test_info_reports_every_backend_and_why():
-    done = subprocess.run([sys.executable, "-m", "hiera_kernels", "info"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "hiera_kernels", "info"], capture_output=True, text=True, timeout=300,
+                          env=without_interpreter())
     assert done.returncode == 0, done.stderr
     assert "extension hiera_kernels._C: loaded" in done.stdout
     assert "cuda    ops [-]  unavailable:" in done.stdout

@@ -13,6 +13,8 @@ import hiera_kernels as hk
 from hiera_kernels import BackendError, ops
 from hiera_kernels.backends import choose
 
+from helpers import without_interpreter
+
 S2 = [(2, 2)] * 3
 
 
@@ -55,8 +57,6 @@ def test_named_backend_says_why_it_cannot_run():
     qkv = torch.randn(2, 64, 48)
     with pytest.raises(BackendError, match=r"mask_unit_attention: backend 'cuda' cannot run on float32\[2, 64, 48\] on cpu: .*has no mask_unit_attention kernel"):
         ops.mask_unit_attention(qkv, 2, 1, 64, True, backend="cuda")
-    with pytest.raises(BackendError, match=r"backend 'triton' cannot run .*TRITON_INTERPRET=1"):
-        ops.unroll(torch.randn(1, 64, 2), [8, 8], S2, backend="triton")
     with pytest.raises(BackendError, match=r"backend 'cuda' cannot run .*runs on cuda tensors, not cpu"):
         ops.query_pool(torch.randn(1, 64, 2), 4, backend="cuda")
     with pytest.raises(ValueError, match=r"unknown backend 'fast'; choose one of auto, torch, cpu, cuda, triton"):
@@ -106,9 +106,9 @@ def test_default_backend_setters():
 
 
 def run_python(code, **env):
-    """Run ``code`` in a fresh interpreter, with the HIERA_KERNELS_* variables of this
-    process replaced by ``env``."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("HIERA_KERNELS_")}
+    """Run ``code`` in a fresh interpreter as a user would (no Triton interpreter), with
+    the HIERA_KERNELS_* variables of this process replaced by ``env``."""
+    base = {k: v for k, v in without_interpreter().items() if not k.startswith("HIERA_KERNELS_")}
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env={**base, **env}, timeout=300
     )
@@ -161,3 +161,16 @@ def test_without_the_extension_torch_still_works_and_one_warning_says_how_to_bui
         """
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_triton_on_cpu_tensors_needs_the_interpreter():
+    done = run_python(
+        """
+        import torch, hiera_kernels as hk
+        print(hk.available_backends("cpu"))
+        hk.ops.unroll(torch.randn(1, 64, 2), [8, 8], [(2, 2)], backend="triton")
+        """
+    )
+    assert "['cpu', 'torch']" in done.stdout, done.stderr
+    assert done.returncode != 0
+    assert "backend 'triton' cannot run on float32[1, 64, 2] on cpu: runs on cuda tensors (CPU tensors only in the interpreter: set TRITON_INTERPRET=1" in done.stderr

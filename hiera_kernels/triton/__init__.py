@@ -1,0 +1,30 @@
+"""The ``"triton"`` backend's kernels, registered on the ``hiera_kernels::<op>_triton`` ops.
+
+Layout: ``token_order.py`` (unroll/reroll), ``query_pool.py``, ``mask_unit_attention.py``;
+``common.py`` has what they share, ``aot.py`` compiles every specialization for
+sm_80/sm_90 without a GPU. The ops are registered for CUDA tensors and for CPU
+tensors, which only run when the kernels were decorated under ``TRITON_INTERPRET=1``
+(the backend refuses CPU tensors otherwise, with that reason).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..library import NAMESPACE, TRITON_SUFFIX
+from . import mask_unit_attention, query_pool, token_order
+from .common import INTERPRETED
+
+IMPLEMENTATIONS = {
+    "unroll": token_order.unroll,
+    "reroll": token_order.reroll,
+    "query_pool": query_pool.query_pool,
+    "query_pool_backward": query_pool.query_pool_backward,
+    "mask_unit_attention": mask_unit_attention.forward,
+    "mask_unit_attention_backward": mask_unit_attention.backward,
+}
+
+for _name, _impl in IMPLEMENTATIONS.items():
+    torch.library.register_kernel(f"{NAMESPACE}::{_name}{TRITON_SUFFIX}", ("cuda", "cpu"), _impl)
+
+__all__ = ["INTERPRETED", "IMPLEMENTATIONS"]

@@ -1,0 +1,61 @@
+"""What every Triton kernel and launcher here shares: the interpreter switch, the
+MMA-operand rule, and the launch hook that the AOT compile check records through."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, List, Optional
+
+import torch
+import triton
+import triton.language as tl
+from triton import knobs
+
+# Read once, when the kernels are decorated: triton.jit itself decides at decoration
+# time whether a kernel is compiled or interpreted, so later changes to
+# TRITON_INTERPRET do not switch these kernels.
+INTERPRETED: bool = bool(knobs.runtime.interpret)
+INTERPRETER = tl.constexpr(INTERPRETED)
+
+TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+@triton.jit
+def mma_operand(x):
+    """``x`` (already in the storage dtype) as a tl.dot operand. On GPUs fp16/bf16 stay
+    as they are, for the tensor cores; the interpreter computes bf16 arithmetic wrongly,
+    so there every operand is fp32 (exact: it came from a narrower type)."""
+    if INTERPRETER:
+        return x.to(tl.float32)
+    else:
+        return x
+
+
+def next_power_of_2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+# ------------------------------------------------------------------- launching
+# Every launcher calls launch(); the AOT compile check (hiera_kernels.triton.aot)
+# swaps in a recorder so that what it compiles is exactly what the launchers
+# launch, specialization for specialization.
+_recorder: Optional[Callable] = None
+
+
+def launch(kernel, grid, *args, **constexprs) -> None:
+    if _recorder is not None:
+        _recorder(kernel, args, constexprs)
+        return
+    kernel[grid](*args, **constexprs)
+
+
+@contextlib.contextmanager
+def recording(into: List):
+    """Inside the block, launches append ``(kernel, args, constexprs)`` to ``into``
+    instead of running (the launchers may then be fed meta tensors)."""
+    global _recorder
+    previous, _recorder = _recorder, lambda kernel, args, constexprs: into.append((kernel, args, constexprs))
+    try:
+        yield into
+    finally:
+        _recorder = previous

@@ -1,0 +1,389 @@
+"""Triton mask-unit attention, forward and backward (flash-attention style, for Hiera).
+
+Layout contract (the same as csrc/include/hiera_kernels/attention_layout.h):
+
+* ``qkv`` [B, N, 3, heads, head_dim] is the qkv Linear's output, read in place:
+  token ``n = t * windows + w`` is position ``t`` of window ``w``;
+* with ``q_stride > 1`` the query of pooled position ``i`` is the max over the
+  positions ``t = s * queries + i``, taken while loading; its one-byte argmax ``s``
+  is saved for the backward;
+* ``out`` [B, queries * windows, heads * head_dim] holds query ``i`` of window ``w``
+  at token ``i * windows + w``, ready for ``proj``; ``lse`` [B, heads, windows,
+  queries] (fp32, natural log) is saved for the backward.
+
+Programs. One program takes a tile of BLOCK_M query rows and walks key blocks of
+BLOCK_N rows. A tile holds either ``wpp`` whole windows side by side (``packed``:
+Hiera's windows have 64, 16 or 4 queries over 64 or 16 keys, too small for one
+tensor-core tile each; scores between different windows are masked, so the tile
+computes a block diagonal), or, for longer sequences, BLOCK_M queries of one
+window with a loop over its keys. The slots are ``q_slot``/``k_slot`` rows wide:
+the windows' padded sizes when packed, the block sizes otherwise.
+
+Numerics: loads are converted to fp32 before any arithmetic (the interpreter gets
+bf16 arithmetic wrong); tl.dot takes the storage dtype on GPUs (tensor cores, fp32
+accumulation) and fp32 with ``input_precision="ieee"`` for fp32 inputs, so fp32
+results stay fp32-accurate (no tf32). The softmax runs in base 2 on scaled scores.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import INTERPRETED, TL_DTYPES, launch, mma_operand, next_power_of_2
+from .query_pool import MAX_STRIDE, pool_takes
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 128
+MAX_PACKED_SLOT = 64  # windows with at most this many (padded) queries and keys are packed
+
+# Configurations for A100/H100 (head dims 56-96 pad to 64 or 128). Packing needs
+# BLOCK_M, BLOCK_N >= MAX_PACKED_SLOT. The interpreter cannot benchmark, so it runs
+# the first configuration only: the same kernel, one config.
+FORWARD_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+]
+# The backward's blocks are fixed: whether dq is fused depends on the key blocks.
+BACKWARD_BLOCK_M = BACKWARD_BLOCK_N = 64
+BACKWARD_CONFIGS = [triton.Config({}, num_warps=4, num_stages=2), triton.Config({}, num_warps=8, num_stages=2)]
+
+
+def _configs(configs):
+    return configs[:1] if INTERPRETED else configs
+
+
+def tiling(queries: int, keys: int, windows: int, block_m: int, block_n: int) -> Tuple[int, int, int, int, int]:
+    """``(packed, q_slot, k_slot, window_groups, q_tiles)`` for one block size.
+    The kernels recompute the same numbers from the same inputs (:func:`_tile_plan`)."""
+    q_pad, k_pad = next_power_of_2(queries), next_power_of_2(keys)
+    if q_pad <= MAX_PACKED_SLOT and k_pad <= MAX_PACKED_SLOT:
+        wpp = min(block_m // q_pad, block_n // k_pad)
+        return 1, q_pad, k_pad, triton.cdiv(windows, wpp), 1
+    return 0, block_m, block_n, windows, triton.cdiv(queries, block_m)
+
+
+@triton.jit
+def _tile_plan(packed, q_pad, k_pad, queries, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Device side of :func:`tiling`: (q_slot, k_slot, windows per program, query tiles)."""
+    tiled = 1 - packed  # packed is 0 or 1: arithmetic instead of a branch keeps one type
+    q_slot = packed * q_pad + tiled * BLOCK_M
+    k_slot = packed * k_pad + tiled * BLOCK_N
+    q_tiles = packed + tiled * tl.cdiv(queries, BLOCK_M)
+    return q_slot, k_slot, tl.minimum(BLOCK_M // q_slot, BLOCK_N // k_slot), q_tiles
+
+
+@triton.jit
+def _slot_rows(group, tile, slot, wpp, count, windows, BLOCK: tl.constexpr):
+    """Rows of a tile: window ``w``, index ``i`` in the window, and which rows are real."""
+    r = tl.arange(0, BLOCK)
+    local = r // slot
+    w = group * wpp + local
+    i = tile * slot + r % slot
+    return w, i, (local < wpp) & (i < count) & (w < windows)
+
+
+@triton.jit
+def _token_rows(b, t, w, tokens, windows):
+    """qkv row (token) of position t of window w in image b: [B, N] flat, int64."""
+    return b.to(tl.int64) * tokens + t.to(tl.int64) * windows + w
+
+
+@triton.jit
+def _out_rows(b, i, w, queries, windows):
+    """out / q_argmax row of pooled query i of window w in image b: [B, queries * windows] flat."""
+    return (b.to(tl.int64) * queries + i) * windows + w
+
+
+@triton.jit
+def _load_pooled_q(qkv, b, w, i, row_ok, h_col, d_ok, tokens, windows, queries, q_stride, width):
+    """The queries of a tile, max-pooled over the q_stride candidates t = s * queries + i:
+    fp32 values [BLOCK_M, BLOCK_D] and the argmax s."""
+    mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(qkv + _token_rows(b, i, w, tokens, windows)[:, None] * width + h_col[None, :], mask=mask, other=0.0)
+    q = q.to(tl.float32)
+    arg = tl.zeros(q.shape, tl.int32)
+    for s in range(1, q_stride):
+        rows = _token_rows(b, s * queries + i, w, tokens, windows)
+        candidate = tl.load(qkv + rows[:, None] * width + h_col[None, :], mask=mask, other=0.0).to(tl.float32)
+        take = pool_takes(candidate, q)
+        q = tl.where(take, candidate, q)
+        arg = tl.where(take, s, arg)
+    return q, arg
+
+
+@triton.jit
+def _load_kv(qkv, b, w, j, col_ok, h_col, d_ok, tokens, windows, dim, width):
+    """Keys and values of a key block [BLOCK_N, BLOCK_D] in the storage dtype."""
+    ptr = qkv + _token_rows(b, j, w, tokens, windows)[:, None] * width + h_col[None, :]
+    mask = col_ok[:, None] & d_ok[None, :]
+    return tl.load(ptr + dim, mask=mask, other=0.0), tl.load(ptr + 2 * dim, mask=mask, other=0.0)
+
+
+@triton.jit
+def _scores(q_op, k, row_ok, col_ok, w, wk, scale_log2, PRECISION: tl.constexpr):
+    """Scaled base-2 scores [BLOCK_M, BLOCK_N], -inf outside the block diagonal."""
+    s = tl.dot(q_op, tl.trans(mma_operand(k)), input_precision=PRECISION) * scale_log2
+    valid = row_ok[:, None] & col_ok[None, :] & (w[:, None] == wk[None, :])
+    return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def _attention_forward_kernel(
+    qkv, out, lse, q_argmax,
+    tokens, windows, queries, keys, q_stride, heads, head_dim, packed, q_pad, k_pad, scale_log2,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    q_slot, k_slot, wpp, q_tiles = _tile_plan(packed, q_pad, k_pad, queries, BLOCK_M, BLOCK_N)
+    pid = tl.program_id(0)
+    groups = tl.cdiv(windows, wpp)
+    bh, rest = pid // (groups * q_tiles), pid % (groups * q_tiles)
+    b, h = bh // heads, bh % heads
+    group, tile = rest // q_tiles, rest % q_tiles
+    dim = heads * head_dim
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
+    h_col = h * head_dim + d
+
+    w, i, row_ok = _slot_rows(group, tile, q_slot, wpp, queries, windows, BLOCK_M)
+    q, arg = _load_pooled_q(qkv, b, w, i, row_ok, h_col, d_ok, tokens, windows, queries, q_stride, 3 * dim)
+    out_rows = _out_rows(b, i, w, queries, windows)
+    mask = row_ok[:, None] & d_ok[None, :]
+    if q_stride > 1:
+        tl.store(q_argmax + out_rows[:, None] * dim + h_col[None, :], arg.to(tl.uint8), mask=mask)
+    q_op = mma_operand(q.to(qkv.dtype.element_ty))  # exact: the pooled q is one of the inputs
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for key_block in range(0, tl.cdiv(keys, k_slot)):
+        wk, j, col_ok = _slot_rows(group, key_block, k_slot, wpp, keys, windows, BLOCK_N)
+        k, v = _load_kv(qkv, b, wk, j, col_ok, h_col, d_ok, tokens, windows, dim, 3 * dim)
+        s = _scores(q_op, k, row_ok, col_ok, w, wk, scale_log2, PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet (padding)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(mma_operand(p.to(qkv.dtype.element_ty)), mma_operand(v),
+                                            input_precision=PRECISION)
+        m_i = m_new
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    tl.store(out + out_rows[:, None] * dim + h_col[None, :], (acc / l_safe[:, None]).to(out.dtype.element_ty), mask=mask)
+    lse_rows = ((b * heads + h).to(tl.int64) * windows + w) * queries + i
+    tl.store(lse + lse_rows, (m_i + tl.log2(l_safe)) / 1.4426950408889634, mask=row_ok)
+
+
+@triton.jit
+def _softmax_grads(q_op, k, v, do_op, delta, lse_log2, row_ok, col_ok, w, wk, scale_log2, PRECISION: tl.constexpr):
+    """P (recomputed from the log-sum-exp) and dS = P * (dO V^T - rowsum(dO * O)), fp32."""
+    s = _scores(q_op, k, row_ok, col_ok, w, wk, scale_log2, PRECISION)
+    p = tl.exp2(s - lse_log2[:, None])  # exp2(-inf) = 0 outside the block diagonal
+    dp = tl.dot(do_op, tl.trans(mma_operand(v)), input_precision=PRECISION)
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
+def _load_query_grads(qkv, out, grad_out, lse, q_argmax, b, h, w, i, row_ok, h_col, d_ok,
+                      tokens, windows, queries, q_stride, heads, dim):
+    """For a query tile: pooled q (MMA operand), dO (MMA operand), rowsum(dO * O), lse in
+    base 2, and the saved pooling argmax (0 without pooling)."""
+    q, _ = _load_pooled_q(qkv, b, w, i, row_ok, h_col, d_ok, tokens, windows, queries, q_stride, 3 * dim)
+    rows = _out_rows(b, i, w, queries, windows)[:, None] * dim + h_col[None, :]
+    mask = row_ok[:, None] & d_ok[None, :]
+    do = tl.load(grad_out + rows, mask=mask, other=0.0)
+    o = tl.load(out + rows, mask=mask, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    lse_rows = ((b * heads + h).to(tl.int64) * windows + w) * queries + i
+    lse_log2 = tl.load(lse + lse_rows, mask=row_ok, other=0.0) * 1.4426950408889634
+    if q_stride > 1:
+        arg = tl.load(q_argmax + rows, mask=mask, other=0).to(tl.int32)
+    else:
+        arg = tl.zeros(do.shape, tl.int32)
+    return mma_operand(q.to(qkv.dtype.element_ty)), mma_operand(do), delta, lse_log2, arg
+
+
+@triton.jit
+def _store_routed_dq(grad_qkv, dq, arg, b, w, i, row_ok, h_col, d_ok, tokens, windows, queries, q_stride, width):
+    """Write dq to every query candidate t = s * queries + i: the pooled winner gets it,
+    the others get zero (each q element of grad_qkv is written exactly once)."""
+    mask = row_ok[:, None] & d_ok[None, :]
+    dq = dq.to(grad_qkv.dtype.element_ty)
+    for s in range(0, q_stride):
+        rows = _token_rows(b, s * queries + i, w, tokens, windows)
+        tl.store(grad_qkv + rows[:, None] * width + h_col[None, :], tl.where(arg == s, dq, tl.zeros_like(dq)), mask=mask)
+
+
+@triton.jit
+def _attention_backward_kv_kernel(
+    grad_out, qkv, out, lse, q_argmax, grad_qkv,
+    tokens, windows, queries, keys, q_stride, heads, head_dim, packed, q_pad, k_pad, scale_log2, fuse_dq,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program per key block: dK and dV over all query tiles; dQ too when this block
+    holds every key its queries see (``fuse_dq``), else _attention_backward_q_kernel does."""
+    q_slot, k_slot, wpp, q_tiles = _tile_plan(packed, q_pad, k_pad, queries, BLOCK_M, BLOCK_N)
+    k_tiles = tl.cdiv(keys, k_slot)
+    pid = tl.program_id(0)
+    groups = tl.cdiv(windows, wpp)
+    bh, rest = pid // (groups * k_tiles), pid % (groups * k_tiles)
+    b, h = bh // heads, bh % heads
+    group, key_block = rest // k_tiles, rest % k_tiles
+    dim = heads * head_dim
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
+    h_col = h * head_dim + d
+    dtype = qkv.dtype.element_ty
+
+    wk, j, col_ok = _slot_rows(group, key_block, k_slot, wpp, keys, windows, BLOCK_N)
+    k, v = _load_kv(qkv, b, wk, j, col_ok, h_col, d_ok, tokens, windows, dim, 3 * dim)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for tile in range(0, q_tiles):
+        w, i, row_ok = _slot_rows(group, tile, q_slot, wpp, queries, windows, BLOCK_M)
+        q_op, do_op, delta, lse_log2, arg = _load_query_grads(
+            qkv, out, grad_out, lse, q_argmax, b, h, w, i, row_ok, h_col, d_ok,
+            tokens, windows, queries, q_stride, heads, dim)
+        p, ds = _softmax_grads(q_op, k, v, do_op, delta, lse_log2, row_ok, col_ok, w, wk, scale_log2, PRECISION)
+        dv += tl.dot(tl.trans(mma_operand(p.to(dtype))), do_op, input_precision=PRECISION)
+        ds_op = mma_operand(ds.to(dtype))
+        dk += tl.dot(tl.trans(ds_op), q_op, input_precision=PRECISION)
+        if fuse_dq:
+            dq = tl.dot(ds_op, mma_operand(k), input_precision=PRECISION) * (scale_log2 / 1.4426950408889634)
+            _store_routed_dq(grad_qkv, dq, arg, b, w, i, row_ok, h_col, d_ok, tokens, windows, queries, q_stride, 3 * dim)
+    rows = _token_rows(b, j, wk, tokens, windows)[:, None] * (3 * dim) + h_col[None, :]
+    mask = col_ok[:, None] & d_ok[None, :]
+    tl.store(grad_qkv + rows + dim, (dk * (scale_log2 / 1.4426950408889634)).to(dtype), mask=mask)
+    tl.store(grad_qkv + rows + 2 * dim, dv.to(dtype), mask=mask)
+
+
+@triton.jit
+def _attention_backward_q_kernel(
+    grad_out, qkv, out, lse, q_argmax, grad_qkv,
+    tokens, windows, queries, keys, q_stride, heads, head_dim, packed, q_pad, k_pad, scale_log2,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program per query tile: dQ over all key blocks, routed through the pooling argmax."""
+    q_slot, k_slot, wpp, q_tiles = _tile_plan(packed, q_pad, k_pad, queries, BLOCK_M, BLOCK_N)
+    pid = tl.program_id(0)
+    groups = tl.cdiv(windows, wpp)
+    bh, rest = pid // (groups * q_tiles), pid % (groups * q_tiles)
+    b, h = bh // heads, bh % heads
+    group, tile = rest // q_tiles, rest % q_tiles
+    dim = heads * head_dim
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
+    h_col = h * head_dim + d
+
+    w, i, row_ok = _slot_rows(group, tile, q_slot, wpp, queries, windows, BLOCK_M)
+    q_op, do_op, delta, lse_log2, arg = _load_query_grads(
+        qkv, out, grad_out, lse, q_argmax, b, h, w, i, row_ok, h_col, d_ok,
+        tokens, windows, queries, q_stride, heads, dim)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for key_block in range(0, tl.cdiv(keys, k_slot)):
+        wk, j, col_ok = _slot_rows(group, key_block, k_slot, wpp, keys, windows, BLOCK_N)
+        k, v = _load_kv(qkv, b, wk, j, col_ok, h_col, d_ok, tokens, windows, dim, 3 * dim)
+        _, ds = _softmax_grads(q_op, k, v, do_op, delta, lse_log2, row_ok, col_ok, w, wk, scale_log2, PRECISION)
+        dq += tl.dot(mma_operand(ds.to(qkv.dtype.element_ty)), mma_operand(k), input_precision=PRECISION)
+    dq *= scale_log2 / 1.4426950408889634
+    _store_routed_dq(grad_qkv, dq, arg, b, w, i, row_ok, h_col, d_ok, tokens, windows, queries, q_stride, 3 * dim)
+
+
+_KEY = ["head_dim", "queries", "keys", "windows"]
+_forward = triton.autotune(_configs(FORWARD_CONFIGS), key=_KEY)(_attention_forward_kernel)
+# The backward kernels write every element of grad_qkv exactly once, so re-running
+# them while autotuning is harmless.
+_backward_kv = triton.autotune(_configs(BACKWARD_CONFIGS), key=_KEY)(_attention_backward_kv_kernel)
+_backward_q = triton.autotune(_configs(BACKWARD_CONFIGS), key=_KEY)(_attention_backward_q_kernel)
+KERNELS = (_forward, _backward_kv, _backward_q)
+
+
+class Geometry:
+    """The sizes of one call, checked (the checks of attention_layout's users in csrc)."""
+
+    def __init__(self, op: str, qkv: torch.Tensor, heads: int, q_stride: int, windows: int):
+        if qkv.dim() != 3:
+            raise ValueError(f"{op}: qkv must be [B, N, 3 * dim_out], got {qkv.dim()} dims")
+        if qkv.dtype not in TL_DTYPES:
+            raise TypeError(f"{op}: qkv dtype {qkv.dtype} is not supported (float32, float16, bfloat16)")
+        self.batch, self.tokens, width = qkv.shape
+        if heads < 1 or width % (3 * heads):
+            raise ValueError(f"{op}: qkv width {width} is not divisible by 3 * heads = {3 * max(heads, 0)}")
+        if not 1 <= q_stride <= MAX_STRIDE:
+            raise ValueError(f"{op}: q_stride must be in [1, {MAX_STRIDE}] (one-byte argmax), got {q_stride}")
+        if windows < 1 or self.tokens % (windows * q_stride):
+            raise ValueError(f"{op}: N={self.tokens} does not split into {windows} windows of q_stride={q_stride} groups")
+        self.heads, self.q_stride, self.windows = heads, q_stride, windows
+        self.dim = width // 3
+        self.head_dim = self.dim // heads
+        if self.head_dim > MAX_HEAD_DIM:
+            raise ValueError(f"{op}: head_dim {self.head_dim} exceeds the Triton kernels' {MAX_HEAD_DIM}")
+        self.keys = self.tokens // windows
+        self.queries = self.keys // q_stride
+        self.block_d = max(32, next_power_of_2(self.head_dim))
+
+    def scalars(self, block_m: int, block_n: int):
+        """The kernels' runtime arguments after the tensors (without fuse_dq)."""
+        packed, q_slot, k_slot, _, _ = tiling(self.queries, self.keys, self.windows, block_m, block_n)
+        q_pad, k_pad = (q_slot, k_slot) if packed else (0, 0)
+        scale_log2 = self.head_dim ** -0.5 * LOG2E
+        return (self.tokens, self.windows, self.queries, self.keys, self.q_stride, self.heads, self.head_dim,
+                packed, q_pad, k_pad, scale_log2)
+
+    def grid(self, tiles_of):
+        """Grid over (batch, head, window group, tile) for a config's BLOCK_M/BLOCK_N."""
+        def grid(meta):
+            _, _, _, groups, q_tiles = tiling(self.queries, self.keys, self.windows, meta["BLOCK_M"], meta["BLOCK_N"])
+            return (self.batch * self.heads * groups * tiles_of(meta, q_tiles),)
+        return grid
+
+    def constexprs(self, qkv: torch.Tensor):
+        return {"BLOCK_D": self.block_d, "PRECISION": "ieee"}
+
+
+def forward(qkv: torch.Tensor, heads: int, q_stride: int, windows: int):
+    g = Geometry("hiera_kernels::mask_unit_attention_triton", qkv, heads, q_stride, windows)
+    qkv = qkv.contiguous()
+    out = qkv.new_empty((g.batch, g.queries * windows, g.dim))
+    lse = qkv.new_empty((g.batch, heads, windows, g.queries), dtype=torch.float32)
+    q_argmax = qkv.new_empty((g.batch, g.queries * windows, g.dim) if q_stride > 1 else (0,), dtype=torch.uint8)
+    if out.numel() == 0:
+        return out, lse, q_argmax
+    # packed/q_pad/k_pad depend on the block sizes only through "packed or not": every
+    # forward config has BLOCK_M, BLOCK_N >= MAX_PACKED_SLOT, so the first config's
+    # values hold for all (the kernel derives the rest from its own BLOCK_M/BLOCK_N).
+    first = FORWARD_CONFIGS[0].kwargs
+    launch(_forward, g.grid(lambda meta, q_tiles: q_tiles), qkv, out, lse, q_argmax,
+           *g.scalars(first["BLOCK_M"], first["BLOCK_N"]), **g.constexprs(qkv))
+    return out, lse, q_argmax
+
+
+def backward(grad_out, qkv, out, lse, q_argmax, heads: int, q_stride: int, windows: int):
+    op = "hiera_kernels::mask_unit_attention_backward_triton"
+    g = Geometry(op, qkv, heads, q_stride, windows)
+    out_shape = (g.batch, g.queries * windows, g.dim)
+    if tuple(grad_out.shape) != out_shape or tuple(out.shape) != out_shape:
+        raise ValueError(f"{op}: grad_out and out must be {list(out_shape)}, got {list(grad_out.shape)}, {list(out.shape)}")
+    if lse.dtype != torch.float32 or tuple(lse.shape) != (g.batch, heads, windows, g.queries):
+        raise ValueError(f"{op}: lse must be float32 {[g.batch, heads, windows, g.queries]}, got {lse.dtype} {list(lse.shape)}")
+    if q_stride > 1 and (q_argmax.dtype != torch.uint8 or tuple(q_argmax.shape) != out_shape):
+        raise ValueError(f"{op}: q_argmax must be uint8 {list(out_shape)}, got {q_argmax.dtype} {list(q_argmax.shape)}")
+    qkv, out, grad_out, lse, q_argmax = (t.contiguous() for t in (qkv, out, grad_out, lse, q_argmax))
+    grad_qkv = torch.empty_like(qkv)
+    if grad_qkv.numel() == 0:
+        return grad_qkv
+    scalars = g.scalars(BACKWARD_BLOCK_M, BACKWARD_BLOCK_N)
+    blocks = {"BLOCK_M": BACKWARD_BLOCK_M, "BLOCK_N": BACKWARD_BLOCK_N}
+    _, _, k_slot, _, _ = tiling(g.queries, g.keys, windows, BACKWARD_BLOCK_M, BACKWARD_BLOCK_N)
+    fuse_dq = int(triton.cdiv(g.keys, k_slot) == 1)
+    key_tiles = triton.cdiv(g.keys, k_slot)
+    launch(_backward_kv, g.grid(lambda meta, q_tiles: key_tiles), grad_out, qkv, out, lse, q_argmax, grad_qkv,
+           *scalars, fuse_dq, **g.constexprs(qkv), **blocks)
+    if not fuse_dq:
+        launch(_backward_q, g.grid(lambda meta, q_tiles: q_tiles), grad_out, qkv, out, lse, q_argmax, grad_qkv,
+               *scalars, **g.constexprs(qkv), **blocks)
+    return grad_qkv

@@ -1,0 +1,258 @@
+"""The "triton" backend, run in Triton's interpreter on CPU tensors (conftest.py sets
+TRITON_INTERPRET=1), against the "torch" path; and its ahead-of-time compile for sm_80
+and sm_90. The interpreter is slow, so shapes are small but cover every block type:
+windowed with and without q pooling, global with and without, video, masked MAE
+token sets, Hiera's head dims 56/64/72/96 and odd batch sizes."""
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import hiera_kernels as hk
+from hiera_kernels import library, ops
+
+from helpers import DTYPES, mu_size, without_interpreter
+
+triton_kernels = pytest.importorskip("hiera_kernels.triton")
+pytestmark = pytest.mark.skipif(not triton_kernels.INTERPRETED, reason="hiera_kernels was imported before conftest.py set TRITON_INTERPRET=1")
+
+# (size, schedule): image stages (windowed and not), video, odd strides.
+GEOMETRIES = [
+    ([16, 16], [(2, 2), (2, 2), (2, 2)]),
+    ([8, 8], [(2, 2), (2, 2)]),
+    ([4, 8, 8], [(1, 2, 2), (1, 2, 2)]),
+    ([12, 8], [(3, 2), (2, 2)]),
+    ([6, 5], []),
+]
+
+
+def exact(a, b):
+    torch.testing.assert_close(a, b, atol=0, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("size, schedule", GEOMETRIES)
+def test_unroll_and_reroll_are_exact_forward_and_backward(size, schedule):
+    B, N, C = 3, 1, 5
+    for s in size:
+        N *= s
+    x = torch.randn(B, N, C, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(B, N, C, dtype=torch.bfloat16)
+    results = {}
+    for backend in ("torch", "triton"):
+        xi = x.detach().requires_grad_()
+        unrolled = ops.unroll(xi, size, schedule, backend=backend)
+        rerolled = ops.reroll(unrolled * 2, size, schedule, backend=backend)
+        (g,) = torch.autograd.grad(rerolled, xi, grad.view(rerolled.shape))
+        results[backend] = (unrolled, rerolled, g)
+    for ours, theirs in zip(results["triton"], results["torch"]):
+        exact(ours, theirs)
+
+
+@pytest.mark.parametrize("size, schedule", GEOMETRIES[:4])
+def test_reroll_with_a_mask_is_exact(size, schedule):
+    kept, C = 3, 6
+    units = 1
+    for s, u in zip(size, hk.reference.mask_unit_shape(schedule, len(size))):
+        units *= s // u
+    mask = torch.zeros(2, units, dtype=torch.bool)
+    mask[:, :kept] = True
+    x = torch.randn(2, kept * mu_size(schedule, len(size)), C, requires_grad=True)
+    grad = torch.randn(2, kept * mu_size(schedule, len(size)), C)
+    outs = []
+    for backend in ("torch", "triton"):
+        xi = x.detach().requires_grad_()
+        out = ops.reroll(xi, size, schedule, mask, backend=backend)
+        outs.append((out, *torch.autograd.grad(out, xi, grad.view(out.shape))))
+    for ours, theirs in zip(outs[1], outs[0]):
+        exact(ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_query_pool_is_exact_with_ties_and_nan(dtype):
+    x = torch.randn(3, 4 * 10, 7).to(dtype)
+    x[0, 10:20] = x[0, :10]  # ties: the first maximum wins
+    x[1, 25, 2] = float("nan")
+    x[2, 5, 1] = x[2, 15, 1] = float("nan")  # the first NaN wins
+    x[2, :, 3] = float("-inf")
+    grad = torch.randn(3, 10, 7).to(dtype)
+    results = []
+    for backend in ("torch", "triton"):
+        xi = x.detach().requires_grad_()
+        out = ops.query_pool(xi, 4, backend=backend)
+        results.append((out, *torch.autograd.grad(out, xi, grad)))
+    for ours, theirs in zip(results[1], results[0]):
+        exact(ours, theirs)
+
+
+# (dim_out, heads, q_stride, window_size, use_mask_unit_attn, N, batch)
+ATTENTION_BLOCKS = {
+    "windowed": (64, 1, 1, 64, True, 4 * 64, 2),
+    "windowed_pool": (2 * 56, 2, 4, 16, True, 3 * 64, 1),
+    "windowed_16": (2 * 72, 2, 1, 16, True, 5 * 16, 3),
+    "windowed_pool_4": (4 * 96, 4, 4, 4, True, 6 * 16, 1),
+    "global": (2 * 64, 2, 1, 0, False, 130, 2),
+    "global_pool": (2 * 96, 2, 4, 0, False, 4 * 49, 1),
+    "video_pool": (2 * 16, 2, 4, 16, True, 8 * 64, 1),
+    "mae_masked_kept_7": (2 * 56, 2, 1, 16, True, 7 * 16, 3),
+    "odd": (30, 3, 3, 5, True, 45, 3),
+}
+
+
+def attention_forward_backward(qkv, grad, args, backend):
+    qkv = qkv.detach().requires_grad_()
+    out = ops.mask_unit_attention(qkv, *args, backend=backend)
+    return out.detach(), *torch.autograd.grad(out, qkv, grad)
+
+
+def interpreter_allowance(reference: torch.Tensor, dtype: torch.dtype) -> float:
+    """One step of the dtype at the reference's magnitude: the interpreter's fp32 -> bf16
+    cast truncates where GPUs round to nearest."""
+    if dtype == torch.float32:
+        return 0.0
+    top = reference.abs().max().item()
+    return torch.finfo(dtype).eps * 2.0 ** max(0, torch.tensor(top).log2().ceil().item())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block", list(ATTENTION_BLOCKS))
+def test_attention_within_the_error_rule(block, dtype):
+    """Output and dqkv within twice the "torch" path's own error against float64 (plus
+    one dtype step for the interpreter's truncating casts)."""
+    dim_out, heads, q_stride, window_size, use_mu, N, batch = ATTENTION_BLOCKS[block]
+    args = (heads, q_stride, window_size, use_mu)
+    qkv = torch.randn(batch, N, 3 * dim_out)
+    grad = torch.randn(batch, N // q_stride, dim_out)
+    reference = attention_forward_backward(qkv.double(), grad.double(), args, "torch")
+    torch_low = attention_forward_backward(qkv.to(dtype), grad.to(dtype), args, "torch")
+    triton_low = attention_forward_backward(qkv.to(dtype), grad.to(dtype), args, "triton")
+    for name, r, t, k in zip(["out", "dqkv"], reference, torch_low, triton_low):
+        assert k.dtype == dtype
+        err, torch_err = (k.double() - r).abs().max().item(), (t.double() - r).abs().max().item()
+        limit = 2 * torch_err + interpreter_allowance(r, dtype)
+        assert err <= limit, f"{name}: triton error {err:.3g} > {limit:.3g} (torch path's {torch_err:.3g})"
+
+
+def test_attention_pooling_routes_the_query_gradient_like_pytorch():
+    qkv = torch.randn(1, 32, 3 * 8)
+    qkv[:, 8:16, :8] = qkv[:, 0:8, :8]  # ties between the q_stride candidates
+    grads = []
+    for backend in ("torch", "triton"):
+        q = qkv.clone().requires_grad_()
+        out = ops.mask_unit_attention(q, 2, 4, 8, False, backend=backend)
+        out.sum().backward()
+        grads.append(q.grad[..., :8])
+    assert torch.equal(grads[0] != 0, grads[1] != 0)  # the same candidate gets the gradient
+
+
+def test_empty_batch_and_non_contiguous_inputs():
+    empty = torch.randn(0, 64, 3 * 16)
+    assert ops.mask_unit_attention(empty, 2, 1, 16, True, backend="triton").shape == (0, 64, 16)
+    assert ops.unroll(torch.randn(0, 64, 4), [8, 8], [(2, 2)], backend="triton").shape == (0, 64, 4)
+    assert ops.query_pool(torch.randn(0, 64, 4), 4, backend="triton").shape == (0, 16, 4)
+    qkv = torch.randn(2, 3 * 16, 64).transpose(1, 2)  # [2, 64, 48], not contiguous
+    exact(ops.mask_unit_attention(qkv, 2, 4, 4, True, backend="triton"),
+          ops.mask_unit_attention(qkv.contiguous(), 2, 4, 4, True, backend="triton"))
+    x = torch.randn(2, 6, 64).transpose(1, 2)
+    exact(ops.unroll(x, [8, 8], [(2, 2)], backend="triton"), ops.unroll(x, [8, 8], [(2, 2)], backend="torch"))
+
+
+def test_opcheck_every_triton_op():
+    ops_ = library.TRITON_OPS
+    x = torch.randn(2, 16, 3, requires_grad=True)
+    torch.library.opcheck(ops_["unroll"], (x, [4, 4], [2, 2], False))
+    torch.library.opcheck(ops_["reroll"], (x, [4, 4], [2, 2], True))
+    torch.library.opcheck(ops_["query_pool"], (x, 4))
+    out, argmax = ops_["query_pool"](x.detach(), 4)
+    torch.library.opcheck(ops_["query_pool_backward"], (torch.randn_like(out), argmax, 4))
+    qkv = torch.randn(1, 16, 3 * 8, requires_grad=True)
+    torch.library.opcheck(ops_["mask_unit_attention"], (qkv, 2, 2, 2))
+    out, lse, q_argmax = ops_["mask_unit_attention"](qkv.detach(), 2, 2, 2)
+    torch.library.opcheck(ops_["mask_unit_attention_backward"],
+                          (torch.randn_like(out), qkv.detach(), out, lse, q_argmax, 2, 2, 2))
+
+
+def test_compiles_without_graph_breaks():
+    def f(x, qkv):
+        y = ops.unroll(x, [4, 4], [(2, 2)], backend="triton")
+        return ops.query_pool(y, 4, backend="triton"), ops.mask_unit_attention(qkv, 2, 2, 4, True, backend="triton")
+
+    x, qkv = torch.randn(1, 16, 4), torch.randn(1, 16, 3 * 8)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for ours, theirs in zip(compiled(x, qkv), f(x, qkv)):
+        exact(ours, theirs)
+
+
+def test_direct_op_calls_get_clear_errors():
+    with pytest.raises(ValueError, match=r"unroll_triton: x has N=10 tokens, size \[4, 4\] holds 16"):
+        library.TRITON_OPS["unroll"](torch.randn(1, 10, 2), [4, 4], [2, 2], False)
+    with pytest.raises(ValueError, match=r"query_pool_triton: stride must be in \[1, 256\]"):
+        library.TRITON_OPS["query_pool"](torch.randn(1, 300, 2), 300)
+    with pytest.raises(ValueError, match=r"mask_unit_attention_triton: head_dim 160 exceeds the Triton kernels' 128"):
+        library.TRITON_OPS["mask_unit_attention"](torch.randn(1, 4, 3 * 160), 1, 1, 1)
+    reasons = hk.backend_reasons("cpu", "mask_unit_attention", torch.float64)["triton"]
+    assert any("dtype float64 is not supported" in r for r in reasons)
+    with pytest.raises(hk.BackendError, match=r"head_dim=160 exceeds the attention kernel's 128"):
+        ops.mask_unit_attention(torch.randn(1, 4, 3 * 160), 1, 1, 4, True, backend="triton")
+
+
+def test_auto_never_picks_the_interpreter_and_lists_it_by_name_only():
+    assert hk.available_backends("cpu") == ["cpu", "torch"]
+    assert hk.backends.choose("unroll", torch.randn(1, 4, 1)).NAME == "cpu"
+
+
+def test_tiny_model_training_step_matches_the_torch_path():
+    """Hiera-T's configuration at 64x64 (every stage, pooling and global attention) on
+    "triton" against "torch": logits, intermediates and every gradient, float32."""
+    model = hk.Hiera(input_size=(64, 64), embed_dim=96, num_heads=1, stages=(1, 1, 2, 1), num_classes=10)
+    x = torch.randn(1, 3, 64, 64)
+
+    def step(backend):
+        m = copy.deepcopy(model).set_backend(backend)
+        xi = x.clone().requires_grad_()
+        out, inter = m(xi, return_intermediates=True)
+        loss = out.square().sum() + sum(i.square().mean() for i in inter)
+        return [out, *inter, *torch.autograd.grad(loss, [xi] + list(m.parameters()))]
+
+    for ours, theirs in zip(step("triton"), step("torch")):
+        torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-4)
+
+
+def test_launchers_only_launch_compiled_specializations():
+    """What the launchers launch for Hiera's shapes is among what the AOT check compiles."""
+    from hiera_kernels.triton import aot, mask_unit_attention, query_pool, token_order
+
+    def meta(*shape, dtype=torch.bfloat16):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    cases = []
+    for dtype in DTYPES:
+        for size, schedule in GEOMETRIES + [([56, 56], [(2, 2)] * 3), ([8, 56, 56], [(1, 2, 2)] * 3)]:
+            flat = [s for step in schedule for s in step]
+            n = 1
+            for s in size:
+                n *= s
+            for channels in (96, 97, 768):
+                cases.append(lambda s=size, f=flat, n=n, c=channels, d=dtype: token_order.unroll(meta(2, n, c, dtype=d), s, f, False))
+                cases.append(lambda s=size, f=flat, n=n, c=channels, d=dtype: token_order.reroll(meta(2, n, c, dtype=d), s, f, False))
+        cases.append(lambda d=dtype: query_pool.query_pool(meta(2, 3136, 96, dtype=d), 4))
+        for tokens, dim_out, heads, q_stride, windows in [(3136, 96, 1, 1, 49), (3136, 192, 2, 4, 49), (784, 192, 2, 1, 49),
+                                                          (784, 384, 4, 4, 49), (196, 384, 4, 1, 1), (196, 768, 8, 4, 1),
+                                                          (49, 768, 8, 1, 1), (3136, 224, 4, 4, 49), (784, 576, 8, 4, 49),
+                                                          (25088, 192, 2, 1, 1)]:
+            cases.append(lambda t=tokens, c=dim_out, h=heads, s=q_stride, w=windows, d=dtype:
+                         aot._attention(d, c // h, t, heads=h, q_stride=s, windows=w))
+    launched = set(aot.launcher_specializations(cases))
+    compiled = set(aot.all_specializations())
+    missing = launched - compiled
+    assert not missing, f"{len(missing)} launched specializations are not compiled, e.g. {sorted(missing)[0]}"
+
+
+def test_every_specialization_compiles_for_sm80_and_sm90():
+    """The ahead-of-time compile check (no GPU needed): every kernel, every specialization."""
+    done = subprocess.run([sys.executable, "-m", "hiera_kernels.triton.aot", "--arch", "80", "90"],
+                          capture_output=True, text=True, env=without_interpreter(), timeout=1800)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert " 0 failed" in done.stdout
