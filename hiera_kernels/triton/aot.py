@@ -118,9 +118,11 @@ def all_specializations() -> List[Specialization]:
     for dtype in dtypes:
         add(lambda: query_pool.query_pool(_meta(1, 4, 8, dtype=dtype), 2))
         add(lambda: query_pool.query_pool_backward(_meta(1, 2, 8, dtype=dtype), _meta(1, 2, 8, dtype=torch.uint8), 2))
-    # attention: every head-dim block, with and without dq fused into the kv kernel.
+    # attention: every specialized head dim and every generic head-dim block, with and
+    # without dq fused into the kv kernel.
+    generic = (8, 40, 100)  # blocks of 32, 64 and 128
     for dtype in dtypes:
-        for head_dim in (32, 64, 128):
+        for head_dim in mask_unit_attention.SPECIALIZED_HEAD_DIMS + generic:
             for tokens in (64, 256):  # 64 keys: one key block (dq fused); 256: a dq kernel too
                 add(lambda: _attention(dtype, head_dim, tokens))
     return list(specs)
@@ -160,8 +162,11 @@ def compile_one(spec: Specialization, arch: int, ptxas_report: bool = False) -> 
     constexprs = dict(spec.constexprs)
     signature.update({name: "constexpr" for name in constexprs})
     signature = {name: signature[name] for name in fn.arg_names}
+    # Pointers are 16-byte aligned, as the JIT specializes them for torch's allocations.
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+               if isinstance(signature[name], str) and signature[name].startswith("*")}
     start = time.perf_counter()
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned),
                               target=GPUTarget("cuda", arch, 32), options=dict(spec.options))
     seconds = time.perf_counter() - start
     registers, spills = _ptxas_usage(compiled.asm["ptx"], arch) if ptxas_report else (None, None)

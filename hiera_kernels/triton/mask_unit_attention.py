@@ -39,6 +39,9 @@ from .query_pool import MAX_STRIDE, pool_takes
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
+# Head dims compiled as constants (Hiera's: B/T/S 96 and 64 via 768/12..., B+ 56, L 72,
+# H 64); any other head dim up to MAX_HEAD_DIM runs the generic specialization.
+SPECIALIZED_HEAD_DIMS = (56, 64, 72, 96)
 MAX_PACKED_SLOT = 64  # windows with at most this many (padded) queries and keys are packed
 
 # Configurations for A100/H100 (head dims 56-96 pad to 64 or 128). Packing needs
@@ -58,33 +61,50 @@ def _configs(configs):
 
 
 def tiling(queries: int, keys: int, windows: int, block_m: int, block_n: int) -> Tuple[int, int, int, int, int]:
-    """``(packed, q_slot, k_slot, window_groups, q_tiles)`` for one block size.
-    The kernels recompute the same numbers from the same inputs (:func:`_tile_plan`)."""
+    """``(packed, q_pad, k_pad, window_groups, q_tiles)`` for one block size: the
+    windows' padded sizes when packed (0 when tiled). The kernels derive the same
+    numbers from the same inputs (:func:`_tile_plan`)."""
     q_pad, k_pad = next_power_of_2(queries), next_power_of_2(keys)
     if q_pad <= MAX_PACKED_SLOT and k_pad <= MAX_PACKED_SLOT:
         wpp = min(block_m // q_pad, block_n // k_pad)
         return 1, q_pad, k_pad, triton.cdiv(windows, wpp), 1
-    return 0, block_m, block_n, windows, triton.cdiv(queries, block_m)
+    return 0, 0, 0, windows, triton.cdiv(queries, block_m)
+
+
+TILED_SHIFT = 30  # a slot "2**30 rows wide": every row of a tile is in slot 0
 
 
 @triton.jit
 def _tile_plan(packed, q_pad, k_pad, queries, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Device side of :func:`tiling`: (q_slot, k_slot, windows per program, query tiles)."""
+    """Device side of :func:`tiling`: the query and key slot widths, windows per program
+    and query tiles. Slots are powers of two, so rows split into (slot, offset) with
+    shifts: the shifts come from the launcher (log2 of the pads, or TILED_SHIFT)."""
     tiled = 1 - packed  # packed is 0 or 1: arithmetic instead of a branch keeps one type
-    q_slot = packed * q_pad + tiled * BLOCK_M
-    k_slot = packed * k_pad + tiled * BLOCK_N
+    q_slot = q_pad + tiled * BLOCK_M
+    k_slot = k_pad + tiled * BLOCK_N
     q_tiles = packed + tiled * tl.cdiv(queries, BLOCK_M)
     return q_slot, k_slot, tl.minimum(BLOCK_M // q_slot, BLOCK_N // k_slot), q_tiles
 
 
 @triton.jit
-def _slot_rows(group, tile, slot, wpp, count, windows, BLOCK: tl.constexpr):
+def _slot_rows(group, tile, slot, shift, wpp, count, windows, BLOCK: tl.constexpr):
     """Rows of a tile: window ``w``, index ``i`` in the window, and which rows are real."""
     r = tl.arange(0, BLOCK)
-    local = r // slot
+    local = r >> shift
     w = group * wpp + local
-    i = tile * slot + r % slot
+    i = tile * slot + (r & ((1 << shift) - 1))
     return w, i, (local < wpp) & (i < count) & (w < windows)
+
+
+@triton.jit
+def _head_columns(h, head_dim, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(head_dim, columns of head h in a [.., heads * head_dim] row, which are real).
+    With HEAD_DIM > 0 (Hiera's head dims) the head dim is a compile-time constant, so
+    the masks and row strides are known and loads vectorise; 0 means any head dim."""
+    if HEAD_DIM > 0:
+        head_dim = HEAD_DIM
+    d = tl.arange(0, BLOCK_D)
+    return head_dim, h * head_dim + d, d < head_dim
 
 
 @triton.jit
@@ -135,8 +155,9 @@ def _scores(q_op, k, row_ok, col_ok, w, wk, scale_log2, PRECISION: tl.constexpr)
 @triton.jit
 def _attention_forward_kernel(
     qkv, out, lse, q_argmax,
-    tokens, windows, queries, keys, q_stride, heads, head_dim, packed, q_pad, k_pad, scale_log2,
-    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    tokens, windows, queries, keys, q_stride, heads, head_dim, packed, q_pad, k_pad, q_shift, k_shift, scale_log2,
+    BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     q_slot, k_slot, wpp, q_tiles = _tile_plan(packed, q_pad, k_pad, queries, BLOCK_M, BLOCK_N)
     pid = tl.program_id(0)
@@ -144,12 +165,10 @@ def _attention_forward_kernel(
     bh, rest = pid // (groups * q_tiles), pid % (groups * q_tiles)
     b, h = bh // heads, bh % heads
     group, tile = rest // q_tiles, rest % q_tiles
+    head_dim, h_col, d_ok = _head_columns(h, head_dim, HEAD_DIM, BLOCK_D)
     dim = heads * head_dim
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < head_dim
-    h_col = h * head_dim + d
 
-    w, i, row_ok = _slot_rows(group, tile, q_slot, wpp, queries, windows, BLOCK_M)
+    w, i, row_ok = _slot_rows(group, tile, q_slot, q_shift, wpp, queries, windows, BLOCK_M)
     q, arg = _load_pooled_q(qkv, b, w, i, row_ok, h_col, d_ok, tokens, windows, queries, q_stride, 3 * dim)
     out_rows = _out_rows(b, i, w, queries, windows)
     mask = row_ok[:, None] & d_ok[None, :]
@@ -161,7 +180,7 @@ def _attention_forward_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for key_block in range(0, tl.cdiv(keys, k_slot)):
-        wk, j, col_ok = _slot_rows(group, key_block, k_slot, wpp, keys, windows, BLOCK_N)
+        wk, j, col_ok = _slot_rows(group, key_block, k_slot, k_shift, wpp, keys, windows, BLOCK_N)
         k, v = _load_kv(qkv, b, wk, j, col_ok, h_col, d_ok, tokens, windows, dim, 3 * dim)
         s = _scores(q_op, k, row_ok, col_ok, w, wk, scale_log2, PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -221,8 +240,9 @@ def _store_routed_dq(grad_qkv, dq, arg, b, w, i, row_ok, h_col, d_ok, tokens, wi
 @triton.jit
 def _attention_backward_kv_kernel(
     grad_out, qkv, out, lse, q_argmax, grad_qkv,
-    tokens, windows, queries, keys, q_stride, heads, head_dim, packed, q_pad, k_pad, scale_log2, fuse_dq,
-    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    tokens, windows, queries, keys, q_stride, heads, head_dim, packed, q_pad, k_pad, q_shift, k_shift, scale_log2, fuse_dq,
+    BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """One program per key block: dK and dV over all query tiles; dQ too when this block
     holds every key its queries see (``fuse_dq``), else _attention_backward_q_kernel does."""
@@ -233,18 +253,16 @@ def _attention_backward_kv_kernel(
     bh, rest = pid // (groups * k_tiles), pid % (groups * k_tiles)
     b, h = bh // heads, bh % heads
     group, key_block = rest // k_tiles, rest % k_tiles
+    head_dim, h_col, d_ok = _head_columns(h, head_dim, HEAD_DIM, BLOCK_D)
     dim = heads * head_dim
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < head_dim
-    h_col = h * head_dim + d
     dtype = qkv.dtype.element_ty
 
-    wk, j, col_ok = _slot_rows(group, key_block, k_slot, wpp, keys, windows, BLOCK_N)
+    wk, j, col_ok = _slot_rows(group, key_block, k_slot, k_shift, wpp, keys, windows, BLOCK_N)
     k, v = _load_kv(qkv, b, wk, j, col_ok, h_col, d_ok, tokens, windows, dim, 3 * dim)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for tile in range(0, q_tiles):
-        w, i, row_ok = _slot_rows(group, tile, q_slot, wpp, queries, windows, BLOCK_M)
+        w, i, row_ok = _slot_rows(group, tile, q_slot, q_shift, wpp, queries, windows, BLOCK_M)
         q_op, do_op, delta, lse_log2, arg = _load_query_grads(
             qkv, out, grad_out, lse, q_argmax, b, h, w, i, row_ok, h_col, d_ok,
             tokens, windows, queries, q_stride, heads, dim)
@@ -264,8 +282,9 @@ def _attention_backward_kv_kernel(
 @triton.jit
 def _attention_backward_q_kernel(
     grad_out, qkv, out, lse, q_argmax, grad_qkv,
-    tokens, windows, queries, keys, q_stride, heads, head_dim, packed, q_pad, k_pad, scale_log2,
-    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    tokens, windows, queries, keys, q_stride, heads, head_dim, packed, q_pad, k_pad, q_shift, k_shift, scale_log2,
+    BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """One program per query tile: dQ over all key blocks, routed through the pooling argmax."""
     q_slot, k_slot, wpp, q_tiles = _tile_plan(packed, q_pad, k_pad, queries, BLOCK_M, BLOCK_N)
@@ -274,18 +293,16 @@ def _attention_backward_q_kernel(
     bh, rest = pid // (groups * q_tiles), pid % (groups * q_tiles)
     b, h = bh // heads, bh % heads
     group, tile = rest // q_tiles, rest % q_tiles
+    head_dim, h_col, d_ok = _head_columns(h, head_dim, HEAD_DIM, BLOCK_D)
     dim = heads * head_dim
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < head_dim
-    h_col = h * head_dim + d
 
-    w, i, row_ok = _slot_rows(group, tile, q_slot, wpp, queries, windows, BLOCK_M)
+    w, i, row_ok = _slot_rows(group, tile, q_slot, q_shift, wpp, queries, windows, BLOCK_M)
     q_op, do_op, delta, lse_log2, arg = _load_query_grads(
         qkv, out, grad_out, lse, q_argmax, b, h, w, i, row_ok, h_col, d_ok,
         tokens, windows, queries, q_stride, heads, dim)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for key_block in range(0, tl.cdiv(keys, k_slot)):
-        wk, j, col_ok = _slot_rows(group, key_block, k_slot, wpp, keys, windows, BLOCK_N)
+        wk, j, col_ok = _slot_rows(group, key_block, k_slot, k_shift, wpp, keys, windows, BLOCK_N)
         k, v = _load_kv(qkv, b, wk, j, col_ok, h_col, d_ok, tokens, windows, dim, 3 * dim)
         _, ds = _softmax_grads(q_op, k, v, do_op, delta, lse_log2, row_ok, col_ok, w, wk, scale_log2, PRECISION)
         dq += tl.dot(mma_operand(ds.to(qkv.dtype.element_ty)), mma_operand(k), input_precision=PRECISION)
@@ -328,11 +345,11 @@ class Geometry:
 
     def scalars(self, block_m: int, block_n: int):
         """The kernels' runtime arguments after the tensors (without fuse_dq)."""
-        packed, q_slot, k_slot, _, _ = tiling(self.queries, self.keys, self.windows, block_m, block_n)
-        q_pad, k_pad = (q_slot, k_slot) if packed else (0, 0)
+        packed, q_pad, k_pad, _, _ = tiling(self.queries, self.keys, self.windows, block_m, block_n)
+        q_shift, k_shift = (q_pad.bit_length() - 1, k_pad.bit_length() - 1) if packed else (TILED_SHIFT, TILED_SHIFT)
         scale_log2 = self.head_dim ** -0.5 * LOG2E
         return (self.tokens, self.windows, self.queries, self.keys, self.q_stride, self.heads, self.head_dim,
-                packed, q_pad, k_pad, scale_log2)
+                packed, q_pad, k_pad, q_shift, k_shift, scale_log2)
 
     def grid(self, tiles_of):
         """Grid over (batch, head, window group, tile) for a config's BLOCK_M/BLOCK_N."""
@@ -342,7 +359,8 @@ class Geometry:
         return grid
 
     def constexprs(self, qkv: torch.Tensor):
-        return {"BLOCK_D": self.block_d, "PRECISION": "ieee"}
+        head_dim = self.head_dim if self.head_dim in SPECIALIZED_HEAD_DIMS else 0
+        return {"BLOCK_D": self.block_d, "HEAD_DIM": head_dim, "PRECISION": "ieee"}
 
 
 def forward(qkv: torch.Tensor, heads: int, q_stride: int, windows: int):
@@ -378,9 +396,9 @@ def backward(grad_out, qkv, out, lse, q_argmax, heads: int, q_stride: int, windo
         return grad_qkv
     scalars = g.scalars(BACKWARD_BLOCK_M, BACKWARD_BLOCK_N)
     blocks = {"BLOCK_M": BACKWARD_BLOCK_M, "BLOCK_N": BACKWARD_BLOCK_N}
-    _, _, k_slot, _, _ = tiling(g.queries, g.keys, windows, BACKWARD_BLOCK_M, BACKWARD_BLOCK_N)
-    fuse_dq = int(triton.cdiv(g.keys, k_slot) == 1)
-    key_tiles = triton.cdiv(g.keys, k_slot)
+    packed = scalars[7]
+    key_tiles = 1 if packed else triton.cdiv(g.keys, BACKWARD_BLOCK_N)
+    fuse_dq = int(key_tiles == 1)  # one key block holds every key these queries see
     launch(_backward_kv, g.grid(lambda meta, q_tiles: key_tiles), grad_out, qkv, out, lse, q_argmax, grad_qkv,
            *scalars, fuse_dq, **g.constexprs(qkv), **blocks)
     if not fuse_dq:
