@@ -68,7 +68,8 @@ class Backend:
     def not_supported_reasons(self, op: str, device: torch.device, dtype: torch.dtype, **limits) -> List[str]:
         """Why this backend cannot run ``op`` on ``dtype`` tensors on ``device`` (empty if it can).
         ``limits`` carries op arguments with backend-specific bounds: a pooling ``stride``
-        (query_pool's stride, attention's q_stride) and unroll/reroll's ``dims`` and ``steps``."""
+        (query_pool's stride, attention's q_stride), attention's ``head_dim`` and
+        unroll/reroll's ``dims`` and ``steps``."""
         reasons = self.build_reasons() + self.device_reasons(device)
         if op not in self.OPS:
             reasons.append(f"has no {op} kernel (it implements: {', '.join(self.OPS) or 'nothing yet'})")
@@ -170,11 +171,21 @@ class CpuBackend(KernelOpsBackend):
 
 
 class CudaBackend(KernelOpsBackend):
-    """C++/CUDA kernels for CUDA tensors (planned in csrc/cuda: no kernels yet)."""
+    """C++/CUDA kernels for CUDA tensors (csrc/cuda). Attention runs float32, float16
+    and bfloat16 only (float64, for gradcheck, stays on "torch"), with head dims up to
+    the kernel's padded maximum (csrc/cuda/mask_unit_attention_launch.h)."""
 
     NAME = "cuda"
     DEVICES = ("cuda",)
-    OPS = ()
+    OPS = ("mask_unit_attention",)
+    MAX_ATTENTION_HEAD_DIM = 128
+
+    def not_supported_reasons(self, op, device, dtype, **limits):
+        reasons = super().not_supported_reasons(op, device, dtype, **limits)
+        head_dim = limits.get("head_dim", 0)
+        if op == "mask_unit_attention" and head_dim > self.MAX_ATTENTION_HEAD_DIM:
+            reasons.append(f"head_dim={head_dim} exceeds the CUDA attention kernel's {self.MAX_ATTENTION_HEAD_DIM}")
+        return reasons
 
     def build_reasons(self):
         if not EXTENSION.loaded:

@@ -1,8 +1,8 @@
 """The kernel ops: schemas defined once with ``torch.library``, plus fake and autograd.
 
 Every backend except ``"torch"`` runs these ops. Their C++ kernels register per
-dispatch key when ``hiera_kernels._C`` loads: ``csrc/cpu/*.cpp`` for CPU, and (planned)
-``csrc/cuda/*.cu`` for CUDA. Triton kernels (planned) will get ops of their own
+dispatch key when ``hiera_kernels._C`` loads: ``csrc/cpu/*.cpp`` for CPU, and
+``csrc/cuda/*.cpp`` (kernels in ``csrc/cuda/*.cu``) for CUDA. Triton kernels (planned) will get ops of their own
 (``*_triton``), since they share the CUDA dispatch key with the CUDA C++ kernels.
 
 The schemas speak in flat integer lists: an unroll schedule ``[(2, 2), (2, 2)]``

@@ -53,8 +53,8 @@ def test_bad_input_fails_the_same_on_every_backend():
 
 def test_named_backend_says_why_it_cannot_run():
     qkv = torch.randn(2, 64, 48)
-    with pytest.raises(BackendError, match=r"mask_unit_attention: backend 'cuda' cannot run on float32\[2, 64, 48\] on cpu: .*has no mask_unit_attention kernel"):
-        ops.mask_unit_attention(qkv, 2, 1, 64, True, backend="cuda")
+    with pytest.raises(BackendError, match=r"mask_unit_attention: backend 'triton' cannot run on float32\[2, 64, 48\] on cpu: .*has no mask_unit_attention kernel"):
+        ops.mask_unit_attention(qkv, 2, 1, 64, True, backend="triton")
     with pytest.raises(BackendError, match=r"backend 'triton' cannot run .*TRITON_INTERPRET=1"):
         ops.unroll(torch.randn(1, 64, 2), [8, 8], S2, backend="triton")
     with pytest.raises(BackendError, match=r"backend 'cuda' cannot run .*runs on cuda tensors, not cpu"):

@@ -53,13 +53,13 @@ inline AttentionLayout check_attention_backward_args(const char* op, const at::T
   const AttentionLayout L = make_attention_layout(op, qkv, heads, q_stride, windows);
   const std::vector<int64_t> out_shape = {L.batch, L.queries * L.windows, L.dim};
   TORCH_CHECK(grad_out.sizes() == out_shape && out.sizes() == out_shape, op,
-              ": grad_out and out must have shape ", out_shape, ", got ", grad_out.sizes(), " and ", out.sizes());
+              ": grad_out and out must have shape ", at::IntArrayRef(out_shape), ", got ", grad_out.sizes(), " and ", out.sizes());
   const std::vector<int64_t> lse_shape = {L.batch, L.heads, L.windows, L.queries};
   const at::ScalarType lse_dtype = attention_lse_dtype(qkv.scalar_type());
   TORCH_CHECK(lse.scalar_type() == lse_dtype && lse.sizes() == lse_shape, op, ": lse must be ", lse_dtype,
-              " [B, heads, windows, queries] = ", lse_shape, ", got ", lse.scalar_type(), " ", lse.sizes());
+              " [B, heads, windows, queries] = ", at::IntArrayRef(lse_shape), ", got ", lse.scalar_type(), " ", lse.sizes());
   TORCH_CHECK(q_stride == 1 || (q_argmax.sizes() == out_shape && q_argmax.scalar_type() == at::kByte), op,
-              ": q_argmax must be uint8 of the output's shape ", out_shape, ", got ", q_argmax.scalar_type(), " ",
+              ": q_argmax must be uint8 of the output's shape ", at::IntArrayRef(out_shape), ", got ", q_argmax.scalar_type(), " ",
               q_argmax.sizes());
   for (const at::Tensor* t : {&grad_out, &out, &lse, &q_argmax}) {
     TORCH_CHECK(t->device() == qkv.device(), op, ": every tensor must be on qkv's device ", qkv.device(),
