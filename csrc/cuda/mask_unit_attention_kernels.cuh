@@ -259,11 +259,15 @@ __device__ inline void zero_fill(float* p, int64_t count) {
 
 __device__ __forceinline__ float softmax_scale(int hd) { return 1.f / sqrtf(static_cast<float>(hd)); }
 
+// Every pass declares one CTA per SM as its minimum: shared memory (48 to 158 KB per
+// CTA) bounds occupancy anyway, and without the hint ptxas caps registers at 56 to
+// 72 and spills (sm_90).
+
 // ---------------------------------------------------------------------------- forward
 // One CTA: 16 * kWarps pooled queries of one (image, head), against the keys of their
 // windows, in blocks of kCols keys.
 template <typename scalar_t, int kHeadDim>
-__global__ void __launch_bounds__(Config<scalar_t, kHeadDim, Pass::kForward>::kThreads)
+__global__ void __launch_bounds__(Config<scalar_t, kHeadDim, Pass::kForward>::kThreads, 1)
     forward_kernel(const AttentionLayout L, const scalar_t* __restrict__ qkv, scalar_t* __restrict__ out,
                    float* __restrict__ lse, uint8_t* __restrict__ argmax) {
   using C = Config<scalar_t, kHeadDim, Pass::kForward>;
@@ -370,7 +374,7 @@ __global__ void __launch_bounds__(256) delta_kernel(const AttentionLayout L, con
 
 // dq for 16 * kWarps pooled queries of one (image, head), streaming their windows' keys.
 template <typename scalar_t, int kHeadDim>
-__global__ void __launch_bounds__(Config<scalar_t, kHeadDim, Pass::kBackwardDq>::kThreads)
+__global__ void __launch_bounds__(Config<scalar_t, kHeadDim, Pass::kBackwardDq>::kThreads, 1)
     dq_kernel(const AttentionLayout L, const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ qkv,
               const float* __restrict__ lse, const float* __restrict__ delta, const uint8_t* __restrict__ argmax,
               scalar_t* __restrict__ grad_qkv) {
@@ -459,7 +463,7 @@ __global__ void __launch_bounds__(Config<scalar_t, kHeadDim, Pass::kBackwardDq>:
 
 // dk and dv for 16 * kWarps keys of one (image, head), streaming their windows' pooled queries.
 template <typename scalar_t, int kHeadDim>
-__global__ void __launch_bounds__(Config<scalar_t, kHeadDim, Pass::kBackwardDkDv>::kThreads)
+__global__ void __launch_bounds__(Config<scalar_t, kHeadDim, Pass::kBackwardDkDv>::kThreads, 1)
     dkdv_kernel(const AttentionLayout L, const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ qkv,
                 const float* __restrict__ lse, const float* __restrict__ delta, const uint8_t* __restrict__ argmax,
                 scalar_t* __restrict__ grad_qkv) {
