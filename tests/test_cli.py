@@ -66,5 +66,5 @@ def test_info_reports_every_backend_and_why():
     done = subprocess.run([sys.executable, "-m", "hiera_kernels", "info"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "extension hiera_kernels._C: loaded" in done.stdout
-    assert "cuda    ops [-]  unavailable:" in done.stdout
+    assert "cuda    ops [mask_unit_attention]  unavailable: runs on cuda tensors, not cpu" in done.stdout
     assert "triton  ops [-]  unavailable: runs on cuda tensors" in done.stdout
