@@ -67,6 +67,8 @@ class Backend:
     def device_reasons(self, device: torch.device) -> List[str]:
         if device.type not in self.DEVICES:
             return [f"runs on {'/'.join(self.DEVICES)} tensors, not {device.type}"]
+        if device.type == "cuda" and not torch.cuda.is_available():
+            return ["no CUDA device is available (torch.cuda.is_available() is False)"]
         return []
 
     def not_supported_reasons(self, op: str, device: torch.device, dtype: torch.dtype, **limits) -> List[str]:
@@ -131,6 +133,7 @@ class KernelOpsBackend(Backend):
     OPS = ("unroll", "reroll", "query_pool")
     KERNELS = library.OPS
     MAX_DIMS, MAX_STEPS, MAX_POOL_STRIDE = 4, 8, 256
+    MAX_ATTENTION_HEAD_DIM: Optional[int] = None  # no bound
 
     def build_reasons(self):
         if not EXTENSION.loaded:
@@ -146,6 +149,9 @@ class KernelOpsBackend(Backend):
             reasons.append(f"{dims} spatial dims exceed the kernels' {self.MAX_DIMS}")
         if steps > self.MAX_STEPS:
             reasons.append(f"{steps} unroll steps exceed the kernels' {self.MAX_STEPS}")
+        head_dim = limits.get("head_dim", 0)
+        if op == "mask_unit_attention" and self.MAX_ATTENTION_HEAD_DIM and head_dim > self.MAX_ATTENTION_HEAD_DIM:
+            reasons.append(f"head_dim={head_dim} exceeds the attention kernel's {self.MAX_ATTENTION_HEAD_DIM}")
         return reasons
 
     def unroll(self, x, size, schedule):
@@ -177,11 +183,14 @@ class CpuBackend(KernelOpsBackend):
 
 
 class CudaBackend(KernelOpsBackend):
-    """C++/CUDA kernels for CUDA tensors (planned in csrc/cuda: no kernels yet)."""
+    """C++/CUDA kernels for CUDA tensors (csrc/cuda). Attention runs float32, float16
+    and bfloat16 only (float64, for gradcheck, stays on "torch"), with head dims up to
+    the kernel's padded maximum (csrc/cuda/mask_unit_attention_launch.h)."""
 
     NAME = "cuda"
     DEVICES = ("cuda",)
-    OPS = ()
+    OPS = ("mask_unit_attention",)
+    MAX_ATTENTION_HEAD_DIM = 128  # kMaxHeadDim in csrc/cuda/mask_unit_attention_launch.h
 
     def build_reasons(self):
         if not EXTENSION.loaded:
@@ -223,17 +232,10 @@ class TritonBackend(KernelOpsBackend):
                     "before importing hiera_kernels, for testing)"]
         return super().device_reasons(device)
 
+    MAX_ATTENTION_HEAD_DIM = TRITON_KERNELS.mask_unit_attention.MAX_HEAD_DIM if TRITON_KERNELS else None
+
     def by_name_only(self, device):
         return device.type == "cpu"  # the interpreter: for tests, far too slow for use
-
-    def not_supported_reasons(self, op, device, dtype, **limits):
-        reasons = super().not_supported_reasons(op, device, dtype, **limits)
-        head_dim = limits.get("head_dim")
-        if TRITON_KERNELS is not None and head_dim is not None:
-            most = TRITON_KERNELS.mask_unit_attention.MAX_HEAD_DIM
-            if head_dim > most:
-                reasons.append(f"head_dim={head_dim} exceeds the attention kernel's {most}")
-        return reasons
 
 
 BACKENDS: Dict[str, Backend] = {b.NAME: b for b in (TorchBackend(), CpuBackend(), CudaBackend(), TritonBackend())}

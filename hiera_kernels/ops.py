@@ -155,8 +155,8 @@ def mask_unit_attention(
             )
     elif N % q_stride:
         raise ValueError(f"{op}: N={N} is not divisible by q_stride={q_stride}")
-    # the pooling argmax is one byte; kernels bound the head dim
-    impl = choose(op, qkv, backend, stride=q_stride, head_dim=width // 3 // heads)
+    # The pooling argmax is one byte; the kernels bound the head dim.
+    impl = choose(op, qkv, backend, stride=q_stride, head_dim=width // (3 * heads))
     return impl.mask_unit_attention(qkv, heads, q_stride, window_size, bool(use_mask_unit_attn))
 
 

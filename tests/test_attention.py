@@ -89,26 +89,33 @@ def forward_backward(qkv, args, grad, backend):
     return out.detach(), dqkv
 
 
+def assert_error_rule(backend, qkv, args, grad, dtype, slack=0.0):
+    """The kernel's output and dqkv in ``dtype`` are within twice the torch path's own
+    error (plus ``slack``) against the float64 torch path. qkv and grad come in float32
+    on the kernel's device."""
+    reference = forward_backward(qkv.double(), args, grad.double(), "torch")
+    torch_low = forward_backward(qkv.to(dtype), args, grad.to(dtype), "torch")
+    kernel_low = forward_backward(qkv.to(dtype), args, grad.to(dtype), backend)
+    for name, r, t, k in zip(["out", "dqkv"], reference, torch_low, kernel_low):
+        assert k.dtype == dtype
+        kernel_err = (k.double() - r).abs().max().item()
+        torch_err = (t.double() - r).abs().max().item()
+        assert kernel_err <= 2 * torch_err + slack, (
+            f"{name} {args} N={qkv.shape[1]} {dtype}: {backend} error {kernel_err:.3g} > 2 x torch path's {torch_err:.3g}"
+        )
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("block", list(BLOCKS))
 def test_cpu_kernel_error_rule(block, dtype):
     N, dim_out, args = op_args(block)
-    qkv = torch.randn(2, N, 3 * dim_out)
-    grad = torch.randn(2, N // args[1], dim_out)
-    reference = forward_backward(qkv.double(), args, grad.double(), "torch")
-    torch_low = forward_backward(qkv.to(dtype), args, grad.to(dtype), "torch")
-    cpu_low = forward_backward(qkv.to(dtype), args, grad.to(dtype), "cpu")
-    for name, r, t, c in zip(["out", "dqkv"], reference, torch_low, cpu_low):
-        assert c.dtype == dtype
-        cpu_err = (c.double() - r).abs().max().item()
-        torch_err = (t.double() - r).abs().max().item()
-        assert cpu_err <= 2 * torch_err, f"{name}: cpu error {cpu_err:.3g} > 2 x torch path's {torch_err:.3g}"
+    assert_error_rule("cpu", torch.randn(2, N, 3 * dim_out), args, torch.randn(2, N // args[1], dim_out), dtype)
 
 
-@pytest.mark.parametrize("seed", range(12))
-def test_cpu_kernel_random_sweep(seed):
-    """Random geometries, seeded by the iteration: odd head dims, strides, window counts,
-    long global sequences (several key blocks) and batch sizes."""
+def random_case(seed, device="cpu"):
+    """A random geometry, seeded by the iteration: odd head dims, strides, window counts,
+    long global sequences (several key blocks) and batch sizes. Returns
+    (qkv, args, grad, dtype) with float32 qkv and grad on ``device``."""
     g = torch.Generator().manual_seed(seed)
     pick = lambda values: values[int(torch.randint(len(values), (1,), generator=g))]  # noqa: E731
     heads, head_dim, q_stride = pick([1, 2, 3, 5]), pick([1, 7, 16, 33, 56, 72, 96, 130]), pick([1, 2, 4, 9])
@@ -120,12 +127,13 @@ def test_cpu_kernel_random_sweep(seed):
     args = (heads, q_stride, window_size if use_mu else 0, use_mu)
     qkv = torch.randn(B, N, 3 * heads * head_dim, generator=g)
     grad = torch.randn(B, N // q_stride, heads * head_dim, generator=g)
-    reference = forward_backward(qkv.double(), args, grad.double(), "torch")
-    torch_low = forward_backward(qkv.to(dtype), args, grad.to(dtype), "torch")
-    cpu_low = forward_backward(qkv.to(dtype), args, grad.to(dtype), "cpu")
-    for name, r, t, c in zip(["out", "dqkv"], reference, torch_low, cpu_low):
-        cpu_err, torch_err = (c.double() - r).abs().max().item(), (t.double() - r).abs().max().item()
-        assert cpu_err <= 2 * torch_err + 1e-7, f"{name} {args} N={N} {dtype}: {cpu_err:.3g} > 2 x {torch_err:.3g}"
+    return qkv.to(device), args, grad.to(device), dtype
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_cpu_kernel_random_sweep(seed):
+    qkv, args, grad, dtype = random_case(seed)
+    assert_error_rule("cpu", qkv, args, grad, dtype, slack=1e-7)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])

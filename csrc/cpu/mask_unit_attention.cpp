@@ -26,6 +26,7 @@
 #include <tuple>
 #include <vector>
 
+#include "hiera_kernels/attention_checks.h"
 #include "hiera_kernels/attention_layout.h"
 #include "pool_rows.h"
 
@@ -365,36 +366,13 @@ void backward_task(const AttentionLayout& L, const scalar_t* grad_out, const sca
   }
 }
 
-AttentionLayout make_layout(const char* op, const at::Tensor& qkv, int64_t heads, int64_t q_stride,
-                            int64_t windows) {
-  TORCH_CHECK(qkv.dim() == 3, op, ": qkv must be [B, N, 3 * dim_out], got ", qkv.dim(), " dims");
-  AttentionLayout L;
-  L.batch = qkv.size(0);
-  L.tokens = qkv.size(1);
-  TORCH_CHECK(heads >= 1 && qkv.size(2) % (3 * heads) == 0, op, ": qkv width ", qkv.size(2),
-              " is not divisible by 3 * heads = ", 3 * heads);
-  TORCH_CHECK(q_stride >= 1 && q_stride <= kMaxPoolStride, op, ": q_stride must be in [1, ", kMaxPoolStride,
-              "], got ", q_stride);
-  TORCH_CHECK(windows >= 1 && L.tokens % (windows * q_stride) == 0, op, ": N=", L.tokens,
-              " does not split into ", windows, " windows of a multiple of q_stride=", q_stride, " tokens");
-  L.dim = qkv.size(2) / 3;
-  L.heads = heads;
-  L.head_dim = L.dim / heads;
-  L.q_stride = q_stride;
-  L.windows = windows;
-  L.per_window = L.tokens / windows;
-  L.queries = L.per_window / q_stride;
-  return L;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_unit_attention_cpu(const at::Tensor& qkv_in, int64_t heads,
                                                                        int64_t q_stride, int64_t windows) {
-  const AttentionLayout L = make_layout("hiera_kernels::mask_unit_attention", qkv_in, heads, q_stride, windows);
+  const AttentionLayout L = make_attention_layout("hiera_kernels::mask_unit_attention", qkv_in, heads, q_stride, windows);
   const at::Tensor qkv = qkv_in.contiguous();
   at::Tensor out = at::empty({L.batch, L.queries * L.windows, L.dim}, qkv.options());
-  // The log-sum-exp is kept in the accumulation type: float32, or float64 for float64.
-  const auto lse_dtype = qkv.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor lse = at::empty({L.batch, L.heads, L.windows, L.queries}, qkv.options().dtype(lse_dtype));
+  at::Tensor lse = at::empty({L.batch, L.heads, L.windows, L.queries},
+                             qkv.options().dtype(attention_lse_dtype(qkv.scalar_type())));
   at::Tensor argmax = q_stride > 1 ? at::empty({L.batch, L.queries * L.windows, L.dim}, qkv.options().dtype(at::kByte))
                                    : at::empty({0}, qkv.options().dtype(at::kByte));
   if (out.numel() == 0) return {out, lse, argmax};
@@ -429,15 +407,8 @@ at::Tensor mask_unit_attention_backward_cpu(const at::Tensor& grad_out_in, const
                                             const at::Tensor& argmax_in, int64_t heads, int64_t q_stride,
                                             int64_t windows) {
   const char* op = "hiera_kernels::mask_unit_attention_backward";
-  const AttentionLayout L = make_layout(op, qkv_in, heads, q_stride, windows);
-  const std::vector<int64_t> out_shape = {L.batch, L.queries * L.windows, L.dim};
-  TORCH_CHECK(grad_out_in.sizes() == out_shape && out_in.sizes() == out_shape, op,
-              ": grad_out and out must have shape ", out_shape);
-  const auto lse_dtype = qkv_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(lse_in.scalar_type() == lse_dtype && lse_in.numel() == L.batch * L.heads * L.windows * L.queries,
-              op, ": lse must be ", lse_dtype, " [B, heads, windows, queries]");
-  TORCH_CHECK(q_stride == 1 || (argmax_in.sizes() == out_shape && argmax_in.scalar_type() == at::kByte), op,
-              ": q_argmax must be uint8 of the output's shape");
+  const AttentionLayout L =
+      check_attention_backward_args(op, grad_out_in, qkv_in, out_in, lse_in, argmax_in, heads, q_stride, windows);
   const at::Tensor qkv = qkv_in.contiguous(), grad_out = grad_out_in.contiguous().to(qkv.scalar_type());
   const at::Tensor out = out_in.contiguous(), lse = lse_in.contiguous(), argmax = argmax_in.contiguous();
   at::Tensor grad_qkv = at::empty_like(qkv);  // every element is written once

@@ -29,5 +29,7 @@ def info(print_fn=print) -> None:
         for name, backend in backends.BACKENDS.items():
             reasons = backends.backend_reasons(device)[name]
             status = "available" if not reasons else "unavailable: " + "; ".join(reasons)
+            if not reasons and backend.by_name_only(torch.device(device)):
+                status += " by name only (the Triton interpreter, for tests)"
             ops = ", ".join(backend.OPS) or "-"
             print_fn(f"  {name:7s} ops [{ops}]  {status}")

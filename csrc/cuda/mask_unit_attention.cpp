@@ -1,0 +1,127 @@
+// Torch-facing entry points of the CUDA mask-unit attention (kernels in
+// mask_unit_attention_kernels.cuh, one head dim per mask_unit_attention_hd*.cu):
+// argument checks shared with the CPU kernel (attention_checks.h), CUDA-only checks,
+// allocation, the current stream, and the head-dim dispatch.
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <tuple>
+#include <type_traits>
+
+#include "hiera_kernels/attention_checks.h"
+#include "mask_unit_attention_launch.h"
+
+namespace hiera_kernels {
+namespace {
+
+namespace ca = cuda_attention;
+
+ca::Dtype check_dtype(const char* op, const at::Tensor& qkv) {
+  switch (qkv.scalar_type()) {
+    case at::kFloat: return ca::Dtype::kFloat32;
+    case at::kHalf: return ca::Dtype::kFloat16;
+    case at::kBFloat16: return ca::Dtype::kBFloat16;
+    default:
+      TORCH_CHECK(false, op, ": the CUDA kernel runs float32, float16 and bfloat16, got ", qkv.scalar_type(),
+                  " (float64 runs on the 'torch' backend)");
+  }
+}
+
+// The CUDA kernels' own limits: head dim, shared memory on this device, grid size.
+void check_cuda_limits(const char* op, const AttentionLayout& L, ca::Dtype dtype) {
+  TORCH_CHECK(L.head_dim <= ca::kMaxHeadDim, op, ": the CUDA kernel takes head dims up to ", ca::kMaxHeadDim,
+              ", got ", L.head_dim, " (dim_out ", L.dim, " over ", L.heads, " heads)");
+  const int64_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  for (ca::Pass pass : {ca::Pass::kForward, ca::Pass::kBackwardDq, ca::Pass::kBackwardDkDv}) {
+    const int64_t bytes = ca::smem_bytes(pass, dtype, L.head_dim);
+    TORCH_CHECK(bytes <= optin, op, ": head dim ", L.head_dim, " needs ", bytes,
+                " bytes of shared memory per CTA; this GPU allows ", optin);
+    TORCH_CHECK(ca::grid_size(L, pass, dtype) <= std::numeric_limits<int32_t>::max(), op, ": ", L.batch,
+                " images x ", L.heads, " heads x ", L.windows, " windows is more CTAs than one launch takes");
+  }
+}
+
+void check_cuda(const char* op, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
+}
+
+// Calls f(std::integral_constant<int, kHeadDim>) for the head dim's instantiation.
+template <typename F>
+cudaError_t by_head_dim(int64_t head_dim, F&& f) {
+  switch (ca::instantiated_head_dim(head_dim)) {
+    case 56: return f(std::integral_constant<int, 56>{});
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 72: return f(std::integral_constant<int, 72>{});
+    case 96: return f(std::integral_constant<int, 96>{});
+    default: return f(std::integral_constant<int, 0>{});
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_unit_attention_cuda(const at::Tensor& qkv_in, int64_t heads,
+                                                                        int64_t q_stride, int64_t windows) {
+  const char* op = "hiera_kernels::mask_unit_attention";
+  check_cuda(op, qkv_in, "qkv");
+  const AttentionLayout L = make_attention_layout(op, qkv_in, heads, q_stride, windows);
+  const ca::Dtype dtype = check_dtype(op, qkv_in);
+  const c10::cuda::CUDAGuard guard(qkv_in.device());
+  const at::Tensor qkv = qkv_in.contiguous();
+  at::Tensor out = at::empty({L.batch, L.queries * L.windows, L.dim}, qkv.options());
+  at::Tensor lse = at::empty({L.batch, L.heads, L.windows, L.queries},
+                             qkv.options().dtype(attention_lse_dtype(qkv.scalar_type())));
+  at::Tensor argmax = q_stride > 1 ? at::empty({L.batch, L.queries * L.windows, L.dim}, qkv.options().dtype(at::kByte))
+                                   : at::empty({0}, qkv.options().dtype(at::kByte));
+  if (out.numel() == 0) return {out, lse, argmax};
+  check_cuda_limits(op, L, dtype);
+  const ca::ForwardArgs args{L, qkv.const_data_ptr(), out.mutable_data_ptr(), lse.mutable_data_ptr<float>(),
+                             q_stride > 1 ? argmax.mutable_data_ptr<uint8_t>() : nullptr};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  C10_CUDA_CHECK(by_head_dim(L.head_dim, [&](auto hd) { return ca::forward<decltype(hd)::value>(args, dtype, stream); }));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, lse, argmax};
+}
+
+at::Tensor mask_unit_attention_backward_cuda(const at::Tensor& grad_out_in, const at::Tensor& qkv_in,
+                                             const at::Tensor& out_in, const at::Tensor& lse_in,
+                                             const at::Tensor& argmax_in, int64_t heads, int64_t q_stride,
+                                             int64_t windows) {
+  const char* op = "hiera_kernels::mask_unit_attention_backward";
+  check_cuda(op, qkv_in, "qkv");
+  const AttentionLayout L =
+      check_attention_backward_args(op, grad_out_in, qkv_in, out_in, lse_in, argmax_in, heads, q_stride, windows);
+  const ca::Dtype dtype = check_dtype(op, qkv_in);
+  const c10::cuda::CUDAGuard guard(qkv_in.device());
+  const at::Tensor qkv = qkv_in.contiguous(), grad_out = grad_out_in.contiguous().to(qkv.scalar_type());
+  const at::Tensor out = out_in.contiguous(), lse = lse_in.contiguous(), argmax = argmax_in.contiguous();
+  at::Tensor grad_qkv = at::empty_like(qkv);  // every element is written once
+  if (grad_qkv.numel() == 0) return grad_qkv;
+  check_cuda_limits(op, L, dtype);
+  at::Tensor delta = at::empty_like(lse);  // rowsum(dO * O) per pooled query
+  const ca::BackwardArgs args{L,
+                              grad_out.const_data_ptr(),
+                              qkv.const_data_ptr(),
+                              out.const_data_ptr(),
+                              lse.const_data_ptr<float>(),
+                              q_stride > 1 ? argmax.const_data_ptr<uint8_t>() : nullptr,
+                              delta.mutable_data_ptr<float>(),
+                              grad_qkv.mutable_data_ptr()};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  C10_CUDA_CHECK(by_head_dim(L.head_dim, [&](auto hd) { return ca::backward<decltype(hd)::value>(args, dtype, stream); }));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return grad_qkv;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hiera_kernels, CUDA, m) {
+  m.impl("mask_unit_attention", &mask_unit_attention_cuda);
+  m.impl("mask_unit_attention_backward", &mask_unit_attention_backward_cuda);
+}
+
+}  // namespace hiera_kernels

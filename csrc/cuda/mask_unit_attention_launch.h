@@ -1,0 +1,159 @@
+// Launchers of the CUDA mask-unit attention kernels (mask_unit_attention_kernels.cuh),
+// as plain C++ so the torch-facing entry point (mask_unit_attention.cpp) can call them
+// without seeing CUDA device code, plus the tile shapes and shared-memory sizes both
+// sides need: one copy of each formula.
+//
+// Every kernel is one pass over "rows" attending over a stream of "columns": per
+// (image, head), rows R = w * rows_per_window + r and columns c = w * cols_per_window + j
+// in window-major order, each row meeting only its own window's columns. A CTA owns
+// kWarps * 16 consecutive rows (one 16-row WMMA tile per warp), so small windows pack
+// several to a CTA and long global sequences tile their queries over the grid; it
+// streams the columns of the windows it touches through shared memory in blocks.
+//   forward          rows = pooled queries, columns = keys: online softmax, O, lse
+//   backward dq      rows = pooled queries, columns = keys: dq, routed to the argmax
+//   backward dk, dv  rows = keys, columns = pooled queries: dk and dv
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "hiera_kernels/attention_layout.h"
+
+namespace hiera_kernels {
+namespace cuda_attention {
+
+enum class Dtype { kFloat32, kFloat16, kBFloat16 };
+enum class Pass { kForward, kBackwardDq, kBackwardDkDv };
+
+// Head dims with an instantiation of their own (Hiera B+: 56, H: 64, L: 72, T/S/B: 96),
+// each in its own translation unit; any other head dim up to kMaxHeadDim runs the
+// generic instantiation (head dim 0), padded to kMaxHeadDim and masked.
+constexpr int kMaxHeadDim = 128;
+constexpr int instantiated_head_dim(int64_t head_dim) {
+  return head_dim == 56 || head_dim == 64 || head_dim == 72 || head_dim == 96 ? static_cast<int>(head_dim) : 0;
+}
+
+constexpr int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// The tiles of one pass. fp16/bf16 multiply on tensor cores (WMMA 16x16x16, fp32
+// accumulation): head dims pad to 16 with zeros, and operand rows are skewed by 8
+// elements (16 B) so the 16 rows of a fragment load hit different banks. fp32 runs
+// SIMT (one lane per column of a product) with an odd row stride, so lanes reading
+// the same channel of consecutive rows hit different banks.
+struct TileShape {
+  bool tensor_cores;
+  int op_bytes;    // element size of the operand tiles: the input dtype's
+  int prob_bytes;  // element size of the probability tile fed to the second product
+  int warps;       // rows per CTA = 16 * warps
+  int cols;        // columns per shared-memory block
+  int pad;         // head dim padded to a multiple of 16
+  int ld;          // row stride of operand tiles [rows or cols][pad], elements
+  int score_ld;    // row stride of the fp32 score tiles [16 * warps][cols]
+  int prob_ld;     // row stride of the probability tile
+  int acc_ld;      // row stride of the fp32 accumulators [16 * warps][pad]
+  constexpr int rows() const { return 16 * warps; }
+  constexpr int threads() const { return 32 * warps; }
+};
+
+constexpr TileShape tile_shape(Pass pass, Dtype dtype, int head_dim_template) {
+  const bool tc = dtype != Dtype::kFloat32;
+  const int pad = static_cast<int>(round_up(head_dim_template == 0 ? kMaxHeadDim : head_dim_template, 16));
+  // The dk/dv pass keeps two accumulators, so it takes half the rows to stay in the
+  // shared memory of an sm_80 CTA (163 KB) at the generic head dim in fp32.
+  const int warps = pass == Pass::kBackwardDkDv ? 2 : 4;
+  // Wider column blocks for the forward on tensor cores: fewer block barriers.
+  const int cols = tc && pass == Pass::kForward ? 64 : 32;
+  return TileShape{tc,
+                   tc ? 2 : 4,
+                   tc ? 2 : 4,
+                   warps,
+                   cols,
+                   pad,
+                   tc ? pad + 8 : pad + 1,
+                   tc ? cols + 4 : cols,
+                   tc ? cols + 8 : cols,
+                   pad + 4};
+}
+
+// Shared-memory carve-up of one pass, in bytes from the (128-byte aligned) base; every
+// region starts on 128 bytes (WMMA needs 32).
+struct SmemLayout {
+  int64_t row_tile[2];  // [rows][ld] operands owned by the CTA's rows (q and dO, or k and v)
+  int64_t col_tile[2];  // [cols][ld] operands of the current column block (k and v, or q and dO)
+  int64_t score[2];     // fp32 [rows][score_ld]: scores, and dP in the backward
+  int64_t prob;         // [rows][prob_ld]: p (forward), dS (dq), p then dS (dk/dv)
+  int64_t acc[2];       // fp32 [rows][acc_ld]: O, dq, or dk and dv
+  int64_t stats;        // fp32 per-row or per-column statistics (see the kernels)
+  int64_t bytes;
+};
+
+constexpr int stat_count(Pass pass, const TileShape& t) {
+  // forward: m, l, alpha per row; dq: lse, delta per row; dk/dv: lse, delta per column
+  return pass == Pass::kForward ? 3 * t.rows() : pass == Pass::kBackwardDq ? 2 * t.rows() : 2 * t.cols;
+}
+
+constexpr SmemLayout smem_layout(Pass pass, const TileShape& t) {
+  const bool backward = pass != Pass::kForward;
+  const int64_t row_tile = round_up(int64_t{t.rows()} * t.ld * t.op_bytes, 128);
+  const int64_t col_tile = round_up(int64_t{t.cols} * t.ld * t.op_bytes, 128);
+  const int64_t score = round_up(int64_t{t.rows()} * t.score_ld * 4, 128);
+  const int64_t prob = round_up(int64_t{t.rows()} * t.prob_ld * t.prob_bytes, 128);
+  const int64_t acc = round_up(int64_t{t.rows()} * t.acc_ld * 4, 128);
+  SmemLayout s{};
+  int64_t at = 0;
+  s.row_tile[0] = at, at += row_tile;
+  s.row_tile[1] = at, at += backward ? row_tile : 0;
+  s.col_tile[0] = at, at += col_tile;
+  s.col_tile[1] = at, at += col_tile;
+  s.score[0] = at, at += score;
+  s.score[1] = at, at += backward ? score : 0;
+  s.prob = at, at += prob;
+  s.acc[0] = at, at += acc;
+  s.acc[1] = at, at += pass == Pass::kBackwardDkDv ? acc : 0;
+  s.stats = at, at += round_up(int64_t{stat_count(pass, t)} * 4, 128);
+  s.bytes = at;
+  return s;
+}
+
+// Dynamic shared memory one CTA of `pass` needs for this dtype and head dim.
+constexpr int64_t smem_bytes(Pass pass, Dtype dtype, int64_t head_dim) {
+  return smem_layout(pass, tile_shape(pass, dtype, instantiated_head_dim(head_dim))).bytes;
+}
+
+// CTAs of a pass: one per kWarps * 16 rows of every (image, head).
+inline int64_t grid_size(const AttentionLayout& L, Pass pass, Dtype dtype) {
+  const int64_t rows_per_window = pass == Pass::kBackwardDkDv ? L.per_window : L.queries;
+  const int rows = tile_shape(pass, dtype, instantiated_head_dim(L.head_dim)).rows();
+  return L.batch * L.heads * ((L.windows * rows_per_window + rows - 1) / rows);
+}
+
+struct ForwardArgs {
+  AttentionLayout layout;
+  const void* qkv;   // [B, N, 3 * C]
+  void* out;         // [B, queries * windows, C]
+  float* lse;        // [B, heads, windows, queries]
+  uint8_t* argmax;   // [B, queries * windows, C], or null when q_stride == 1
+};
+
+struct BackwardArgs {
+  AttentionLayout layout;
+  const void* grad_out;    // [B, queries * windows, C]
+  const void* qkv;         // [B, N, 3 * C]
+  const void* out;         // [B, queries * windows, C]
+  const float* lse;        // [B, heads, windows, queries]
+  const uint8_t* argmax;   // [B, queries * windows, C], or null when q_stride == 1
+  float* delta;            // scratch [B, heads, windows, queries]: rowsum(dO * O)
+  void* grad_qkv;          // [B, N, 3 * C], every element written once
+};
+
+// Defined for kHeadDim in {56, 64, 72, 96, 0 (generic)} in mask_unit_attention_hd*.cu.
+// They set the kernels' shared-memory limit and launch on `stream`, returning the
+// first CUDA error.
+template <int kHeadDim>
+cudaError_t forward(const ForwardArgs& args, Dtype dtype, cudaStream_t stream);
+template <int kHeadDim>
+cudaError_t backward(const BackwardArgs& args, Dtype dtype, cudaStream_t stream);
+
+}  // namespace cuda_attention
+}  // namespace hiera_kernels
