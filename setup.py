@@ -30,14 +30,15 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def real_cuda_home():
     """The toolkit that ``nvcc`` really runs: the nvcc on PATH may be a wrapper script,
-    so ask it (``--dryrun`` prints ``_HERE_=<toolkit>/bin``) instead of trusting its path."""
+    so ask it (a ``--dryrun`` compile prints ``_HERE_=<toolkit>/bin``; ``--dryrun
+    --version`` prints only the version) instead of trusting its path."""
     if os.environ.get("CUDA_HOME"):
         return os.environ["CUDA_HOME"]
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         return None
     try:
-        dry = subprocess.run([nvcc, "--dryrun", "--version"], capture_output=True, text=True, timeout=60)
+        dry = subprocess.run([nvcc, "--dryrun", "-E", "-x", "cu", os.devnull], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
         return None
     match = re.search(r"_HERE_=(\S+)", dry.stdout + dry.stderr)
