@@ -170,11 +170,13 @@ class CpuBackend(KernelOpsBackend):
 
 
 class CudaBackend(KernelOpsBackend):
-    """C++/CUDA kernels for CUDA tensors (planned in csrc/cuda: no kernels yet)."""
+    """C++/CUDA kernels for CUDA tensors (csrc/cuda), built whenever torch has CUDA and
+    nvcc is found, GPU or not. ``"auto"`` does not choose them until they have run on a
+    GPU: asked for by name, they run."""
 
     NAME = "cuda"
     DEVICES = ("cuda",)
-    OPS = ()
+    OPS = ("unroll", "reroll", "query_pool")
 
     def build_reasons(self):
         if not EXTENSION.loaded:

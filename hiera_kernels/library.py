@@ -1,9 +1,11 @@
 """The kernel ops: schemas defined once with ``torch.library``, plus fake and autograd.
 
 Every backend except ``"torch"`` runs these ops. Their C++ kernels register per
-dispatch key when ``hiera_kernels._C`` loads: ``csrc/cpu/*.cpp`` for CPU, and (planned)
-``csrc/cuda/*.cu`` for CUDA. Triton kernels (planned) will get ops of their own
-(``*_triton``), since they share the CUDA dispatch key with the CUDA C++ kernels.
+dispatch key when ``hiera_kernels._C`` loads: ``csrc/cpu/*.cpp`` for CPU, and
+``csrc/cuda/*.cpp`` for CUDA (entry points; their kernels are in ``csrc/cuda/*.cu``),
+compiled in when torch has CUDA and nvcc is found. Triton kernels (planned) will get
+ops of their own (``*_triton``), since they share the CUDA dispatch key with the CUDA
+C++ kernels.
 
 The schemas speak in flat integer lists: an unroll schedule ``[(2, 2), (2, 2)]``
 travels as ``strides=[2, 2, 2, 2]`` with ``len(size)`` telling the dims apart.
