@@ -30,8 +30,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def real_cuda_home():
     """The toolkit that ``nvcc`` really runs: the nvcc on PATH may be a wrapper script,
-    so ask it (a ``--dryrun`` compile prints ``_HERE_=<toolkit>/bin``; nvcc 13 prints
-    nothing of the kind for ``--version``) instead of trusting its path."""
+    so ask it (a ``--dryrun`` compile prints ``_HERE_=<toolkit>/bin``; ``--dryrun
+    --version`` prints only the version) instead of trusting its path."""
     if os.environ.get("CUDA_HOME"):
         return os.environ["CUDA_HOME"]
     nvcc = shutil.which("nvcc")

@@ -183,13 +183,15 @@ class CpuBackend(KernelOpsBackend):
 
 
 class CudaBackend(KernelOpsBackend):
-    """C++/CUDA kernels for CUDA tensors (csrc/cuda). Attention runs float32, float16
-    and bfloat16 only (float64, for gradcheck, stays on "torch"), with head dims up to
-    the kernel's padded maximum (csrc/cuda/mask_unit_attention_launch.h)."""
+    """C++/CUDA kernels for CUDA tensors (csrc/cuda), built whenever torch has CUDA and
+    nvcc is found, GPU or not. ``"auto"`` does not choose them until they have run on a
+    GPU: asked for by name, they run. Attention runs float32, float16 and bfloat16 only
+    (float64, for gradcheck, stays on "torch"), with head dims up to the kernel's padded
+    maximum."""
 
     NAME = "cuda"
     DEVICES = ("cuda",)
-    OPS = ("mask_unit_attention",)
+    OPS = OP_NAMES
     MAX_ATTENTION_HEAD_DIM = 128  # kMaxHeadDim in csrc/cuda/mask_unit_attention_launch.h
 
     def build_reasons(self):

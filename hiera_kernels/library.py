@@ -3,7 +3,8 @@
 Every backend except ``"torch"`` runs these ops. Two families share each schema:
 
 * ``hiera_kernels::<op>``: the C++ kernels register per dispatch key when
-  ``hiera_kernels._C`` loads (``csrc/cpu`` for CPU; ``csrc/cuda``, kernels in ``*.cu``, for CUDA);
+  ``hiera_kernels._C`` loads (``csrc/cpu`` for CPU; ``csrc/cuda`` for CUDA, compiled in when torch has CUDA and
+  nvcc is found);
 * ``hiera_kernels::<op>_triton``: the Triton kernels (:mod:`hiera_kernels.triton`),
   registered for CUDA and, under ``TRITON_INTERPRET=1``, CPU. They need ops of their
   own because they share the CUDA dispatch key with the CUDA C++ kernels.

@@ -4,6 +4,7 @@ import math
 import os
 import warnings
 
+import pytest
 import torch
 
 import hiera_kernels as hk
@@ -16,6 +17,8 @@ with warnings.catch_warnings():
 # Backends that run here, on CPU tensors. "cpu" must be built: CI builds it, and a
 # missing extension should fail the suite rather than silently test less.
 CPU_BACKENDS = ["torch", "cpu"]
+# GPU tests run wherever a GPU is; elsewhere they are skipped, and say so.
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to run the kernels")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 # (input_size, patch_stride, q_stride, stages, q_pool): every geometry the official
@@ -53,6 +56,19 @@ def token_grid(name):
 
 def mu_size(schedule, dims):
     return math.prod(hk.reference.mask_unit_shape(schedule, dims))
+
+
+def random_geometry(seed):
+    """A random unroll problem seeded by ``seed``: dims 1-3, a schedule of 0-4 steps with
+    strides 1-3, a grid of 1-3 mask units per dim, batch 1-3 and 1-9 channels.
+    Returns (x, size, schedule) with x [B, prod(size), C] float32 on the CPU."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
+    dims, steps = rand(1, 3), rand(0, 4)
+    schedule = [tuple(rand(1, 3) for _ in range(dims)) for _ in range(steps)]
+    size = [u * rand(1, 3) for u in hk.reference.mask_unit_shape(schedule, dims)]
+    x = torch.randn(rand(1, 3), math.prod(size), rand(1, 9), generator=g)
+    return x, size, schedule
 
 
 def without_interpreter():

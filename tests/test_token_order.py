@@ -6,7 +6,17 @@ import torch
 import hiera_kernels as hk
 from hiera_kernels import library, ops
 
-from helpers import CPU_BACKENDS, DTYPES, GEOMETRIES, mu_size, official_utils, stage_geometries, token_grid
+from helpers import (
+    CPU_BACKENDS,
+    DTYPES,
+    GEOMETRIES,
+    mu_size,
+    official_utils,
+    random_geometry,
+    requires_gpu,
+    stage_geometries,
+    token_grid,
+)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -114,13 +124,8 @@ def test_random_sweep_cpu_matches_torch_exactly(seed):
     """Random dims (1-3), schedules (0-4 steps, strides 1-3), grids, batch and channels,
     seeded by the iteration: the C++ kernels against the torch path, both directions,
     both orders, bit for bit."""
-    g = torch.Generator().manual_seed(seed)
-    rand = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
-    dims, steps = rand(1, 3), rand(0, 4)
-    schedule = [tuple(rand(1, 3) for _ in range(dims)) for _ in range(steps)]
-    unit = hk.reference.mask_unit_shape(schedule, dims)
-    size = [u * rand(1, 3) for u in unit]
-    x = torch.randn(rand(1, 3), torch.Size(size).numel(), rand(1, 9), generator=g)
+    x, size, schedule = random_geometry(seed)
+    unit = hk.reference.mask_unit_shape(schedule, len(size))
     for backend_op in ["unroll", "reroll"]:
         got = getattr(ops, backend_op)(x, size, schedule, backend="cpu")
         want = getattr(ops, backend_op)(x, size, schedule, backend="torch")
@@ -133,15 +138,16 @@ def test_random_sweep_cpu_matches_torch_exactly(seed):
 
 
 @pytest.mark.extended
-def test_more_than_2_31_elements():
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("cuda", marks=requires_gpu)])
+def test_more_than_2_31_elements(backend):
     """int64 offsets: a bfloat16 [1, 2^24, 130] tensor has 2.18e9 elements (4.4 GB; the
-    test peaks near 20 GB). Every bit pattern of int16 occurs, NaNs included."""
+    test peaks near 20 GB on the CPU). Every bit pattern of int16 occurs, NaNs included."""
     size, schedule = [4096, 4096], [(2, 2)] * 3
-    x = torch.empty(1, 4096 * 4096, 130, dtype=torch.bfloat16)
-    x.view(torch.int16).copy_(torch.arange(4096 * 4096, dtype=torch.int16).view(1, -1, 1).expand_as(x))
+    x = torch.empty(1, 4096 * 4096, 130, dtype=torch.bfloat16, device=backend)
+    x.view(torch.int16).copy_(torch.arange(4096 * 4096, dtype=torch.int16, device=backend).view(1, -1, 1).expand_as(x))
     assert x.numel() > 2**31
-    got = ops.unroll(x, size, schedule, backend="cpu")
+    got = ops.unroll(x, size, schedule, backend=backend)
     torch.testing.assert_close(got, ops.unroll(x, size, schedule, backend="torch"), atol=0, rtol=0, equal_nan=True)
     del got
-    pooled = ops.query_pool(x, 4, backend="cpu")
+    pooled = ops.query_pool(x, 4, backend=backend)
     torch.testing.assert_close(pooled, ops.query_pool(x, 4, backend="torch"), atol=0, rtol=0, equal_nan=True)

@@ -14,17 +14,11 @@
 #include <tuple>
 
 
-#include "hiera_kernels/token_order.h"
+#include "hiera_kernels/pool_args.h"
 #include "pool_rows.h"
 
 namespace hiera_kernels {
 namespace {
-
-void check_pool_args(const char* op, const at::Tensor& x, int64_t stride) {
-  TORCH_CHECK(x.dim() == 3, op, ": expected [B, N, C], got ", x.dim(), " dims");
-  TORCH_CHECK(stride >= 1 && stride <= kMaxPoolStride, op, ": stride must be in [1, ",
-              kMaxPoolStride, "] (one-byte argmax), got ", stride);
-}
 
 // In [B, N, C] with N = stride * No, the stride slices of one image are `stride`
 // contiguous slabs of No * C elements, so pooling is an elementwise max across
@@ -32,9 +26,7 @@ void check_pool_args(const char* op, const at::Tensor& x, int64_t stride) {
 constexpr int64_t kPoolGrain = 16 << 10;  // elements per task
 
 std::tuple<at::Tensor, at::Tensor> query_pool_cpu(const at::Tensor& input, int64_t stride) {
-  check_pool_args("hiera_kernels::query_pool", input, stride);
-  TORCH_CHECK(input.size(1) % stride == 0, "hiera_kernels::query_pool: N=", input.size(1),
-              " is not divisible by stride=", stride);
+  check_query_pool_args(input, stride);
   const at::Tensor x = input.contiguous();
   const int64_t batch = x.size(0), pooled = x.size(1) / stride, channels = x.size(2);
   at::Tensor out = at::empty({batch, pooled, channels}, x.options());
@@ -67,10 +59,7 @@ std::tuple<at::Tensor, at::Tensor> query_pool_cpu(const at::Tensor& input, int64
 
 at::Tensor query_pool_backward_cpu(const at::Tensor& grad_out, const at::Tensor& argmax,
                                    int64_t stride) {
-  check_pool_args("hiera_kernels::query_pool_backward", grad_out, stride);
-  TORCH_CHECK(argmax.sizes() == grad_out.sizes() && argmax.scalar_type() == at::kByte,
-              "hiera_kernels::query_pool_backward: argmax must be uint8 of shape ",
-              grad_out.sizes(), ", got ", argmax.scalar_type(), argmax.sizes());
+  check_query_pool_backward_args(grad_out, argmax, stride);
   const at::Tensor g = grad_out.contiguous();
   const at::Tensor a = argmax.contiguous();
   const int64_t batch = g.size(0), pooled = g.size(1), channels = g.size(2);
@@ -103,7 +92,7 @@ at::Tensor query_pool_backward_cpu(const at::Tensor& grad_out, const at::Tensor&
     case 2: scatter(uint16_t{}); break;
     case 4: scatter(uint32_t{}); break;
     case 8: scatter(uint64_t{}); break;
-    default: TORCH_CHECK(false, "hiera_kernels::query_pool_backward: unsupported dtype ", g.scalar_type());
+    default: TORCH_INTERNAL_ASSERT(false, "query_pool_backward: check_pool_args let dtype ", g.scalar_type(), " through");
   }
   return grad_in;
 }

@@ -25,11 +25,14 @@ def info(print_fn=print) -> None:
     print_fn(f"extension hiera_kernels._C: {built}; CUDA sources compiled in: {EXTENSION.with_cuda}")
     print_fn(f"default backend: {backends.get_backend()}")
     for device in ["cpu", "cuda"]:
-        print_fn(f"{device} tensors (auto order: {' > '.join(backends.AUTO_ORDER[device])}):")
+        order = backends.AUTO_ORDER[device]
+        print_fn(f"{device} tensors (auto order: {' > '.join(order)}):")
         for name, backend in backends.BACKENDS.items():
             reasons = backends.backend_reasons(device)[name]
             status = "available" if not reasons else "unavailable: " + "; ".join(reasons)
             if not reasons and backend.by_name_only(torch.device(device)):
                 status += " by name only (the Triton interpreter, for tests)"
+            elif not reasons and name not in order:
+                status += " by name only (auto skips it)"
             ops = ", ".join(backend.OPS) or "-"
             print_fn(f"  {name:7s} ops [{ops}]  {status}")

@@ -48,15 +48,18 @@ HK_HOST_DEVICE int64_t in_unit_offset(const TokenGeometry& g, int64_t t) {
   int64_t m[kMaxDims] = {0, 0, 0, 0};
   // r1 is the most significant digit of t but the least significant of m:
   // peel digits from the least significant end of t (rk_{D-1} first).
+  // The dim loops run to kMaxDims (spatial_stride is 0 past g.dims) so that on the GPU
+  // they unroll and m stays in registers instead of local memory.
   for (int j = g.steps - 1; j >= 0; --j) {
-    for (int d = g.dims - 1; d >= 0; --d) {
+    for (int d = kMaxDims - 1; d >= 0; --d) {
+      if (d >= g.dims) continue;
       const int64_t s = g.stride[j][d];
       m[d] = m[d] * s + t % s;  // Horner: digit r_{j+1} has radix and weight S_{j+1}
       t /= s;
     }
   }
   int64_t offset = 0;
-  for (int d = 0; d < g.dims; ++d) offset += m[d] * g.spatial_stride[d];
+  for (int d = 0; d < kMaxDims; ++d) offset += m[d] * g.spatial_stride[d];
   return offset;
 }
 
