@@ -1,12 +1,18 @@
 """Smoke tests of `python -m hiera_kernels bench | check | info` on a tiny model."""
 
+import importlib.util
 import json
 import subprocess
 import sys
+import types
 
 import pytest
+import torch
 
 from hiera_kernels.__main__ import main
+from hiera_kernels.tools.bench import bench
+
+TINY = dict(model_name="hiera_tiny_224", batch=1, dtype=torch.float32, quick=True)
 
 
 def test_bench_quick_prints_the_table_and_writes_files(tmp_path, capsys):
@@ -21,6 +27,11 @@ def test_bench_quick_prints_the_table_and_writes_files(tmp_path, capsys):
     assert all(r["moved_mb"] > 0 and r["saved_mb"] is None for r in timed)  # inference: nothing saved
     assert "MB moved outside GEMM (fwd)" in out
     assert (tmp_path / "bench.csv").read_text().startswith("name,mode,ms")
+    if importlib.util.find_spec("hiera_optim"):  # its row is timed or says why it failed
+        line = next(line for line in out.splitlines() if line.startswith("| hiera-optim "))
+        assert "failed: " in line or float(line.split("|")[3]) > 0, line
+    else:
+        assert "(hiera-optim not installed: no hiera-optim row)" in out
 
 
 def test_bench_compile_rows(capsys):
@@ -44,6 +55,21 @@ def test_bench_reports_a_backend_that_cannot_run_instead_of_crashing(capsys):
     main(["bench", "--model", "hiera_tiny_224", "--batch", "1", "--dtype", "float32", "--quick", "--backends", "torch,cuda"])
     out = capsys.readouterr().out
     assert "hiera_kernels [cuda]" in out and "failed: " in out and "backend 'cuda' cannot run" in out
+
+
+def test_bench_hiera_optim_row_that_cannot_be_built_says_why(monkeypatch, capsys):
+    def optimize(model, **kwargs):
+        raise RuntimeError("no adapter for this model\nsecond line")
+
+    fake = types.ModuleType("hiera_optim")
+    fake.__version__, fake.optimize = "9.9", optimize
+    monkeypatch.setitem(sys.modules, "hiera_optim", fake)
+    rows = bench(**TINY, backend_names=["torch"])
+    failed = next(r for r in rows if r.name.startswith("hiera-optim"))
+    assert failed.name == "hiera-optim 9.9 (eager)" and failed.note == "failed: RuntimeError: no adapter for this model"
+    assert failed.ms != failed.ms  # NaN: nothing was timed
+    assert [r.name for r in rows][-2:] == ["hiera_kernels [torch]", "GEMM floor (Linears + conv alone)"]
+    assert "hiera-optim 9.9 (eager): failed: RuntimeError: no adapter for this model" in capsys.readouterr().out
 
 
 def test_unknown_model_is_a_usage_error(capsys):

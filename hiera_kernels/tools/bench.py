@@ -1,9 +1,11 @@
 """``python -m hiera_kernels bench``: the whole model, side by side in one run.
 
-Rows: the official package in eager mode (when installed), then hiera_kernels on
-each backend that can run the whole model on the device, and ``"auto"``; with
-``compile``, also the official model and hiera_kernels on ``"auto"`` under
-``torch.compile`` (compiled during warm-up). Every row
+Rows: the official package in eager mode (when installed), hiera-optim (when
+installed: the official model patched by ``hiera_optim.optimize``), then
+hiera_kernels on each backend that can run the whole model on the device, and
+``"auto"``; with ``compile``, also the official model, hiera-optim and
+hiera_kernels on ``"auto"`` under ``torch.compile`` (compiled during warm-up).
+A row whose model cannot be built or run says why in its note. Every row
 runs the same random weights on the same batch; after warm-up the rows are timed
 round-robin, one step each per round, and each reports its median. The GEMM
 floor is the time of the model's Linears and patch conv alone, each run on an
@@ -46,6 +48,42 @@ class Row:
     moved_mb: Optional[float] = None  # bytes read + written outside GEMM/conv, one forward
     saved_mb: Optional[float] = None  # activations saved for the backward, one training forward
     note: str = ""
+
+
+@dataclass
+class Contender:
+    """The model behind a timed row. ``backend`` is the hiera_kernels backend set before
+    each step ("" for other packages' models); ``error`` is why the model could not be built."""
+
+    label: str
+    model: Optional[nn.Module]
+    backend: str = ""
+    error: Optional[Exception] = None
+
+
+def built(label: str, build: Callable[[], nn.Module]) -> Contender:
+    """A contender running ``build()``'s model, or one that carries why ``build()`` failed."""
+    try:
+        return Contender(label, build())
+    except Exception as exc:
+        return Contender(label, None, error=exc)
+
+
+def build_hiera_optim(official_model: nn.Module) -> nn.Module:
+    """hiera-optim's model: it builds none of its own but patches an official model in
+    place (``optimize``: 4-D SDPA attention, gather instead of boolean-mask indexing), so
+    it runs on a copy of the official row's model, weights included."""
+    import hiera_optim
+
+    return hiera_optim.optimize(copy.deepcopy(official_model), verbose=False)
+
+
+def failure_note(exc: Exception, limit: int = 80) -> str:
+    """A failed row's note: the exception's class and the first line of its message, cut
+    to ``limit`` characters (the whole message is printed above the table)."""
+    first_line = next(iter(str(exc).splitlines()), "")
+    note = f"failed: {type(exc).__name__}: {first_line}"
+    return note if len(note) <= limit else note[: limit - 3] + "..."
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -133,26 +171,38 @@ def bench(
     x = torch.randn(batch, 3, *size, device=device, dtype=dtype)
     print_fn(header(model_name, batch, dtype, device, mode))
 
-    contenders = []
+    contenders: List[Contender] = []
+    official_model = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             import hiera as official
 
-        theirs = getattr(official, model_name)()
-        theirs.load_state_dict(ours.state_dict())
-        contenders.append(("official (eager)", theirs.to(device=device, dtype=dtype), ""))
+        official_model = getattr(official, model_name)()
+        official_model.load_state_dict(ours.state_dict())
+        official_model.to(device=device, dtype=dtype)
+        contenders.append(Contender("official (eager)", official_model))
+        if compile:
+            contenders.append(Contender("official + torch.compile", torch.compile(copy.deepcopy(official_model))))
     except ImportError:
-        print_fn("(official package hiera-transformer not installed: no official row)")
+        print_fn("(official package hiera-transformer not installed: no official or hiera-optim row)")
+    if official_model is not None:
+        try:
+            import hiera_optim
+        except ImportError:
+            print_fn("(hiera-optim not installed: no hiera-optim row)")
+        else:
+            label = f"hiera-optim {hiera_optim.__version__}"
+            contenders.append(built(f"{label} (eager)", lambda: build_hiera_optim(official_model)))
+            if compile:
+                contenders.append(built(f"{label} + torch.compile", lambda: torch.compile(build_hiera_optim(official_model))))
     names = backend_names or [n for n in backends.available_backends(device) if can_run_model(n, device, dtype)] + ["auto"]
     for name in names:
-        contenders.append((f"hiera_kernels [{name}]", ours, name))
+        contenders.append(Contender(f"hiera_kernels [{name}]", ours, name))
     if compile:
         # Own copies, their backend fixed before compiling: switching a compiled module's
         # backend between rounds would fail its guards and recompile every round.
-        if contenders[0][0] == "official (eager)":
-            contenders.insert(1, ("official + torch.compile", torch.compile(copy.deepcopy(contenders[0][1])), ""))
-        contenders.append(("hiera_kernels [auto] + torch.compile", torch.compile(copy.deepcopy(ours).set_backend("auto")), ""))
+        contenders.append(Contender("hiera_kernels [auto] + torch.compile", torch.compile(copy.deepcopy(ours).set_backend("auto"))))
 
     modes = ["infer", "train"] if mode == "both" else [mode]
     floor_name = "GEMM floor (Linears + conv alone)"
@@ -165,10 +215,10 @@ def bench(
     for m in modes:
         train = m == "train"
         steps: Dict[str, Callable[[], object]] = {}
-        failures: Dict[str, str] = {}
-        for label, model, backend in contenders:
+        failures: Dict[str, Exception] = {}
+        for c in contenders:
 
-            def step(model=model, backend=backend):
+            def step(model=c.model, backend=c.backend):
                 if backend:
                     model.set_backend(backend)
                 model.train(train)
@@ -179,26 +229,31 @@ def bench(
                     with torch.inference_mode():
                         model(x)
 
-            try:
-                for _ in range(warmup):
-                    step()
-            except Exception as exc:  # a row that cannot run says why instead of ending the table
-                failures[label] = f"failed: {exc}"
-                print_fn(f"  {label}: failed: {exc}")
+            error = c.error
+            if error is None:
+                try:
+                    for _ in range(warmup):
+                        step()
+                except Exception as exc:  # a row that cannot run says why instead of ending the table
+                    error = exc
+            if error is not None:
+                failures[c.label] = error
+                print_fn(f"  {c.label}: failed: {type(error).__name__}: {error}")
                 continue
-            steps[label] = step
+            steps[c.label] = step
         steps[floor_name] = gemm_floor_step(ours, x, train)
         steps[floor_name]()
         medians = interleaved_medians(steps, device, iters)
         floor = medians[floor_name]
         official_ms = medians.get("official (eager)")
-        for label, model, backend in contenders:
+        for c in contenders:
+            label, model = c.label, c.model
             if label in failures:
-                rows.append(Row(label, m, float("nan"), float("nan"), None, None, None, note=failures[label]))
+                rows.append(Row(label, m, float("nan"), float("nan"), None, None, None, note=failure_note(failures[label])))
                 continue
             ms = medians[label]
-            if backend:
-                model.set_backend(backend)
+            if c.backend:
+                model.set_backend(c.backend)
             eager = not isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
             if label not in forward_figures:
                 with torch.no_grad():
