@@ -1,6 +1,7 @@
 """Smoke tests of `python -m hiera_kernels bench | check | info` on a tiny model."""
 
 import importlib.util
+import io
 import json
 import subprocess
 import sys
@@ -10,15 +11,16 @@ import pytest
 import torch
 
 from hiera_kernels.__main__ import main
-from hiera_kernels.tools.bench import bench
+from hiera_kernels.tools.bench import Progress, bench
 
 TINY = dict(model_name="hiera_tiny_224", batch=1, dtype=torch.float32, quick=True)
 
 
 def test_bench_quick_prints_the_table_and_writes_files(tmp_path, capsys):
     assert main(["bench", "--model", "hiera_tiny_224", "--batch", "1", "--dtype", "float32", "--quick", "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "hiera_tiny_224 batch=1 dtype=float32" in out
+    assert "\r" not in err  # no progress line when stderr is not a terminal
     for row in ["official (eager)", "hiera_kernels [torch]", "hiera_kernels [auto]", "GEMM floor"]:
         assert row in out
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
@@ -70,6 +72,26 @@ def test_bench_hiera_optim_row_that_cannot_be_built_says_why(monkeypatch, capsys
     assert failed.ms != failed.ms  # NaN: nothing was timed
     assert [r.name for r in rows][-2:] == ["hiera_kernels [torch]", "GEMM floor (Linears + conv alone)"]
     assert "hiera-optim 9.9 (eager): failed: RuntimeError: no adapter for this model" in capsys.readouterr().out
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_line_is_redrawn_on_a_terminal_and_silent_elsewhere():
+    terminal = Terminal()
+    progress = Progress(total=4, stream=terminal)
+    progress.step("infer: warm-up official (eager)")
+    progress.step("infer: timing, round 1/3")
+    progress.clear()
+    drawn = terminal.getvalue()
+    assert drawn.startswith("\r[....................] 0/4 infer: warm-up official (eager) (0 s)")
+    assert "\r[#####...............] 1/4 infer: timing, round 1/3 (0 s)" in drawn
+    assert "\n" not in drawn and drawn.endswith(" \r")  # cleared: the next print starts a clean line
+    for stream, enabled in [(io.StringIO(), True), (Terminal(), False)]:  # a pipe, or --no-progress
+        Progress(total=4, enabled=enabled, stream=stream).step("anything")
+        assert stream.getvalue() == ""
 
 
 def test_unknown_model_is_a_usage_error(capsys):

@@ -23,11 +23,13 @@ import csv
 import json
 import os
 import platform
+import shutil
 import statistics
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, TextIO
 
 import torch
 import torch.nn as nn
@@ -86,6 +88,38 @@ def failure_note(exc: Exception, limit: int = 80) -> str:
     return note if len(note) <= limit else note[: limit - 3] + "..."
 
 
+class Progress:
+    """One stderr line redrawn in place (carriage return): a bar, the step under way and
+    the seconds since the start. Drawn only when enabled and stderr is a terminal, so
+    logs, pipes and tests stay clean."""
+
+    WIDTH = 20
+
+    def __init__(self, total: int, enabled: bool = True, stream: Optional[TextIO] = None):
+        self.stream = stream or sys.stderr
+        self.enabled = enabled and self.stream.isatty()
+        self.total, self.done, self.shown = total, 0, 0
+        self.start = time.perf_counter()
+
+    def step(self, what: str) -> None:
+        """Show ``what`` as the step under way; the steps shown before it count as done."""
+        if self.enabled:
+            filled = self.WIDTH * self.done // self.total
+            line = f"[{'#' * filled}{'.' * (self.WIDTH - filled)}] {self.done}/{self.total} {what} ({time.perf_counter() - self.start:.0f} s)"
+            line = line[: shutil.get_terminal_size().columns - 1]  # a wrapped line could not be redrawn
+            self.stream.write("\r" + line.ljust(self.shown))
+            self.stream.flush()
+            self.shown = len(line)
+        self.done += 1
+
+    def clear(self) -> None:
+        """Erase the line, so that what is printed next starts on a clean one."""
+        if self.enabled and self.shown:
+            self.stream.write("\r" + " " * self.shown + "\r")
+            self.stream.flush()
+            self.shown = 0
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     """float16 on GPUs; on CPUs bfloat16 where they have native bf16 arithmetic, else float32."""
     if device.type == "cuda":
@@ -103,12 +137,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved_medians(steps: Dict[str, Callable[[], object]], device, iters: int) -> Dict[str, float]:
+def interleaved_medians(steps: Dict[str, Callable[[], object]], device, iters: int,
+                        before_round: Callable[[int], None] = lambda i: None) -> Dict[str, float]:
     """Median ms of each step, timed round-robin (every round runs every step once), so
     that the drift of a shared machine falls on all rows alike instead of on whichever
-    row happened to run during a slow minute."""
+    row happened to run during a slow minute. ``before_round(i)`` is told each round's start."""
     times: Dict[str, List[float]] = {name: [] for name in steps}
-    for _ in range(iters):
+    for i in range(iters):
+        before_round(i)
         for name, step in steps.items():
             sync(device)
             start = time.perf_counter()
@@ -157,6 +193,7 @@ def bench(
     out_dir: Optional[str] = None,
     profile: bool = False,
     compile: bool = False,
+    progress: bool = True,
     print_fn: Callable[[str], None] = print,
 ) -> List[Row]:
     device = torch.device(device)
@@ -212,6 +249,13 @@ def bench(
     with torch.no_grad():
         reference = ours.set_backend("torch").train()(x).float()
     forward_figures: Dict[str, tuple] = {}  # label -> (logits error, MB moved): the same in every mode
+    # Steps shown: per mode, each row's warm-up, the floor's, the timed rounds, each row's figures.
+    bar = Progress(len(modes) * (2 * len(contenders) + 1 + iters), enabled=progress)
+
+    def say(text: str) -> None:
+        bar.clear()
+        print_fn(text)
+
     for m in modes:
         train = m == "train"
         steps: Dict[str, Callable[[], object]] = {}
@@ -229,6 +273,7 @@ def bench(
                     with torch.inference_mode():
                         model(x)
 
+            bar.step(f"{m}: warm-up {c.label}")
             error = c.error
             if error is None:
                 try:
@@ -238,16 +283,18 @@ def bench(
                     error = exc
             if error is not None:
                 failures[c.label] = error
-                print_fn(f"  {c.label}: failed: {type(error).__name__}: {error}")
+                say(f"  {c.label}: failed: {type(error).__name__}: {error}")
                 continue
             steps[c.label] = step
+        bar.step(f"{m}: warm-up {floor_name}")
         steps[floor_name] = gemm_floor_step(ours, x, train)
         steps[floor_name]()
-        medians = interleaved_medians(steps, device, iters)
+        medians = interleaved_medians(steps, device, iters, lambda i: bar.step(f"{m}: timing, round {i + 1}/{iters}"))
         floor = medians[floor_name]
         official_ms = medians.get("official (eager)")
         for c in contenders:
             label, model = c.label, c.model
+            bar.step(f"{m}: logits error and bytes of {label}")
             if label in failures:
                 rows.append(Row(label, m, float("nan"), float("nan"), None, None, None, note=failure_note(failures[label])))
                 continue
@@ -266,7 +313,7 @@ def bench(
             speedup = official_ms / ms if official_ms else None
             rows.append(Row(label, m, ms, batch / ms * 1e3, speedup, ms / floor, err, moved, saved))
         rows.append(Row(floor_name, m, floor, batch / floor * 1e3, None, 1.0, None))
-    print_fn(format_table(rows))
+    say(format_table(rows))
     if profile:
         fastest = min((r for r in rows if r.name.startswith("hiera_kernels") and r.ms == r.ms), key=lambda r: r.ms)
         backend = fastest.name[fastest.name.index("[") + 1 : -1]
