@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from hiera_kernels.__main__ import main
-from hiera_kernels.tools.bench import Progress, bench
+from hiera_kernels.tools.bench import FLOOR_NAME, Progress, Row, bench, save
+from hiera_kernels.tools.chart import FLOOR_COLOUR
 
 TINY = dict(model_name="hiera_tiny_224", batch=1, dtype=torch.float32, quick=True)
 
@@ -29,6 +30,7 @@ def test_bench_quick_prints_the_table_and_writes_files(tmp_path, capsys):
     assert all(r["moved_mb"] > 0 and r["saved_mb"] is None for r in timed)  # inference: nothing saved
     assert "MB moved outside GEMM (fwd)" in out
     assert (tmp_path / "bench.csv").read_text().startswith("name,mode,ms")
+    assert (tmp_path / "bench.png").exists() == ("bench.png in" in out) == (importlib.util.find_spec("PIL") is not None)
     if importlib.util.find_spec("hiera_optim"):  # its row is timed or says why it failed
         line = next(line for line in out.splitlines() if line.startswith("| hiera-optim "))
         assert "failed: " in line or float(line.split("|")[3]) > 0, line
@@ -72,6 +74,32 @@ def test_bench_hiera_optim_row_that_cannot_be_built_says_why(monkeypatch, capsys
     assert failed.ms != failed.ms  # NaN: nothing was timed
     assert [r.name for r in rows][-2:] == ["hiera_kernels [torch]", "GEMM floor (Linears + conv alone)"]
     assert "hiera-optim 9.9 (eager): failed: RuntimeError: no adapter for this model" in capsys.readouterr().out
+
+
+def rows_of_both_modes():
+    failed = Row("hiera-optim 0.2.1 (eager)", "infer", float("nan"), float("nan"), None, None, None, note="failed: TypeError: x")
+    return [
+        Row("official (eager)", "infer", 800.0, 10.0, 1.0, 2.0, 1e-5), failed, Row("hiera_kernels [auto]", "infer", 600.0, 13.3, 1.33, 1.5, 1e-5),
+        Row(FLOOR_NAME, "infer", 400.0, 20.0, None, 1.0, None),
+        Row("official (eager)", "train", 2000.0, 4.0, 1.0, 2.0, 1e-5), Row(FLOOR_NAME, "train", 1000.0, 8.0, None, 1.0, None),
+    ]
+
+
+def test_save_draws_the_chart_with_the_floor_line(tmp_path, capsys):
+    Image = pytest.importorskip("PIL.Image")
+    save(rows_of_both_modes(), str(tmp_path), "hiera_tiny_224", 1, torch.float32, "cpu", "title line 1 | line 2")
+    assert capsys.readouterr().out == f"wrote bench.csv, bench.json and bench.png in {tmp_path}\n"
+    image = Image.open(tmp_path / "bench.png").convert("RGB")
+    assert image.width > 800 and image.height > 200
+    assert FLOOR_COLOUR in {colour for _, colour in image.getcolors(maxcolors=1 << 16)}
+
+
+def test_save_says_why_it_skipped_the_chart_without_pillow(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "PIL", None)  # makes `import PIL` raise ImportError
+    save(rows_of_both_modes(), str(tmp_path), "hiera_tiny_224", 1, torch.float32, "cpu", "title")
+    out = capsys.readouterr().out
+    assert out.startswith(f"wrote bench.csv and bench.json in {tmp_path}; skipped bench.png: Pillow is not importable (")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.csv", "bench.json"]
 
 
 class Terminal(io.StringIO):

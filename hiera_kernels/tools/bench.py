@@ -35,7 +35,10 @@ import torch
 import torch.nn as nn
 
 from .. import backends, models
+from .chart import write_chart
 from .traffic import bytes_moved, saved_activation_bytes
+
+FLOOR_NAME = "GEMM floor (Linears + conv alone)"
 
 
 @dataclass
@@ -120,16 +123,29 @@ class Progress:
             self.shown = 0
 
 
+def cpuinfo() -> str:
+    """The text of /proc/cpuinfo; "" where there is none (not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     """float16 on GPUs; on CPUs bfloat16 where they have native bf16 arithmetic, else float32."""
     if device.type == "cuda":
         return torch.float16
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return torch.float32
+    flags = cpuinfo()
     return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+
+
+def machine_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name (its architecture where the OS does not say)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo().splitlines() if line.startswith("model name")), "")
+    return model or platform.processor() or platform.machine()
 
 
 def sync(device: torch.device) -> None:
@@ -206,7 +222,8 @@ def bench(
     ours = factory().to(device=device, dtype=dtype)
     size = [s * p for s, p in zip(ours.tokens_spatial_shape, ours.patch_stride)]
     x = torch.randn(batch, 3, *size, device=device, dtype=dtype)
-    print_fn(header(model_name, batch, dtype, device, mode))
+    title = header(model_name, batch, dtype, device, mode)
+    print_fn(title)
 
     contenders: List[Contender] = []
     official_model = None
@@ -242,7 +259,6 @@ def bench(
         contenders.append(Contender("hiera_kernels [auto] + torch.compile", torch.compile(copy.deepcopy(ours).set_backend("auto"))))
 
     modes = ["infer", "train"] if mode == "both" else [mode]
-    floor_name = "GEMM floor (Linears + conv alone)"
     rows: List[Row] = []
     # Errors on the logits (train-mode head, no dropout here): the eval softmax of a
     # randomly initialised head is nearly uniform and would hide them.
@@ -286,11 +302,11 @@ def bench(
                 say(f"  {c.label}: failed: {type(error).__name__}: {error}")
                 continue
             steps[c.label] = step
-        bar.step(f"{m}: warm-up {floor_name}")
-        steps[floor_name] = gemm_floor_step(ours, x, train)
-        steps[floor_name]()
+        bar.step(f"{m}: warm-up {FLOOR_NAME}")
+        steps[FLOOR_NAME] = gemm_floor_step(ours, x, train)
+        steps[FLOOR_NAME]()
         medians = interleaved_medians(steps, device, iters, lambda i: bar.step(f"{m}: timing, round {i + 1}/{iters}"))
-        floor = medians[floor_name]
+        floor = medians[FLOOR_NAME]
         official_ms = medians.get("official (eager)")
         for c in contenders:
             label, model = c.label, c.model
@@ -312,7 +328,7 @@ def bench(
             saved = saved_activation_bytes(model, lambda: model.train()(x)) / 1e6 if train and eager else None
             speedup = official_ms / ms if official_ms else None
             rows.append(Row(label, m, ms, batch / ms * 1e3, speedup, ms / floor, err, moved, saved))
-        rows.append(Row(floor_name, m, floor, batch / floor * 1e3, None, 1.0, None))
+        rows.append(Row(FLOOR_NAME, m, floor, batch / floor * 1e3, None, 1.0, None))
     say(format_table(rows))
     if profile:
         fastest = min((r for r in rows if r.name.startswith("hiera_kernels") and r.ms == r.ms), key=lambda r: r.ms)
@@ -321,8 +337,7 @@ def bench(
         print_fn(profile_table(ours.set_backend(backend), x, train=fastest.mode == "train"))
     ours.set_backend(None)
     if out_dir:
-        save(rows, out_dir, model_name, batch, dtype, device)
-        print_fn(f"wrote {os.path.join(out_dir, 'bench.csv')} and bench.json")
+        save(rows, out_dir, model_name, batch, dtype, device, title, print_fn)
     return rows
 
 
@@ -354,7 +369,7 @@ def header(model_name, batch, dtype, device, mode) -> str:
         triton_version = "not installed"
     return (
         f"{model_name} batch={batch} dtype={str(dtype).replace('torch.', '')} device={device} mode={mode} | "
-        f"{platform.processor() or platform.machine()} threads={torch.get_num_threads()} "
+        f"{machine_name(device)} threads={torch.get_num_threads()} "
         f"torch={torch.__version__} triton={triton_version}"
     )
 
@@ -383,7 +398,8 @@ def format_table(rows: List[Row]) -> str:
     return "\n".join([fmt(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(line) for line in lines])
 
 
-def save(rows: List[Row], out_dir: str, model_name, batch, dtype, device) -> None:
+def save(rows: List[Row], out_dir: str, model_name, batch, dtype, device, title: str, print_fn=print) -> None:
+    """bench.csv and bench.json in ``out_dir``, and bench.png where Pillow is importable."""
     os.makedirs(out_dir, exist_ok=True)
     meta = dict(model=model_name, batch=batch, dtype=str(dtype), device=str(device), torch=torch.__version__,
                 threads=torch.get_num_threads(), timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -394,3 +410,10 @@ def save(rows: List[Row], out_dir: str, model_name, batch, dtype, device) -> Non
         writer.writeheader()
         for r in rows:
             writer.writerow({**asdict(r), **meta})
+    try:
+        import PIL  # noqa: F401  (optional: only the chart needs it)
+    except ImportError as exc:
+        print_fn(f"wrote bench.csv and bench.json in {out_dir}; skipped bench.png: Pillow is not importable ({exc})")
+        return
+    write_chart(rows, FLOOR_NAME, title.split(" | "), os.path.join(out_dir, "bench.png"))
+    print_fn(f"wrote bench.csv, bench.json and bench.png in {out_dir}")
