@@ -37,19 +37,22 @@ def write_chart(rows: List[Row], floor_name: str, title_lines: List[str], path: 
         y += LINE
         draw.text((MARGIN, y), f"{m}: ms per batch (shorter is faster)", fill="black", font=font)
         y += LINE
-        top = y
-        for r in bars[m]:
-            draw.text((MARGIN, y + 2), r.name, fill="black", font=font)
+        first_top = y
+        tops = [first_top + i * (BAR + GAP) for i in range(len(bars[m]))]
+        for r, top in zip(bars[m], tops):
+            draw.text((MARGIN, top + 2), r.name, fill="black", font=font)
             if r.ms == r.ms:
-                end = x0 + r.ms * px_per_ms
-                draw.rectangle([x0, y, end, y + BAR], fill=COLOURS.get(r.name.split(" ")[0], (90, 90, 90)))
-                draw.text((end + 4, y + 2), f"{r.ms:.1f}", fill="black", font=font)
-            else:
-                draw.text((x0 + 4, y + 2), r.note, fill=FLOOR_COLOUR, font=font)
-            y += BAR + GAP
+                draw.rectangle([x0, top, x0 + r.ms * px_per_ms, top + BAR], fill=COLOURS.get(r.name.split(" ")[0], (90, 90, 90)))
+        y += len(bars[m]) * (BAR + GAP)
         floor_x = x0 + floors[m] * px_per_ms
-        for dash in range(top - 4, y, 8):
+        for dash in range(first_top - 4, y, 8):
             draw.line([(floor_x, dash), (floor_x, min(dash + 4, y))], fill=FLOOR_COLOUR, width=2)
+        # The figures last: over the floor line, not under it.
+        for r, top in zip(bars[m], tops):
+            if r.ms == r.ms:
+                draw.text((x0 + r.ms * px_per_ms + 4, top + 2), f"{r.ms:.1f}", fill="black", font=font)
+            else:
+                draw.text((x0 + 4, top + 2), r.note, fill=FLOOR_COLOUR, font=font)
         label = f"{floor_name} {floors[m]:.1f}"
         draw.text((min(floor_x + 4, width - MARGIN - draw.textlength(label, font=font)), y), label, fill=FLOOR_COLOUR, font=font)
         y += LINE
