@@ -243,8 +243,8 @@ def bench(
     if official_model is not None:
         try:
             import hiera_optim
-        except ImportError:
-            print_fn("(hiera-optim not installed: no hiera-optim row)")
+        except ImportError as exc:  # not installed, or installed without something it imports
+            print_fn(f"(no hiera-optim row: hiera_optim is not importable: {exc})")
         else:
             label = f"hiera-optim {hiera_optim.__version__}"
             contenders.append(built(f"{label} (eager)", lambda: build_hiera_optim(official_model)))
