@@ -22,10 +22,11 @@ def main(argv=None) -> int:
     b.add_argument("--device", default="cpu")
     b.add_argument("--backends", help="comma-separated backend names (default: every backend that runs the model, and auto)")
     b.add_argument("--mode", choices=["infer", "train", "both"], default="infer")
-    b.add_argument("--quick", action="store_true", help="fewer iterations")
-    b.add_argument("--out", help="directory for bench.csv and bench.json")
+    b.add_argument("--quick", action="store_true", help="1 warm-up step and 3 timed rounds instead of 3 and 10")
+    b.add_argument("--out", help="directory for bench.csv, bench.json and bench.png (the chart needs Pillow)")
     b.add_argument("--profile", action="store_true", help="also print where the fastest row spends its time, by op")
-    b.add_argument("--compile", action="store_true", help="add the official and the auto rows under torch.compile")
+    b.add_argument("--compile", action="store_true", help="add the official, hiera-optim and auto rows under torch.compile")
+    b.add_argument("--no-progress", action="store_true", help="no progress line on stderr (it is drawn only on a terminal anyway)")
     c = sub.add_parser("check", help="cross-check every available backend against the torch path")
     c.add_argument("--model", default="hiera_tiny_224", choices=CLASSIFIERS, metavar="MODEL", help="a classifier factory name")
     c.add_argument("--device", default="cpu")
@@ -50,6 +51,7 @@ def main(argv=None) -> int:
             out_dir=args.out,
             profile=args.profile,
             compile=args.compile,
+            progress=not args.no_progress,
         )
         return 0
     if args.command == "check":

@@ -1,20 +1,29 @@
 """Smoke tests of `python -m hiera_kernels bench | check | info` on a tiny model."""
 
+import importlib.util
+import io
 import json
 import subprocess
 import sys
+import types
 
 import pytest
+import torch
 
 from hiera_kernels.__main__ import main
+from hiera_kernels.tools.bench import FLOOR_NAME, Progress, Row, bench, save
+from hiera_kernels.tools.chart import FLOOR_COLOUR
+
+TINY = dict(model_name="hiera_tiny_224", batch=1, dtype=torch.float32, quick=True)
 
 from helpers import without_interpreter
 
 
 def test_bench_quick_prints_the_table_and_writes_files(tmp_path, capsys):
     assert main(["bench", "--model", "hiera_tiny_224", "--batch", "1", "--dtype", "float32", "--quick", "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "hiera_tiny_224 batch=1 dtype=float32" in out
+    assert "\r" not in err  # no progress line when stderr is not a terminal
     for row in ["official (eager)", "hiera_kernels [torch]", "hiera_kernels [auto]", "GEMM floor"]:
         assert row in out
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
@@ -23,6 +32,12 @@ def test_bench_quick_prints_the_table_and_writes_files(tmp_path, capsys):
     assert all(r["moved_mb"] > 0 and r["saved_mb"] is None for r in timed)  # inference: nothing saved
     assert "MB moved outside GEMM (fwd)" in out
     assert (tmp_path / "bench.csv").read_text().startswith("name,mode,ms")
+    assert (tmp_path / "bench.png").exists() == ("bench.png in" in out) == (importlib.util.find_spec("PIL") is not None)
+    if importlib.util.find_spec("hiera_optim"):  # its row is timed or says why it failed
+        line = next(line for line in out.splitlines() if line.startswith("| hiera-optim "))
+        assert "failed: " in line or float(line.split("|")[3]) > 0, line
+    else:
+        assert "(no hiera-optim row: hiera_optim is not importable: No module named 'hiera_optim')" in out
 
 
 def test_bench_compile_rows(capsys):
@@ -46,6 +61,67 @@ def test_bench_reports_a_backend_that_cannot_run_instead_of_crashing(capsys):
     main(["bench", "--model", "hiera_tiny_224", "--batch", "1", "--dtype", "float32", "--quick", "--backends", "torch,cuda"])
     out = capsys.readouterr().out
     assert "hiera_kernels [cuda]" in out and "failed: " in out and "backend 'cuda' cannot run" in out
+
+
+def test_bench_hiera_optim_row_that_cannot_be_built_says_why(monkeypatch, capsys):
+    def optimize(model, **kwargs):
+        raise RuntimeError("no adapter for this model\nsecond line")
+
+    fake = types.ModuleType("hiera_optim")
+    fake.__version__, fake.optimize = "9.9", optimize
+    monkeypatch.setitem(sys.modules, "hiera_optim", fake)
+    rows = bench(**TINY, backend_names=["torch"])
+    failed = next(r for r in rows if r.name.startswith("hiera-optim"))
+    assert failed.name == "hiera-optim 9.9 (eager)" and failed.note == "failed: RuntimeError: no adapter for this model"
+    assert failed.ms != failed.ms  # NaN: nothing was timed
+    assert [r.name for r in rows][-2:] == ["hiera_kernels [torch]", "GEMM floor (Linears + conv alone)"]
+    assert "hiera-optim 9.9 (eager): failed: RuntimeError: no adapter for this model" in capsys.readouterr().out
+
+
+def rows_of_both_modes():
+    failed = Row("hiera-optim 0.2.1 (eager)", "infer", float("nan"), float("nan"), None, None, None, note="failed: TypeError: x")
+    return [
+        Row("official (eager)", "infer", 800.0, 10.0, 1.0, 2.0, 1e-5), failed, Row("hiera_kernels [auto]", "infer", 600.0, 13.3, 1.33, 1.5, 1e-5),
+        Row(FLOOR_NAME, "infer", 400.0, 20.0, None, 1.0, None),
+        Row("official (eager)", "train", 2000.0, 4.0, 1.0, 2.0, 1e-5), Row(FLOOR_NAME, "train", 1000.0, 8.0, None, 1.0, None),
+    ]
+
+
+def test_save_draws_the_chart_with_the_floor_line(tmp_path, capsys):
+    Image = pytest.importorskip("PIL.Image")
+    save(rows_of_both_modes(), str(tmp_path), "hiera_tiny_224", 1, torch.float32, "cpu", "title line 1 | line 2")
+    assert capsys.readouterr().out == f"wrote bench.csv, bench.json and bench.png in {tmp_path}\n"
+    image = Image.open(tmp_path / "bench.png").convert("RGB")
+    assert image.width > 800 and image.height > 200
+    assert FLOOR_COLOUR in {colour for _, colour in image.getcolors(maxcolors=1 << 16)}
+
+
+def test_save_says_why_it_skipped_the_chart_without_pillow(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "PIL", None)  # makes `import PIL` raise ImportError
+    save(rows_of_both_modes(), str(tmp_path), "hiera_tiny_224", 1, torch.float32, "cpu", "title")
+    out = capsys.readouterr().out
+    assert out.startswith(f"wrote bench.csv and bench.json in {tmp_path}; skipped bench.png: Pillow is not importable (")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.csv", "bench.json"]
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_line_is_redrawn_on_a_terminal_and_silent_elsewhere():
+    terminal = Terminal()
+    progress = Progress(total=4, stream=terminal)
+    progress.step("infer: warm-up official (eager)")
+    progress.step("infer: timing, round 1/3")
+    progress.clear()
+    drawn = terminal.getvalue()
+    assert drawn.startswith("\r[....................] 0/4 infer: warm-up official (eager) (0 s)")
+    assert "\r[#####...............] 1/4 infer: timing, round 1/3 (0 s)" in drawn
+    assert "\n" not in drawn and drawn.endswith(" \r")  # cleared: the next print starts a clean line
+    for stream, enabled in [(io.StringIO(), True), (Terminal(), False)]:  # a pipe, or --no-progress
+        Progress(total=4, enabled=enabled, stream=stream).step("anything")
+        assert stream.getvalue() == ""
 
 
 def test_unknown_model_is_a_usage_error(capsys):
