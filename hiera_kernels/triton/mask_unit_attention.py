@@ -51,9 +51,10 @@ FORWARD_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
 ]
-# The backward's blocks are fixed: whether dq is fused depends on the key blocks.
+# The backward's blocks are fixed: whether dq is fused depends on the key blocks. Eight
+# warps: with four, the dK/dV accumulators spill at head dim 128 (sm_90 ptxas).
 BACKWARD_BLOCK_M = BACKWARD_BLOCK_N = 64
-BACKWARD_CONFIGS = [triton.Config({}, num_warps=4, num_stages=2), triton.Config({}, num_warps=8, num_stages=2)]
+BACKWARD_CONFIGS = [triton.Config({}, num_warps=8, num_stages=2)]
 
 
 def _configs(configs):
@@ -94,6 +95,16 @@ def _slot_rows(group, tile, slot, shift, wpp, count, windows, BLOCK: tl.constexp
     w = group * wpp + local
     i = tile * slot + (r & ((1 << shift) - 1))
     return w, i, (local < wpp) & (i < count) & (w < windows)
+
+
+@triton.jit
+def _program(windows, wpp, tiles, heads):
+    """This program's (image b, head h, window group, tile): the grid is flat over
+    [B, heads, window groups, tiles] (see Geometry.grid)."""
+    pid = tl.program_id(0)
+    per_head = tl.cdiv(windows, wpp) * tiles
+    bh, rest = pid // per_head, pid % per_head
+    return bh // heads, bh % heads, rest // tiles, rest % tiles
 
 
 @triton.jit
@@ -160,11 +171,7 @@ def _attention_forward_kernel(
     BLOCK_N: tl.constexpr,
 ):
     q_slot, k_slot, wpp, q_tiles = _tile_plan(packed, q_pad, k_pad, queries, BLOCK_M, BLOCK_N)
-    pid = tl.program_id(0)
-    groups = tl.cdiv(windows, wpp)
-    bh, rest = pid // (groups * q_tiles), pid % (groups * q_tiles)
-    b, h = bh // heads, bh % heads
-    group, tile = rest // q_tiles, rest % q_tiles
+    b, h, group, tile = _program(windows, wpp, q_tiles, heads)
     head_dim, h_col, d_ok = _head_columns(h, head_dim, HEAD_DIM, BLOCK_D)
     dim = heads * head_dim
 
@@ -247,12 +254,7 @@ def _attention_backward_kv_kernel(
     """One program per key block: dK and dV over all query tiles; dQ too when this block
     holds every key its queries see (``fuse_dq``), else _attention_backward_q_kernel does."""
     q_slot, k_slot, wpp, q_tiles = _tile_plan(packed, q_pad, k_pad, queries, BLOCK_M, BLOCK_N)
-    k_tiles = tl.cdiv(keys, k_slot)
-    pid = tl.program_id(0)
-    groups = tl.cdiv(windows, wpp)
-    bh, rest = pid // (groups * k_tiles), pid % (groups * k_tiles)
-    b, h = bh // heads, bh % heads
-    group, key_block = rest // k_tiles, rest % k_tiles
+    b, h, group, key_block = _program(windows, wpp, tl.cdiv(keys, k_slot), heads)
     head_dim, h_col, d_ok = _head_columns(h, head_dim, HEAD_DIM, BLOCK_D)
     dim = heads * head_dim
     dtype = qkv.dtype.element_ty
@@ -288,11 +290,7 @@ def _attention_backward_q_kernel(
 ):
     """One program per query tile: dQ over all key blocks, routed through the pooling argmax."""
     q_slot, k_slot, wpp, q_tiles = _tile_plan(packed, q_pad, k_pad, queries, BLOCK_M, BLOCK_N)
-    pid = tl.program_id(0)
-    groups = tl.cdiv(windows, wpp)
-    bh, rest = pid // (groups * q_tiles), pid % (groups * q_tiles)
-    b, h = bh // heads, bh % heads
-    group, tile = rest // q_tiles, rest % q_tiles
+    b, h, group, tile = _program(windows, wpp, q_tiles, heads)
     head_dim, h_col, d_ok = _head_columns(h, head_dim, HEAD_DIM, BLOCK_D)
     dim = heads * head_dim
 
