@@ -192,6 +192,8 @@ def test_direct_op_calls_get_clear_errors():
         library.TRITON_OPS["query_pool"](torch.randn(1, 300, 2), 300)
     with pytest.raises(ValueError, match=r"mask_unit_attention_triton: head_dim 160 exceeds the Triton kernels' 128"):
         library.TRITON_OPS["mask_unit_attention"](torch.randn(1, 4, 3 * 160), 1, 1, 1)
+    with pytest.raises(TypeError, match=r"query_pool_triton: dtype torch.float64 is not supported"):
+        library.TRITON_OPS["query_pool"](torch.randn(1, 4, 2, dtype=torch.float64), 2)
     reasons = hk.backend_reasons("cpu", "mask_unit_attention", torch.float64)["triton"]
     assert any("dtype float64 is not supported" in r for r in reasons)
     with pytest.raises(hk.BackendError, match=r"head_dim=160 exceeds the attention kernel's 128"):

@@ -45,8 +45,8 @@ FLOOR_NAME = "GEMM floor (Linears + conv alone)"
 class Row:
     name: str
     mode: str
-    ms: float
-    images_per_s: float
+    ms: Optional[float]  # None: the row failed (see note)
+    images_per_s: Optional[float]
     speedup: Optional[float]  # against the official eager row
     vs_gemm_floor: Optional[float]
     max_abs_err: Optional[float]  # logits against hiera_kernels on "torch"
@@ -312,7 +312,7 @@ def bench(
             label, model = c.label, c.model
             bar.step(f"{m}: logits error and bytes of {label}")
             if label in failures:
-                rows.append(Row(label, m, float("nan"), float("nan"), None, None, None, note=failure_note(failures[label])))
+                rows.append(Row(label, m, None, None, None, None, None, note=failure_note(failures[label])))
                 continue
             ms = medians[label]
             if c.backend:
@@ -331,7 +331,7 @@ def bench(
         rows.append(Row(FLOOR_NAME, m, floor, batch / floor * 1e3, None, 1.0, None))
     say(format_table(rows))
     if profile:
-        fastest = min((r for r in rows if r.name.startswith("hiera_kernels") and r.ms == r.ms), key=lambda r: r.ms)
+        fastest = min((r for r in rows if r.name.startswith("hiera_kernels") and r.ms is not None), key=lambda r: r.ms)
         backend = fastest.name[fastest.name.index("[") + 1 : -1]
         print_fn(f"\nWhere the time goes: hiera_kernels [{backend}], one {fastest.mode} step, by op (self CPU time)")
         print_fn(profile_table(ours.set_backend(backend), x, train=fastest.mode == "train"))
@@ -383,8 +383,8 @@ def format_table(rows: List[Row]) -> str:
             [
                 r.name,
                 r.mode,
-                f"{r.ms:.1f}",
-                f"{r.images_per_s:.1f}",
+                f"{r.ms:.1f}" if r.ms is not None else "-",
+                f"{r.images_per_s:.1f}" if r.images_per_s is not None else "-",
                 f"{r.speedup:.2f}x" if r.speedup else "-",
                 f"{r.vs_gemm_floor:.2f}x" if r.vs_gemm_floor else "-",
                 f"{r.max_abs_err:.2e}" if r.max_abs_err is not None else "-",

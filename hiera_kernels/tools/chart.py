@@ -22,7 +22,7 @@ def write_chart(rows: List[Row], floor_name: str, title_lines: List[str], path: 
     modes = list(dict.fromkeys(r.mode for r in rows))
     bars = {m: [r for r in rows if r.mode == m and r.name != floor_name] for m in modes}
     floors = {r.mode: r.ms for r in rows if r.name == floor_name}
-    px_per_ms = PLOT_WIDTH / max(r.ms for r in rows if r.ms == r.ms)  # NaN, a failed row's time, is not == itself
+    px_per_ms = PLOT_WIDTH / max(r.ms for r in rows if r.ms is not None)  # None: a failed row
     width = 2 * MARGIN + LABEL_WIDTH + PLOT_WIDTH + VALUE_WIDTH
     # Per mode: a blank line, a heading, the bars, the floor's label.
     height = 2 * MARGIN + LINE * len(title_lines) + sum(3 * LINE + len(b) * (BAR + GAP) for b in bars.values())
@@ -41,7 +41,7 @@ def write_chart(rows: List[Row], floor_name: str, title_lines: List[str], path: 
         tops = [first_top + i * (BAR + GAP) for i in range(len(bars[m]))]
         for r, top in zip(bars[m], tops):
             draw.text((MARGIN, top + 2), r.name, fill="black", font=font)
-            if r.ms == r.ms:
+            if r.ms is not None:
                 draw.rectangle([x0, top, x0 + r.ms * px_per_ms, top + BAR], fill=COLOURS.get(r.name.split(" ")[0], (90, 90, 90)))
         y += len(bars[m]) * (BAR + GAP)
         floor_x = x0 + floors[m] * px_per_ms
@@ -49,7 +49,7 @@ def write_chart(rows: List[Row], floor_name: str, title_lines: List[str], path: 
             draw.line([(floor_x, dash), (floor_x, min(dash + 4, y))], fill=FLOOR_COLOUR, width=2)
         # The figures last: over the floor line, not under it.
         for r, top in zip(bars[m], tops):
-            if r.ms == r.ms:
+            if r.ms is not None:
                 draw.text((x0 + r.ms * px_per_ms + 4, top + 2), f"{r.ms:.1f}", fill="black", font=font)
             else:
                 draw.text((x0 + 4, top + 2), r.note, fill=FLOOR_COLOUR, font=font)

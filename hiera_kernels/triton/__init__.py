@@ -2,9 +2,9 @@
 
 Layout: ``token_order.py`` (unroll/reroll), ``query_pool.py``, ``mask_unit_attention.py``;
 ``common.py`` has what they share, ``aot.py`` compiles every specialization for
-sm_80/sm_90 without a GPU. The ops are registered for CUDA tensors and for CPU
-tensors, which only run when the kernels were decorated under ``TRITON_INTERPRET=1``
-(the backend refuses CPU tensors otherwise, with that reason).
+sm_80/sm_90 without a GPU. The ops are registered for CUDA tensors, and for CPU
+tensors when the kernels were decorated under ``TRITON_INTERPRET=1`` (the backend
+refuses CPU tensors otherwise, with that reason).
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ IMPLEMENTATIONS = {
     "mask_unit_attention_backward": mask_unit_attention.backward,
 }
 
+# CPU tensors only in the interpreter: compiled kernels cannot read host memory.
+DEVICE_TYPES = ("cuda", "cpu") if INTERPRETED else ("cuda",)
 for _name, _impl in IMPLEMENTATIONS.items():
-    torch.library.register_kernel(f"{NAMESPACE}::{_name}{TRITON_SUFFIX}", ("cuda", "cpu"), _impl)
+    torch.library.register_kernel(f"{NAMESPACE}::{_name}{TRITON_SUFFIX}", DEVICE_TYPES, _impl)
 
 __all__ = ["INTERPRETED", "IMPLEMENTATIONS"]

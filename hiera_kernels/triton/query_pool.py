@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import launch
+from .common import TL_DTYPES, launch
 
 BLOCK = 1024
 MAX_STRIDE = 256  # a one-byte argmax
@@ -53,6 +53,8 @@ def _query_pool_backward_kernel(grad_out, argmax, grad_in, total, slab, stride, 
 def _check(op: str, x: torch.Tensor, stride: int) -> None:
     if x.dim() != 3:
         raise ValueError(f"{op}: expected [B, N, C], got {x.dim()} dims")
+    if x.dtype not in TL_DTYPES:  # the max runs in fp32
+        raise TypeError(f"{op}: dtype {x.dtype} is not supported (float32, float16, bfloat16)")
     if not 1 <= stride <= MAX_STRIDE:
         raise ValueError(f"{op}: stride must be in [1, {MAX_STRIDE}] (one-byte argmax), got {stride}")
 
