@@ -144,6 +144,8 @@ def mask_unit_attention(
     _check_positive_int(op, "heads", heads)
     _check_positive_int(op, "q_stride", q_stride)
     B, N, width = qkv.shape
+    if N == 0:
+        raise ValueError(f"{op}: qkv has no tokens (N=0)")
     if width % (3 * heads):
         raise ValueError(f"{op}: qkv width {width} is not divisible by 3 * heads = {3 * heads}")
     if use_mask_unit_attn:

@@ -40,6 +40,7 @@ S2 = [(2, 2)] * 3
         (lambda: ops.mask_unit_attention(torch.randn(2, 62, 48), 2, 4, 0, False), ValueError, r"mask_unit_attention: N=62 is not divisible by q_stride=4"),
         (lambda: ops.mask_unit_attention(torch.randn(2, 64, 48), 0, 1, 64, True), ValueError, r"mask_unit_attention: heads must be >= 1, got 0"),
         (lambda: ops.mask_unit_attention(torch.randn(2, 64, 48, 1), 2, 1, 64, True), ValueError, r"mask_unit_attention: qkv must be \[B, N, 3 \* dim_out\]"),
+        (lambda: ops.mask_unit_attention(torch.randn(2, 0, 48), 2, 1, 16, True), ValueError, r"mask_unit_attention: qkv has no tokens \(N=0\)"),
     ],
 )
 def test_bad_input(call, error, pattern):

@@ -157,6 +157,10 @@ def test_empty_batch_and_non_contiguous_inputs():
           ops.mask_unit_attention(qkv.contiguous(), 2, 4, 4, True, backend="triton"))
     x = torch.randn(2, 6, 64).transpose(1, 2)
     exact(ops.unroll(x, [8, 8], [(2, 2)], backend="triton"), ops.unroll(x, [8, 8], [(2, 2)], backend="torch"))
+    for offset in (1, 2, 3):  # inputs starting 2, 4 and 6 bytes past an 8-byte boundary
+        x = torch.randn(2 * 16 * 8 + offset, dtype=torch.float16)[offset:].view(2, 16, 8)
+        for op in (ops.unroll, ops.reroll):
+            exact(op(x, [4, 4], [(2, 2)], backend="triton"), op(x, [4, 4], [(2, 2)], backend="torch"))
 
 
 def test_opcheck_every_triton_op():

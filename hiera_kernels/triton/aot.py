@@ -9,8 +9,10 @@ A specialization is what the launchers choose: the dtype, the constexprs (head-d
 block, digit count, direction, ...) and, for autotuned kernels, every config. The
 launchers are run on meta tensors under :func:`common.recording`, so the argument
 types come from the launchers themselves; :func:`launcher_specializations` records
-what they launch for real inputs, and the tests check it is covered here. Runtime
-ints are compiled as i32, as the JIT passes values below 2**31.
+what they launch for real inputs, and the tests check it is covered here. Value
+specializations the JIT adds at run time are compiled in their common case only:
+runtime ints as i32 (the JIT passes i64 from 2**31 up, and makes ints equal to 1
+constants) and pointers 16-byte aligned (torch's allocations).
 """
 
 from __future__ import annotations
@@ -107,11 +109,10 @@ def all_specializations() -> List[Specialization]:
             specs[s] = None
 
     # unroll/reroll: rows move as int64/int32/int16 words (whichever tiles a row:
-    # 8 fp32 channels, 1 fp32 channel, 1 fp16 channel), every digit-count bucket.
+    # 8 fp32 channels, 1 fp32 channel, 1 fp16 channel), every digit-count bucket: a
+    # 1-D schedule of `digits` steps of 2 over 2**digits tokens has exactly `digits`.
     for channels, dtype in ((8, torch.float32), (1, torch.float32), (1, torch.float16)):
         for digits in range(token_order.DIGIT_BUCKET, token_order.MAX_DIGITS + 1, token_order.DIGIT_BUCKET):
-            # size [2]*digits with one stride-2 step per dim... is more than 4 dims; a
-            # 1-D schedule of `digits` steps of 2 gives `digits` + 0 grid digits.
             size, strides = [2 ** digits], [2] * digits
             for fn in (token_order.unroll, token_order.reroll):
                 add(lambda fn=fn: fn(_meta(1, 2 ** digits, channels, dtype=dtype), size, strides, False))

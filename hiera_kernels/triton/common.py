@@ -46,7 +46,11 @@ def launch(kernel, grid, *args, **constexprs) -> None:
     if _recorder is not None:
         _recorder(kernel, args, constexprs)
         return
-    kernel[grid](*args, **constexprs)
+    # Triton launches on the current device: make it the inputs' (ops registered from
+    # Python get no device guard from the dispatcher).
+    device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+    with torch.cuda.device(device) if device is not None and device.type == "cuda" else contextlib.nullcontext():
+        kernel[grid](*args, **constexprs)
 
 
 @contextlib.contextmanager

@@ -37,11 +37,11 @@ import triton.language as tl
 from .common import INTERPRETED, TL_DTYPES, launch, mma_operand, next_power_of_2
 from .query_pool import MAX_STRIDE, pool_takes
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # scores run in base 2: exp(x) = exp2(x * LOG2E)
 MAX_HEAD_DIM = 128
-# Head dims compiled as constants (Hiera's: B/T/S 96 and 64 via 768/12..., B+ 56, L 72,
-# H 64); any other head dim up to MAX_HEAD_DIM runs the generic specialization.
-SPECIALIZED_HEAD_DIMS = (56, 64, 72, 96)
+# Head dims compiled as constants: Hiera's (T/S/B 96, B+ 56, L 72, H 64) and the MAE
+# decoder's 32; any other head dim up to MAX_HEAD_DIM runs the generic specialization.
+SPECIALIZED_HEAD_DIMS = (32, 56, 64, 72, 96)
 MAX_PACKED_SLOT = 64  # windows with at most this many (padded) queries and keys are packed
 
 # Configurations for A100/H100 (head dims 56-96 pad to 64 or 128). Packing needs
@@ -55,6 +55,11 @@ FORWARD_CONFIGS = [
 # warps: with four, the dK/dV accumulators spill at head dim 128 (sm_90 ptxas).
 BACKWARD_BLOCK_M = BACKWARD_BLOCK_N = 64
 BACKWARD_CONFIGS = [triton.Config({}, num_warps=8, num_stages=2)]
+
+
+# A packed tile holds at least one whole window: blocks must cover the largest slot.
+assert all(min(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) >= MAX_PACKED_SLOT for c in FORWARD_CONFIGS)
+assert min(BACKWARD_BLOCK_M, BACKWARD_BLOCK_N) >= MAX_PACKED_SLOT
 
 
 def _configs(configs):
@@ -131,6 +136,12 @@ def _out_rows(b, i, w, queries, windows):
 
 
 @triton.jit
+def _lse_rows(b, h, w, i, heads, windows, queries):
+    """lse element of pooled query i of window w, head h, image b: [B, heads, windows, queries]."""
+    return ((b * heads + h).to(tl.int64) * windows + w) * queries + i
+
+
+@triton.jit
 def _load_pooled_q(qkv, b, w, i, row_ok, h_col, d_ok, tokens, windows, queries, q_stride, width):
     """The queries of a tile, max-pooled over the q_stride candidates t = s * queries + i:
     fp32 values [BLOCK_M, BLOCK_D] and the argmax s."""
@@ -200,8 +211,7 @@ def _attention_forward_kernel(
         m_i = m_new
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     tl.store(out + out_rows[:, None] * dim + h_col[None, :], (acc / l_safe[:, None]).to(out.dtype.element_ty), mask=mask)
-    lse_rows = ((b * heads + h).to(tl.int64) * windows + w) * queries + i
-    tl.store(lse + lse_rows, (m_i + tl.log2(l_safe)) / 1.4426950408889634, mask=row_ok)
+    tl.store(lse + _lse_rows(b, h, w, i, heads, windows, queries), (m_i + tl.log2(l_safe)) / LOG2E, mask=row_ok)
 
 
 @triton.jit
@@ -224,8 +234,7 @@ def _load_query_grads(qkv, out, grad_out, lse, q_argmax, b, h, w, i, row_ok, h_c
     do = tl.load(grad_out + rows, mask=mask, other=0.0)
     o = tl.load(out + rows, mask=mask, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    lse_rows = ((b * heads + h).to(tl.int64) * windows + w) * queries + i
-    lse_log2 = tl.load(lse + lse_rows, mask=row_ok, other=0.0) * 1.4426950408889634
+    lse_log2 = tl.load(lse + _lse_rows(b, h, w, i, heads, windows, queries), mask=row_ok, other=0.0) * LOG2E
     if q_stride > 1:
         arg = tl.load(q_argmax + rows, mask=mask, other=0).to(tl.int32)
     else:
@@ -273,11 +282,11 @@ def _attention_backward_kv_kernel(
         ds_op = mma_operand(ds.to(dtype))
         dk += tl.dot(tl.trans(ds_op), q_op, input_precision=PRECISION)
         if fuse_dq:
-            dq = tl.dot(ds_op, mma_operand(k), input_precision=PRECISION) * (scale_log2 / 1.4426950408889634)
+            dq = tl.dot(ds_op, mma_operand(k), input_precision=PRECISION) * (scale_log2 / LOG2E)
             _store_routed_dq(grad_qkv, dq, arg, b, w, i, row_ok, h_col, d_ok, tokens, windows, queries, q_stride, 3 * dim)
     rows = _token_rows(b, j, wk, tokens, windows)[:, None] * (3 * dim) + h_col[None, :]
     mask = col_ok[:, None] & d_ok[None, :]
-    tl.store(grad_qkv + rows + dim, (dk * (scale_log2 / 1.4426950408889634)).to(dtype), mask=mask)
+    tl.store(grad_qkv + rows + dim, (dk * (scale_log2 / LOG2E)).to(dtype), mask=mask)
     tl.store(grad_qkv + rows + 2 * dim, dv.to(dtype), mask=mask)
 
 
@@ -304,7 +313,7 @@ def _attention_backward_q_kernel(
         k, v = _load_kv(qkv, b, wk, j, col_ok, h_col, d_ok, tokens, windows, dim, 3 * dim)
         _, ds = _softmax_grads(q_op, k, v, do_op, delta, lse_log2, row_ok, col_ok, w, wk, scale_log2, PRECISION)
         dq += tl.dot(mma_operand(ds.to(qkv.dtype.element_ty)), mma_operand(k), input_precision=PRECISION)
-    dq *= scale_log2 / 1.4426950408889634
+    dq *= scale_log2 / LOG2E
     _store_routed_dq(grad_qkv, dq, arg, b, w, i, row_ok, h_col, d_ok, tokens, windows, queries, q_stride, 3 * dim)
 
 
@@ -345,7 +354,7 @@ class Geometry:
         """The kernels' runtime arguments after the tensors (without fuse_dq)."""
         packed, q_pad, k_pad, _, _ = tiling(self.queries, self.keys, self.windows, block_m, block_n)
         q_shift, k_shift = (q_pad.bit_length() - 1, k_pad.bit_length() - 1) if packed else (TILED_SHIFT, TILED_SHIFT)
-        scale_log2 = self.head_dim ** -0.5 * LOG2E
+        scale_log2 = self.head_dim ** -0.5 * LOG2E.value
         return (self.tokens, self.windows, self.queries, self.keys, self.q_stride, self.heads, self.head_dim,
                 packed, q_pad, k_pad, q_shift, k_shift, scale_log2)
 
@@ -356,7 +365,7 @@ class Geometry:
             return (self.batch * self.heads * groups * tiles_of(meta, q_tiles),)
         return grid
 
-    def constexprs(self, qkv: torch.Tensor):
+    def constexprs(self):
         head_dim = self.head_dim if self.head_dim in SPECIALIZED_HEAD_DIMS else 0
         return {"BLOCK_D": self.block_d, "HEAD_DIM": head_dim, "PRECISION": "ieee"}
 
@@ -369,12 +378,11 @@ def forward(qkv: torch.Tensor, heads: int, q_stride: int, windows: int):
     q_argmax = qkv.new_empty((g.batch, g.queries * windows, g.dim) if q_stride > 1 else (0,), dtype=torch.uint8)
     if out.numel() == 0:
         return out, lse, q_argmax
-    # packed/q_pad/k_pad depend on the block sizes only through "packed or not": every
-    # forward config has BLOCK_M, BLOCK_N >= MAX_PACKED_SLOT, so the first config's
-    # values hold for all (the kernel derives the rest from its own BLOCK_M/BLOCK_N).
+    # packed, q_pad and k_pad do not depend on the block sizes (the kernel derives the
+    # rest from its own BLOCK_M/BLOCK_N), so any config's sizes give them.
     first = FORWARD_CONFIGS[0].kwargs
     launch(_forward, g.grid(lambda meta, q_tiles: q_tiles), qkv, out, lse, q_argmax,
-           *g.scalars(first["BLOCK_M"], first["BLOCK_N"]), **g.constexprs(qkv))
+           *g.scalars(first["BLOCK_M"], first["BLOCK_N"]), **g.constexprs())
     return out, lse, q_argmax
 
 
@@ -382,6 +390,11 @@ def backward(grad_out, qkv, out, lse, q_argmax, heads: int, q_stride: int, windo
     op = "hiera_kernels::mask_unit_attention_backward_triton"
     g = Geometry(op, qkv, heads, q_stride, windows)
     out_shape = (g.batch, g.queries * windows, g.dim)
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        if t.dtype != qkv.dtype or t.device != qkv.device:
+            raise ValueError(f"{op}: {name} must be {qkv.dtype} on {qkv.device} like qkv, got {t.dtype} on {t.device}")
+    if lse.device != qkv.device or (q_stride > 1 and q_argmax.device != qkv.device):
+        raise ValueError(f"{op}: lse and q_argmax must be on {qkv.device} like qkv")
     if tuple(grad_out.shape) != out_shape or tuple(out.shape) != out_shape:
         raise ValueError(f"{op}: grad_out and out must be {list(out_shape)}, got {list(grad_out.shape)}, {list(out.shape)}")
     if lse.dtype != torch.float32 or tuple(lse.shape) != (g.batch, heads, windows, g.queries):
@@ -398,8 +411,8 @@ def backward(grad_out, qkv, out, lse, q_argmax, heads: int, q_stride: int, windo
     key_tiles = 1 if packed else triton.cdiv(g.keys, BACKWARD_BLOCK_N)
     fuse_dq = int(key_tiles == 1)  # one key block holds every key these queries see
     launch(_backward_kv, g.grid(lambda meta, q_tiles: key_tiles), grad_out, qkv, out, lse, q_argmax, grad_qkv,
-           *scalars, fuse_dq, **g.constexprs(qkv), **blocks)
+           *scalars, fuse_dq, **g.constexprs(), **blocks)
     if not fuse_dq:
         launch(_backward_q, g.grid(lambda meta, q_tiles: q_tiles), grad_out, qkv, out, lse, q_argmax, grad_qkv,
-               *scalars, **g.constexprs(qkv), **blocks)
+               *scalars, **g.constexprs(), **blocks)
     return grad_qkv

@@ -26,6 +26,7 @@ def pool_takes(candidate, best):
 def _query_pool_kernel(x, out, argmax, total, slab, stride, BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # flat index into out [B, slab]
     ok = i < total
+    slab = slab.to(tl.int64)  # s * slab passes 2^31 in images of more than 2^31 elements
     first = x + (i // slab) * (stride - 1) * slab + i  # image b's slab 0: b * stride * slab + (i - b * slab)
     best = tl.load(first, mask=ok).to(tl.float32)  # fp32 compares exactly for fp16/bf16
     arg = tl.zeros([BLOCK], tl.int32)
@@ -43,6 +44,7 @@ def _query_pool_backward_kernel(grad_out, argmax, grad_in, total, slab, stride, 
     # Every grad_in element is written once: the routed gradient or zero (no zero-fill pass).
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = i < total
+    slab = slab.to(tl.int64)  # s * slab passes 2^31 in images of more than 2^31 elements
     grad = tl.load(grad_out + i, mask=ok)
     arg = tl.load(argmax + i, mask=ok).to(tl.int32)
     first = grad_in + (i // slab) * (stride - 1) * slab + i
@@ -77,8 +79,9 @@ def query_pool(x, stride):
 def query_pool_backward(grad_out, argmax, stride):
     op = "hiera_kernels::query_pool_backward_triton"
     _check(op, grad_out, stride)
-    if argmax.shape != grad_out.shape or argmax.dtype != torch.uint8:
-        raise ValueError(f"{op}: argmax must be uint8 {list(grad_out.shape)}, got {argmax.dtype} {list(argmax.shape)}")
+    if argmax.shape != grad_out.shape or argmax.dtype != torch.uint8 or argmax.device != grad_out.device:
+        raise ValueError(f"{op}: argmax must be uint8 {list(grad_out.shape)} on {grad_out.device}, "
+                         f"got {argmax.dtype} {list(argmax.shape)} on {argmax.device}")
     grad_out, argmax = grad_out.contiguous(), argmax.contiguous()
     B, No, C = grad_out.shape
     grad_in = grad_out.new_empty((B, No * stride, C))

@@ -23,7 +23,7 @@ from .common import launch
 # Digit tables are padded with (radix 1, weight 0) to a multiple of this, so that a
 # handful of DIGITS specializations cover every geometry.
 DIGIT_BUCKET = 4
-MAX_DIGITS = 24  # 4 dims x (4 steps + the unit-grid digit) + the kept-unit digit, rounded up
+MAX_DIGITS = 40  # 4 dims x (8 steps + the unit-grid digit) + the kept-unit digit = 37, rounded up
 BLOCK_ROWS, BLOCK_WORDS = 16, 64
 WORD_DTYPES = (torch.int64, torch.int32, torch.int16)
 
@@ -57,14 +57,16 @@ def _check_geometry(op: str, x: torch.Tensor, size, strides, windowed: bool) -> 
         raise ValueError(f"{op}: x has N={tokens} tokens, size {list(size)} holds {math.prod(size)} in units {unit}")
 
 
-def as_words(x: torch.Tensor) -> torch.Tensor:
-    """``x`` [B, N, C] viewed as the widest integer words that tile a row (bits unchanged)."""
+def as_words(x: torch.Tensor, out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``x`` and ``out`` [B, N, C] viewed as the widest integer words that tile a row and
+    that both start on (bits unchanged): one word size, so rows line up in both."""
     row_bytes = x.shape[2] * x.element_size()
-    for word in WORD_DTYPES:
+    for word in WORD_DTYPES:  # int16 always fits: every supported dtype is >= 2 bytes
         size = word.itemsize
-        if row_bytes % size == 0 and (x.device.type == "meta" or x.data_ptr() % size == 0):
-            return x.view(word)
-    return x.view(torch.uint8)
+        aligned = x.device.type == "meta" or (x.data_ptr() % size == 0 and out.data_ptr() % size == 0)
+        if row_bytes % size == 0 and aligned:
+            return x.view(word), out.view(word)
+    raise TypeError(f"unroll/reroll: {x.dtype} rows cannot be moved as 2-byte words")
 
 
 @triton.jit
@@ -105,7 +107,7 @@ def _move_rows(op: str, x: torch.Tensor, size, strides, windowed: bool, to_unrol
         raise ValueError(f"{op}: the schedule has {len(radix)} non-trivial digits, more than the kernel's {MAX_DIGITS}")
     digits = max(DIGIT_BUCKET, -(-len(radix) // DIGIT_BUCKET) * DIGIT_BUCKET)
     pad = digits - len(radix)
-    src, dst = as_words(x), as_words(out)
+    src, dst = as_words(x, out)
     rows = B * N
     launch(
         _move_rows_kernel, (triton.cdiv(rows, BLOCK_ROWS),),
