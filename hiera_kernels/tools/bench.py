@@ -272,6 +272,8 @@ def bench(
         bar.clear()
         print_fn(text)
 
+    reported = set()  # rows whose failure was printed (once, not once per mode)
+
     for m in modes:
         train = m == "train"
         steps: Dict[str, Callable[[], object]] = {}
@@ -299,7 +301,10 @@ def bench(
                     error = exc
             if error is not None:
                 failures[c.label] = error
-                say(f"  {c.label}: failed: {type(error).__name__}: {error}")
+                message = f"  {c.label}: failed: {type(error).__name__}: {error}"
+                if message not in reported:
+                    reported.add(message)
+                    say(message)
                 continue
             steps[c.label] = step
         bar.step(f"{m}: warm-up {FLOOR_NAME}")
