@@ -147,6 +147,21 @@ __device__ inline void load_rows(T* tile, int capacity, int hd, RowPtr row_ptr) 
   }
 }
 
+// Keys and values of the span's column block [c0, c0 + kCols) into k and v [kCols][kLd]
+// (columns past the span are zero-filled).
+template <typename C, typename T>
+__device__ inline void load_key_block(T* k, T* v, const T* qkv, const AttentionLayout& L, const Span& span,
+                                      int64_t c0, int hd) {
+  const auto key_row = [&](int which) {
+    return [&, which](int c) -> const T* {
+      if (c0 + c >= span.cols) return nullptr;
+      return qkv + L.qkv_offset(span.b, which, span.h, span.position_of_col(c0 + c), span.window_of_col(c0 + c));
+    };
+  };
+  load_rows<C>(k, C::kCols, hd, key_row(AttentionLayout::kKey));
+  load_rows<C>(v, C::kCols, hd, key_row(AttentionLayout::kValue));
+}
+
 // Pooled query rows into tile [capacity][kLd]: row r is pooled query `position` of
 // `window`. kPool takes the max over the q_stride candidates and records the argmax
 // (forward); otherwise the candidate the argmax names is gathered (backward).
@@ -300,14 +315,7 @@ __global__ void __launch_bounds__(Config<scalar_t, kHeadDim, Pass::kForward>::kT
   const bool row_exists = row < span.rows;
   for (int64_t c0 = 0; c0 < span.cols; c0 += C::kCols) {
     __syncthreads();  // the previous block's k and v are consumed (and q, o, stats are ready)
-    const auto key_row = [&](int which) {
-      return [&, which](int c) -> const scalar_t* {
-        if (c0 + c >= span.cols) return nullptr;
-        return qkv + L.qkv_offset(span.b, which, span.h, span.position_of_col(c0 + c), span.window_of_col(c0 + c));
-      };
-    };
-    load_rows<C>(k, C::kCols, hd, key_row(AttentionLayout::kKey));
-    load_rows<C>(v, C::kCols, hd, key_row(AttentionLayout::kValue));
+    load_key_block<C>(k, v, qkv, L, span, c0, hd);
     __syncthreads();
     const WarpRange range = warp_range<C::kCols>(span, warp, c0);
     if (range.lo == range.hi) continue;
@@ -414,14 +422,7 @@ __global__ void __launch_bounds__(Config<scalar_t, kHeadDim, Pass::kBackwardDq>:
 
   for (int64_t c0 = 0; c0 < span.cols; c0 += C::kCols) {
     __syncthreads();
-    const auto key_row = [&](int which) {
-      return [&, which](int c) -> const scalar_t* {
-        if (c0 + c >= span.cols) return nullptr;
-        return qkv + L.qkv_offset(span.b, which, span.h, span.position_of_col(c0 + c), span.window_of_col(c0 + c));
-      };
-    };
-    load_rows<C>(k, C::kCols, hd, key_row(AttentionLayout::kKey));
-    load_rows<C>(v, C::kCols, hd, key_row(AttentionLayout::kValue));
+    load_key_block<C>(k, v, qkv, L, span, c0, hd);
     __syncthreads();
     const WarpRange range = warp_range<C::kCols>(span, warp, c0);
     if (range.lo == range.hi) continue;
