@@ -28,6 +28,11 @@ import time
 from typing import Dict, Iterable, List, NamedTuple, Tuple
 
 import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+from triton.compiler import ASTSource
+from triton.runtime.autotuner import Autotuner
 
 from . import common, mask_unit_attention, query_pool, token_order
 
@@ -57,8 +62,6 @@ def _arg_type(value):
 
 
 def _jit_function(kernel):
-    from triton.runtime.autotuner import Autotuner
-
     return kernel.fn if isinstance(kernel, Autotuner) else kernel
 
 
@@ -80,7 +83,6 @@ def _gpu_configs(kernel):
                            (mask_unit_attention.BACKWARD_CONFIGS, mask_unit_attention.KERNELS[1:])):
         if any(kernel is k for k in tuned):
             return configs
-    import triton
     return [triton.Config({}, num_warps=4, num_stages=3)]  # triton.jit's defaults
 
 
@@ -154,10 +156,6 @@ _KERNELS = {
 def compile_one(spec: Specialization, arch: int, ptxas_report: bool = False) -> Dict:
     """Compile one specialization for ``sm_<arch>``; return its metadata (registers and
     spills only with ``ptxas_report``: they take a second ptxas run)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     fn = _KERNELS[spec.kernel]
     signature = dict(spec.signature)
     constexprs = dict(spec.constexprs)
@@ -180,8 +178,6 @@ def compile_one(spec: Specialization, arch: int, ptxas_report: bool = False) -> 
 def _ptxas_usage(ptx: str, capability: int):
     """Registers and spill stores per thread, from ``ptxas -v`` on the compiled PTX with
     the ptxas and target Triton used (its metadata has them only once loaded on a GPU)."""
-    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
-
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.ptx")
         with open(path, "w") as f:
