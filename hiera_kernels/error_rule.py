@@ -1,0 +1,85 @@
+"""The one error rule for results that are not bit-exact (attention, its gradients,
+whole models): ``check``, the tests and the benchmarks all judge with it.
+
+flash-attention's rule, always against a float64 reference::
+
+    |result - reference| <= 2 * |torch_result - reference| + ALLOWANCE_ULPS * eps(dtype) * max|reference|
+
+``result`` is a backend's output in a low-precision ``dtype``, ``torch_result`` the
+``"torch"`` path's output in the same dtype, and ``reference`` the ``"torch"`` path in
+float64 (max-abs norms, each tensor on its own).
+
+Why the allowance: the factor 2 alone ties the bound to how accurate PyTorch's own
+kernels happen to be, and PyTorch picks different SDPA and GEMM kernels on different
+CPUs (oneDNN on AMX, MKL elsewhere, its flash kernel in one blocking or another). Where
+the ``"torch"`` path happens to be nearly exact, twice its error is below the rounding
+that any kernel must do. ``ALLOWANCE_ULPS`` units in the last place of ``dtype`` at the
+reference's largest magnitude cover that rounding:
+
+* one for the final cast to ``dtype`` (a kernel and the torch path may round the same
+  fp32 accumulator to neighbouring ``dtype`` values, and a softmax or a gradient can
+  carry that one-ulp difference through);
+* one for Triton's interpreter, whose fp32 -> bf16/fp16 casts truncate where GPUs round
+  to nearest.
+
+It scales with the output, so it stays small against any real bug, which shows up as
+errors of many ulps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+ALLOWANCE_ULPS = 2
+
+
+@dataclass(frozen=True)
+class Verdict:
+    error: float        # max |result - reference|
+    torch_error: float  # max |torch_result - reference|
+    allowance: float    # ALLOWANCE_ULPS * eps(dtype) * max|reference|
+    limit: float        # 2 * torch_error + allowance
+
+    @property
+    def passed(self) -> bool:
+        return self.error <= self.limit
+
+    def describe(self, what: str = "result") -> str:
+        return (f"{what} error {self.error:.3g} vs float64 {'<=' if self.passed else '>'} limit {self.limit:.3g} "
+                f"(2 x torch path's {self.torch_error:.3g} + allowance {self.allowance:.2g})")
+
+
+def max_abs_error(result: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |result - reference| in float64 (0 for empty tensors). NaN where either has a
+    NaN the other lacks, so that a NaN never passes."""
+    if result.shape != reference.shape:
+        raise ValueError(f"error_rule: result shape {list(result.shape)} != reference shape {list(reference.shape)}")
+    if result.numel() == 0:
+        return 0.0
+    a, b = result.detach().double().cpu(), reference.detach().double().cpu()
+    # Equal infinities and NaN where both have NaN count as no error; any other
+    # non-finite difference is inf or NaN and fails every limit.
+    same = (a == b) | (a.isnan() & b.isnan())
+    return torch.where(same, torch.zeros_like(a), (a - b).abs()).max().item()
+
+
+def allowance(reference: torch.Tensor, dtype: torch.dtype) -> float:
+    """ALLOWANCE_ULPS units in the last place of ``dtype`` at the reference's largest finite magnitude."""
+    finite = reference.detach().double()
+    finite = finite[torch.isfinite(finite)]
+    scale = finite.abs().max().item() if finite.numel() else 0.0
+    return ALLOWANCE_ULPS * torch.finfo(dtype).eps * scale
+
+
+def judge(result: torch.Tensor, torch_result: torch.Tensor, reference: torch.Tensor) -> Verdict:
+    """Judge ``result`` (a backend, in a low-precision dtype) by the rule, given the
+    ``"torch"`` path's result in the same dtype and the float64 reference."""
+    if reference.dtype != torch.float64:
+        raise ValueError(f"error_rule: the reference must be float64, got {reference.dtype}")
+    if result.dtype != torch_result.dtype:
+        raise ValueError(f"error_rule: result is {result.dtype} but the torch path's result is {torch_result.dtype}")
+    torch_error = max_abs_error(torch_result, reference)
+    extra = allowance(reference, result.dtype)
+    return Verdict(max_abs_error(result, reference), torch_error, extra, 2 * torch_error + extra)
