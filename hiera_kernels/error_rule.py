@@ -46,8 +46,8 @@ class Verdict:
     def passed(self) -> bool:
         return self.error <= self.limit
 
-    def describe(self, what: str = "result") -> str:
-        return (f"{what} error {self.error:.3g} vs float64 {'<=' if self.passed else '>'} limit {self.limit:.3g} "
+    def describe(self) -> str:
+        return (f"error {self.error:.3g} vs float64 {'<=' if self.passed else '>'} limit {self.limit:.3g} "
                 f"(2 x torch path's {self.torch_error:.3g} + allowance {self.allowance:.2g})")
 
 
