@@ -44,7 +44,22 @@ LAYOUTS = ("contiguous", "offset", "transposed", "channel_step2", "token_step2",
 
 # Cases known to fail on a backend: {(backend, seed): reason}. Each is marked
 # xfail(strict=True), so it shows in every run and turns into an error once fixed.
-KNOWN_BUGS: Dict[Tuple[str, int], str] = {}
+_LARGE_LOGITS = ("exceeds the shared error rule with large logits (qkv ~ N(0, 9): scores of std ~9, a near one-hot "
+                 "softmax): the kernel's error is 1.4-2.9x the torch path's in the median there, sometimes > 2x + "
+                 "2 ulps; values are right to fp32/bf16 precision, the rule's factor 2 is what fails")
+KNOWN_BUGS: Dict[Tuple[str, int], str] = {
+    ("cpu", 27): "fp32 dqkv " + _LARGE_LOGITS,
+    ("triton", 27): "bf16 dqkv " + _LARGE_LOGITS,
+    ("triton", 103): "bf16 " + _LARGE_LOGITS,
+    ("triton", 219): "bf16 " + _LARGE_LOGITS,
+    ("triton", 279): "bf16 " + _LARGE_LOGITS,
+    ("triton", 367): "bf16 " + _LARGE_LOGITS,
+    ("triton", 479): "fp32 " + _LARGE_LOGITS,
+    # token_order.as_words views x [B, 1, C] with stride(1) != C (contiguous by torch's rule,
+    # so .contiguous() keeps it) as wider words: RuntimeError; see test_triton_unroll_of_one_token_with_odd_stride.
+    ("triton", 236): "triton unroll/reroll crash on a [B, 1, C] input whose token stride is not C "
+                     "(a transposed view): RuntimeError in token_order.as_words",
+}
 
 
 @dataclass
@@ -292,7 +307,7 @@ def run_attention(c: Case) -> None:
     for name, r, t, k in zip(("out", "dqkv"), reference, torch_low, kernel_low):
         assert k.dtype == c.dtype and k.shape == r.shape, f"{name}: {k.dtype}{list(k.shape)}"
         verdict = judge(k, t, r)
-        assert verdict.passed, verdict.describe(f"{c.backend} {name}")
+        assert verdict.passed, f"{c.backend} {name}: {verdict.describe()}"
 
 
 RUNNERS = {"unroll": run_permutation, "reroll": run_permutation, "query_pool": run_query_pool,
@@ -346,6 +361,16 @@ def test_triton(seed):
 @pytest.mark.parametrize("seed", _params("cuda", CI_SEEDS, False) + _params("cuda", EXTENDED_SEEDS, True))
 def test_cuda(seed):
     check(seed, "cuda")
+
+
+@pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[("triton", 236)])
+def test_triton_unroll_of_one_token_with_odd_stride():
+    """The minimal repro of sweep case triton seed 236."""
+    reason = _triton_ready()
+    if reason:
+        pytest.skip(reason)
+    x = torch.randn(1, 4, 1, dtype=torch.float16).transpose(1, 2)  # [1, 1, 4], strides (4, 1, 1); is_contiguous()
+    assert_bits_equal("unroll", ops.unroll(x, [1], [], backend="triton"), x)
 
 
 def test_generator_is_deterministic_and_covers_the_space():
