@@ -16,8 +16,8 @@ Every backend is called by name, so a refusal (``BackendError``) fails the case:
 generator produces only cases the backend supports. Seeds ``range(100)`` run by default,
 ``range(100, 500)`` with ``--extended``. A failing case prints its seed and a one-line
 description; replay it with e.g. ``pytest "tests/test_sweep.py::test_cpu[seed37]"`` (add
-``--extended`` for seeds from 100), or
-print any case with ``python tests/test_sweep.py cpu 37``.
+``--extended`` for seeds from 100), or print cases with ``python tests/test_sweep.py cpu 37 38``.
+Cases that fail today are listed in ``KNOWN_BUGS`` and marked ``xfail(strict=True)``.
 """
 
 from __future__ import annotations
@@ -44,17 +44,14 @@ LAYOUTS = ("contiguous", "offset", "transposed", "channel_step2", "token_step2",
 
 # Cases known to fail on a backend: {(backend, seed): reason}. Each is marked
 # xfail(strict=True), so it shows in every run and turns into an error once fixed.
-_LARGE_LOGITS = ("exceeds the shared error rule with large logits (qkv ~ N(0, 9): scores of std ~9, a near one-hot "
-                 "softmax): the kernel's error is 1.4-2.9x the torch path's in the median there, sometimes > 2x + "
-                 "2 ulps; values are right to fp32/bf16 precision, the rule's factor 2 is what fails")
+_LARGE_LOGITS = ("dqkv beyond the shared error rule with large inputs (qkv ~ N(0, 9): scores of std ~9, a near "
+                 "one-hot softmax), where the kernel's rounding error is 1-3x the torch path's (a flash-style "
+                 "backward: p from a float32 lse, D = rowsum(dO * O)); a precision limit, not wrong values")
 KNOWN_BUGS: Dict[Tuple[str, int], str] = {
-    ("cpu", 27): "fp32 dqkv " + _LARGE_LOGITS,
-    ("triton", 27): "bf16 dqkv " + _LARGE_LOGITS,
-    ("triton", 103): "bf16 " + _LARGE_LOGITS,
+    ("cpu", 287): "fp32 " + _LARGE_LOGITS + "; one key per window: dq = dk = 0 exactly, both paths leave rounding noise",
+    ("triton", 87): "bf16 " + _LARGE_LOGITS,
     ("triton", 219): "bf16 " + _LARGE_LOGITS,
-    ("triton", 279): "bf16 " + _LARGE_LOGITS,
-    ("triton", 367): "bf16 " + _LARGE_LOGITS,
-    ("triton", 479): "fp32 " + _LARGE_LOGITS,
+    ("triton", 491): "fp32 " + _LARGE_LOGITS + "; head dim 1, logits up to ~80: 6x the torch path's error",
     # token_order.as_words views x [B, 1, C] with stride(1) != C (contiguous by torch's rule,
     # so .contiguous() keeps it) as wider words: RuntimeError; see test_triton_unroll_of_one_token_with_odd_stride.
     ("triton", 236): "triton unroll/reroll crash on a [B, 1, C] input whose token stride is not C "
@@ -77,7 +74,7 @@ class Limits:
 LIMITS = {
     "cpu": Limits(perm_rows=4096, pool_elems=1 << 16, attn_tokens=1024, attn_work=1 << 20, max_batch=5, float64=True),
     "cuda": Limits(perm_rows=1 << 14, pool_elems=1 << 18, attn_tokens=2048, attn_work=1 << 22, max_batch=5, float64=False),
-    "triton": Limits(perm_rows=256, pool_elems=4096, attn_tokens=256, attn_work=1 << 15, max_batch=2, float64=False),
+    "triton": Limits(perm_rows=256, pool_elems=4096, attn_tokens=256, attn_work=1 << 17, max_batch=2, float64=False),
 }
 
 
@@ -154,28 +151,30 @@ def _pool_args(rng: random.Random, lim: Limits, batch: int) -> dict:
 
 def _attention_args(rng: random.Random, lim: Limits, c: Case) -> dict:
     """heads 1-4, head dims 1-128 (Hiera's 32/56/64/72/96 and the 128 bound often),
-    q_stride 1-9, windowed (1-49 windows of 1-16 pooled queries) or global."""
+    q_stride 1-9; windowed (1-49 windows of 1-32 pooled queries) or global; half of them
+    with long windows or sequences (more than one 64-key block)."""
     head_dims = [1, 2, 3, 8, 16, 32, 56, 64, 72, 96, 127, 128]
+    use_mu, long = rng.random() < 0.55, rng.random() < 0.5
     while True:
         heads = rng.choice([1, 1, 2, 2, 3, 4])
         head_dim = rng.choice(head_dims) if rng.random() < 0.6 else rng.randint(1, 128)
         q_stride = rng.choice([1, 1, 1, 2, 3, 4, 4, 4, 8, 9])
-        use_mu = rng.random() < 0.6
         if use_mu:
             windows = rng.choice([1, 2, 3, 4, 5, 7, 8, 16, 49])
-            window_size = rng.choice([1, 2, 3, 4, 4, 7, 16, 16])  # pooled queries per window
+            window_size = rng.choice([16, 17, 32] if long else [1, 2, 3, 4, 4, 7, 16])  # pooled queries per window
             tokens = windows * q_stride * window_size
             keys = q_stride * window_size
         else:
             windows, window_size = 1, rng.choice([0, 1, 5])  # ignored by global attention
-            tokens = q_stride * rng.randint(1, max(1, lim.attn_tokens // q_stride // 2))
+            most = max(1, lim.attn_tokens // q_stride)
+            tokens = q_stride * (rng.randint(most // 4, most) if long else rng.randint(1, max(1, most // 4)))
             keys = tokens
         work = max(c.batch, 1) * heads * tokens * keys * max(head_dim, 16) // 16
-        if tokens <= lim.attn_tokens and work <= lim.attn_work:
+        if 0 < tokens <= lim.attn_tokens and work <= lim.attn_work:
             break
     return {"heads": heads, "head_dim": head_dim, "q_stride": q_stride, "window_size": window_size,
             "use_mu": use_mu, "windows": windows, "N": tokens,
-            "scale": rng.choice([0.5, 1.0, 1.0, 3.0]), "q_ties": rng.random() < 0.25 and q_stride > 1}
+            "scale": rng.choice([0.5, 1.0, 1.0, 3.0]), "q_ties": rng.random() < 0.4 and q_stride > 1}
 
 
 # --------------------------------------------------------------------------- tensors
