@@ -14,7 +14,8 @@ import torch
 import hiera_kernels as hk
 from hiera_kernels import library, ops
 
-from helpers import DTYPES, mu_size, without_interpreter
+from helpers import (DTYPES, NONFINITE_BLOCKS, NONFINITE_PARTS, NONFINITE_VALUES, assert_nonfinite_stays_in_its_window,
+                     mu_size, without_interpreter)
 
 triton_kernels = pytest.importorskip("hiera_kernels.triton")
 pytestmark = pytest.mark.skipif(not triton_kernels.INTERPRETED, reason="hiera_kernels was imported before conftest.py set TRITON_INTERPRET=1")
@@ -133,6 +134,16 @@ def test_attention_within_the_error_rule(block, dtype):
         err, torch_err = (k.double() - r).abs().max().item(), (t.double() - r).abs().max().item()
         limit = 2 * torch_err + interpreter_allowance(r, dtype)
         assert err <= limit, f"{name}: triton error {err:.3g} > {limit:.3g} (torch path's {torch_err:.3g})"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("value", list(NONFINITE_VALUES))
+@pytest.mark.parametrize("part", list(NONFINITE_PARTS))
+@pytest.mark.parametrize("block", list(NONFINITE_BLOCKS))
+def test_attention_keeps_non_finite_values_in_their_window(block, part, value, dtype):
+    """Packed tiles (four windows in one tile) multiply masked zeros by other windows'
+    operands; an inf or NaN there must not reach them (forward and every gradient)."""
+    assert_nonfinite_stays_in_its_window("triton", block, part, value, dtype)
 
 
 def test_attention_pooling_routes_the_query_gradient_like_pytorch():
