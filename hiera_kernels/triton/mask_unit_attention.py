@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRETED, TL_DTYPES, launch, mma_operand, next_power_of_2
+from .common import INTERPRETED, TL_DTYPES, check_tensor, dtype_name, launch, mma_operand, next_power_of_2
 from .query_pool import MAX_STRIDE, pool_takes
 
 LOG2E = tl.constexpr(1.4426950408889634)  # scores run in base 2: exp(x) = exp2(x * LOG2E)
@@ -418,7 +418,7 @@ class Geometry:
         if qkv.dim() != 3:
             raise ValueError(f"{op}: qkv must be [B, N, 3 * dim_out], got {qkv.dim()} dims")
         if qkv.dtype not in TL_DTYPES:
-            raise TypeError(f"{op}: qkv dtype {qkv.dtype} is not supported (float32, float16, bfloat16)")
+            raise TypeError(f"{op}: qkv dtype {dtype_name(qkv.dtype)} is not supported (float32, float16, bfloat16)")
         self.batch, self.tokens, width = qkv.shape
         if heads < 1 or width % (3 * heads):
             raise ValueError(f"{op}: qkv width {width} is not divisible by 3 * heads = {3 * max(heads, 0)}")
@@ -474,18 +474,17 @@ def forward(qkv: torch.Tensor, heads: int, q_stride: int, windows: int):
 def backward(grad_out, qkv, out, lse, q_argmax, heads: int, q_stride: int, windows: int):
     op = "hiera_kernels::mask_unit_attention_backward_triton"
     g = Geometry(op, qkv, heads, q_stride, windows)
+    # The saved tensors must be what the forward made of this qkv (see forward()).
     out_shape = (g.batch, g.queries * windows, g.dim)
-    for name, t in (("grad_out", grad_out), ("out", out)):
-        if t.dtype != qkv.dtype or t.device != qkv.device:
-            raise ValueError(f"{op}: {name} must be {qkv.dtype} on {qkv.device} like qkv, got {t.dtype} on {t.device}")
-    if lse.device != qkv.device or (q_stride > 1 and q_argmax.device != qkv.device):
-        raise ValueError(f"{op}: lse and q_argmax must be on {qkv.device} like qkv")
-    if tuple(grad_out.shape) != out_shape or tuple(out.shape) != out_shape:
-        raise ValueError(f"{op}: grad_out and out must be {list(out_shape)}, got {list(grad_out.shape)}, {list(out.shape)}")
-    if lse.dtype != torch.float32 or tuple(lse.shape) != (g.batch, heads, windows, g.queries):
-        raise ValueError(f"{op}: lse must be float32 {[g.batch, heads, windows, g.queries]}, got {lse.dtype} {list(lse.shape)}")
-    if q_stride > 1 and (q_argmax.dtype != torch.uint8 or tuple(q_argmax.shape) != out_shape):
-        raise ValueError(f"{op}: q_argmax must be uint8 {list(out_shape)}, got {q_argmax.dtype} {list(q_argmax.shape)}")
+    on = {"device": qkv.device, "device_of": "qkv"}
+    out_shape = {"shape": (g.batch, g.queries * windows, g.dim), "shape_names": "B, queries * windows, dim_out"}
+    check_tensor(op, "grad_out", grad_out, **on, dtype=qkv.dtype, dtype_of="qkv", **out_shape)
+    check_tensor(op, "out", out, **on, dtype=qkv.dtype, dtype_of="qkv", **out_shape)
+    check_tensor(op, "lse", lse, **on, dtype=torch.float32, shape=(g.batch, heads, windows, g.queries),
+                 shape_names="B, heads, windows, queries")
+    if q_stride == 1:  # no pooling: the forward returns an empty argmax
+        out_shape = {"shape": (0,), "shape_names": "0 (q_stride 1)"}
+    check_tensor(op, "q_argmax", q_argmax, **on, dtype=torch.uint8, **out_shape)
     qkv, out, grad_out, lse, q_argmax = (t.contiguous() for t in (qkv, out, grad_out, lse, q_argmax))
     grad_qkv = torch.empty_like(qkv)
     if grad_qkv.numel() == 0:
