@@ -204,15 +204,15 @@ def _packed_dot(a, b, a_win, b_win, first_window, wpp, PRECISION: tl.constexpr):
     rows in windows b_win [K]. One product when ``b`` is finite (0 * finite = 0 exactly);
     otherwise one per window, each over that window's rows of ``b`` only (the others
     zeroed) and kept for that window's rows of ``a`` only, so an inf or NaN in one
-    window's ``b`` never meets another window's zeros."""
-    if _has_nonfinite(b):
-        c = tl.zeros((a.shape[0], b.shape[1]), tl.float32)
-        for s in range(0, wpp):
-            window = first_window + s
-            part = tl.dot(a, tl.where((b_win == window)[:, None], b, tl.zeros_like(b)), input_precision=PRECISION)
-            c = tl.where((a_win == window)[:, None], part, c)
-    else:
-        c = tl.dot(a, b, input_precision=PRECISION)
+    window's ``b`` never meets another window's zeros. One tl.dot in the code either way
+    (a loop of one pass over every window, or of ``wpp`` passes), to keep registers down."""
+    parts = tl.where(_has_nonfinite(b), wpp, 1)
+    whole = parts == 1
+    c = tl.zeros((a.shape[0], b.shape[1]), tl.float32)
+    for s in range(0, parts):
+        window = first_window + s
+        part = tl.dot(a, tl.where(((b_win == window) | whole)[:, None], b, tl.zeros_like(b)), input_precision=PRECISION)
+        c = tl.where(((a_win == window) | whole)[:, None], part, c)
     return c
 
 
