@@ -77,3 +77,59 @@ def without_interpreter():
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     return env
+
+
+# ------------------------------------------------------------ non-finite isolation
+# One inf, -inf or NaN in q, k or v of window 0 must stay in window 0: every other
+# window's output and qkv gradient is finite and equal to the "torch" path's (which
+# folds windows into SDPA's batch, so they never meet). Shared by the "cpu", "triton"
+# and "cuda" tests. (dim_out, heads, q_stride, window_size, use_mask_unit_attn, N):
+NONFINITE_BLOCKS = {
+    "packed_16": (16, 1, 1, 16, True, 4 * 16),  # four 16-token windows packed in one tile
+    "packed_pool_4": (16, 1, 4, 4, True, 4 * 16),  # four windows of 4 pooled queries over 16 keys
+    "window_64": (2 * 16, 2, 1, 64, True, 2 * 64),  # one 64-token window per tile
+    "global": (16, 1, 1, 0, False, 130),  # one window over several key blocks: parity incl. NaN positions
+}
+NONFINITE_PARTS = {"q": 0, "k": 1, "v": 2}
+NONFINITE_VALUES = {"inf": float("inf"), "-inf": float("-inf"), "nan": float("nan")}
+# Kernels vs the "torch" path in the same dtype, on the finite windows.
+NONFINITE_TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def nonfinite_case(block, part, value, dtype, device="cpu"):
+    """(qkv, grad, args, windows): qkv [1, N, 3 * dim_out] and grad [1, N // q_stride, dim_out]
+    in ``dtype`` on ``device``, with ``value`` at position 1 of window 0, head 0, channel 3
+    of ``part`` ("q", "k" or "v"). Token n = t * windows + w is position t of window w."""
+    dim_out, heads, q_stride, window_size, use_mu, N = NONFINITE_BLOCKS[block]
+    windows = N // (q_stride * window_size) if use_mu else 1
+    qkv = torch.randn(1, N, 3 * dim_out)
+    qkv[0, 1 * windows + 0, NONFINITE_PARTS[part] * dim_out + 3] = NONFINITE_VALUES[value]
+    grad = torch.randn(1, N // q_stride, dim_out)
+    return qkv.to(device, dtype), grad.to(device, dtype), (heads, q_stride, window_size, use_mu), windows
+
+
+def assert_nonfinite_stays_in_its_window(backend, block, part, value, dtype, device="cpu"):
+    """The kernel's output and dqkv equal the "torch" path's on every window but window 0,
+    and are finite there. With one window (global attention) the non-finite positions
+    must be the float64 "torch" path's (plain math: the fp16/bf16 CPU SDPA kernel turns
+    a row whose top score is inf into zeros, and its gradient's NaN pattern follows),
+    and the finite values the same-dtype "torch" path's."""
+    qkv, grad, args, windows = nonfinite_case(block, part, value, dtype, device)
+    results = {}
+    for name, x, g in (("torch", qkv, grad), (backend, qkv, grad), ("float64", qkv.double(), grad.double())):
+        x = x.detach().requires_grad_()
+        out = hk.ops.mask_unit_attention(x, *args, backend="torch" if name == "float64" else name)
+        results[name] = (out.detach(), *torch.autograd.grad(out, x, g))
+    tol = NONFINITE_TOLERANCE[dtype]
+    where = f"{backend}, {block}, {part}={value} in window 0, {dtype}"
+    for what, ours, theirs, exact in zip(["out", "dqkv"], results[backend], results["torch"], results["float64"]):
+        if windows == 1:
+            finite = torch.isfinite(exact)
+            mismatched = int((torch.isfinite(ours) != finite).sum())
+            assert not mismatched, f"{what}: {mismatched} elements finite in one of {backend} and float64 torch only ({where})"
+        else:
+            finite = (torch.arange(ours.shape[1], device=ours.device) % windows != 0)[None, :, None].expand_as(ours)
+            spilled = int((~torch.isfinite(ours[finite])).sum())
+            assert not spilled, f"{what}: {spilled} elements of windows 1.. are not finite ({where})"
+        torch.testing.assert_close(ours[finite], theirs[finite], atol=tol, rtol=tol,
+                                   msg=lambda m: f"{what} where finite, {backend} vs torch ({where}): {m}")

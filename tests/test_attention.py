@@ -8,7 +8,8 @@ import torch
 import hiera_kernels as hk
 from hiera_kernels import error_rule, library, ops
 
-from helpers import official
+from helpers import (DTYPES, NONFINITE_BLOCKS, NONFINITE_PARTS, NONFINITE_VALUES, assert_nonfinite_stays_in_its_window,
+                     official)
 
 # Every attention block shape of Hiera-B/224 (spec §10), plus B+ (head_dim 56), L
 # (head_dim 72), H (head_dim 64), MAE with 19 kept units, video and odd sizes:
@@ -197,3 +198,11 @@ def test_compiles_without_graph_breaks(backend):
     (g1,) = torch.autograd.grad(compiled(qkv).sum(), qkv)
     (g2,) = torch.autograd.grad(f(qkv).sum(), qkv)
     torch.testing.assert_close(g1, g2, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("value", list(NONFINITE_VALUES))
+@pytest.mark.parametrize("part", list(NONFINITE_PARTS))
+@pytest.mark.parametrize("block", list(NONFINITE_BLOCKS))
+def test_cpu_kernel_keeps_non_finite_values_in_their_window(block, part, value, dtype):
+    assert_nonfinite_stays_in_its_window("cpu", block, part, value, dtype)

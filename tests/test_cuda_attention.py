@@ -11,6 +11,7 @@ from hiera_kernels import BackendError, library, ops
 from hiera_kernels._extension import EXTENSION
 from hiera_kernels.backends import AUTO_ORDER, BACKENDS
 
+from helpers import DTYPES, NONFINITE_BLOCKS, NONFINITE_PARTS, NONFINITE_VALUES, assert_nonfinite_stays_in_its_window
 from test_attention import BLOCKS, assert_error_rule, forward_backward, op_args, random_case
 
 needs_cuda_build = pytest.mark.skipif(not EXTENSION.with_cuda, reason="the extension was built without CUDA sources")
@@ -91,6 +92,17 @@ def test_random_sweep(seed):
             forward_backward(qkv.to(dtype), args, grad.to(dtype), "cuda")
         return
     assert_error_rule("cuda", qkv, args, grad, dtype)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("value", list(NONFINITE_VALUES))
+@pytest.mark.parametrize("part", list(NONFINITE_PARTS))
+@pytest.mark.parametrize("block", list(NONFINITE_BLOCKS))
+def test_non_finite_values_stay_in_their_window(block, part, value, dtype):
+    """A warp's 16 rows span four windows in the packed blocks: masked zeros meet other
+    windows' operands in the WMMA and SIMT products (forward, dq, dk/dv)."""
+    assert_nonfinite_stays_in_its_window("cuda", block, part, value, dtype, device="cuda")
 
 
 @needs_gpu

@@ -14,7 +14,8 @@ import torch
 import hiera_kernels as hk
 from hiera_kernels import error_rule, library, ops
 
-from helpers import DTYPES, mu_size, without_interpreter
+from helpers import (DTYPES, NONFINITE_BLOCKS, NONFINITE_PARTS, NONFINITE_VALUES, assert_nonfinite_stays_in_its_window,
+                     mu_size, without_interpreter)
 
 triton_kernels = pytest.importorskip("hiera_kernels.triton")
 pytestmark = pytest.mark.skipif(not triton_kernels.INTERPRETED, reason="hiera_kernels was imported before conftest.py set TRITON_INTERPRET=1")
@@ -124,6 +125,16 @@ def test_attention_within_the_error_rule(block, dtype):
         assert verdict.passed, f"{name}: triton {verdict.describe()}"
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("value", list(NONFINITE_VALUES))
+@pytest.mark.parametrize("part", list(NONFINITE_PARTS))
+@pytest.mark.parametrize("block", list(NONFINITE_BLOCKS))
+def test_attention_keeps_non_finite_values_in_their_window(block, part, value, dtype):
+    """Packed tiles (four windows in one tile) multiply masked zeros by other windows'
+    operands; an inf or NaN there must not reach them (forward and every gradient)."""
+    assert_nonfinite_stays_in_its_window("triton", block, part, value, dtype)
+
+
 def test_attention_pooling_routes_the_query_gradient_like_pytorch():
     qkv = torch.randn(1, 32, 3 * 8)
     qkv[:, 8:16, :8] = qkv[:, 0:8, :8]  # ties between the q_stride candidates
@@ -190,12 +201,79 @@ def test_direct_op_calls_get_clear_errors():
         library.TRITON_OPS["query_pool"](torch.randn(1, 300, 2), 300)
     with pytest.raises(ValueError, match=r"mask_unit_attention_triton: head_dim 160 exceeds the Triton kernels' 128"):
         library.TRITON_OPS["mask_unit_attention"](torch.randn(1, 4, 3 * 160), 1, 1, 1)
-    with pytest.raises(TypeError, match=r"query_pool_triton: dtype torch.float64 is not supported"):
+    with pytest.raises(TypeError, match=r"query_pool_triton: dtype float64 is not supported"):
         library.TRITON_OPS["query_pool"](torch.randn(1, 4, 2, dtype=torch.float64), 2)
     reasons = hk.backend_reasons("cpu", "mask_unit_attention", torch.float64)["triton"]
     assert any("dtype float64 is not supported" in r for r in reasons)
     with pytest.raises(hk.BackendError, match=r"head_dim=160 exceeds the attention kernel's 128"):
         ops.mask_unit_attention(torch.randn(1, 4, 3 * 160), 1, 1, 4, True, backend="triton")
+
+
+def _attention_saved(q_stride):
+    """qkv [2, 64, 48] (2 heads of 8, 4 windows) and what the forward saves from it:
+    out [2, 64 / q_stride, 16], lse [2, 2, 4, 16 / q_stride], q_argmax."""
+    qkv = torch.randn(2, 64, 48)
+    out, lse, q_argmax = library.TRITON_OPS["mask_unit_attention"](qkv, 2, q_stride, 4)
+    return torch.randn_like(out), qkv, out, lse, q_argmax
+
+
+def _meta_like(t):
+    return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+
+BACKWARD_OP = "mask_unit_attention_backward_triton"
+# (argument index in (grad_out, qkv, out, lse, q_argmax), replacement, q_stride, exception, message)
+BAD_BACKWARD_ARGS = {
+    "grad_out_dtype": (0, lambda t: t.half(), 4, TypeError, r"grad_out must be float32 like qkv, got float16"),
+    "grad_out_shape": (0, lambda t: t[:, :15], 4, ValueError,
+                       r"grad_out must be \[B, queries \* windows, dim_out\] = \[2, 16, 16\], got \[2, 15, 16\]"),
+    "grad_out_device": (0, _meta_like, 4, ValueError, r"grad_out must be on cpu like qkv, got meta"),
+    "out_dtype": (2, lambda t: t.bfloat16(), 1, TypeError, r"out must be float32 like qkv, got bfloat16"),
+    "out_shape": (2, lambda t: t.reshape(2, 16, 64), 1, ValueError, r"out must be .* = \[2, 64, 16\], got \[2, 16, 64\]"),
+    "out_device": (2, _meta_like, 1, ValueError, r"out must be on cpu like qkv, got meta"),
+    "lse_dtype": (3, lambda t: t.double(), 4, TypeError, r"lse must be float32, got float64"),
+    "lse_shape": (3, lambda t: t.reshape(2, 2, 16), 4, ValueError,
+                  r"lse must be \[B, heads, windows, queries\] = \[2, 2, 4, 4\], got \[2, 2, 16\]"),
+    "lse_device": (3, _meta_like, 4, ValueError, r"lse must be on cpu like qkv, got meta"),
+    "q_argmax_dtype": (4, lambda t: t.long(), 4, TypeError, r"q_argmax must be uint8, got int64"),
+    "q_argmax_shape": (4, lambda t: t[:, :8], 4, ValueError, r"q_argmax must be .* = \[2, 16, 16\], got \[2, 8, 16\]"),
+    "q_argmax_device": (4, _meta_like, 4, ValueError, r"q_argmax must be on cpu like qkv, got meta"),
+    "q_argmax_not_empty_without_pooling": (4, lambda t: torch.zeros(2, 64, 16, dtype=torch.uint8), 1, ValueError,
+                                           r"q_argmax must be \[0 \(q_stride 1\)\] = \[0\], got \[2, 64, 16\]"),
+    "qkv_dtype": (1, lambda t: t.double(), 4, TypeError, r"qkv dtype float64 is not supported"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_BACKWARD_ARGS))
+def test_direct_backward_calls_check_every_saved_tensor(case):
+    """The raw backward op reads grad_out, out, lse and q_argmax by the shapes the forward
+    gives them: each must be the forward's dtype, shape and device, or a clear error."""
+    index, bad, q_stride, error, message = BAD_BACKWARD_ARGS[case]
+    args = list(_attention_saved(q_stride))
+    args[index] = bad(args[index])
+    # A tensor on another device makes the dispatcher pick that device's kernel (here
+    # the meta one), so device mismatches go to the registered implementation itself.
+    call = (triton_kernels.IMPLEMENTATIONS["mask_unit_attention_backward"] if case.endswith("_device")
+            else getattr(torch.ops.hiera_kernels, BACKWARD_OP).default)
+    with pytest.raises(error, match=f"hiera_kernels::{BACKWARD_OP}: {message}"):
+        call(*args, 2, q_stride, 4)
+
+
+def test_direct_query_pool_backward_checks_argmax():
+    op = torch.ops.hiera_kernels.query_pool_backward_triton.default
+    grad = torch.randn(2, 4, 3)
+    argmax = torch.zeros(2, 4, 3, dtype=torch.uint8)
+    with pytest.raises(TypeError, match=r"query_pool_backward_triton: argmax must be uint8, got int64"):
+        op(grad, argmax.long(), 4)
+    with pytest.raises(ValueError, match=r"query_pool_backward_triton: argmax must be \[B, N / stride, C of grad_out\] = "
+                                         r"\[2, 4, 3\], got \[2, 4, 2\]"):
+        op(grad, argmax[..., :2], 4)
+    with pytest.raises(ValueError, match=r"query_pool_backward_triton: argmax must be on cpu like grad_out, got meta"):
+        triton_kernels.IMPLEMENTATIONS["query_pool_backward"](grad, _meta_like(argmax), 4)
+    with pytest.raises(TypeError, match=r"query_pool_backward_triton: dtype int64 is not supported"):
+        op(grad.long(), argmax, 4)
+    with pytest.raises(TypeError, match=r"unroll_triton: x rows of 3 x uint8 cannot be moved as 2-byte words"):
+        torch.ops.hiera_kernels.unroll_triton.default(torch.zeros(1, 16, 3, dtype=torch.uint8), [4, 4], [2, 2], False)
 
 
 def test_auto_never_picks_the_interpreter_and_lists_it_by_name_only():

@@ -14,6 +14,18 @@
 // live in shared memory (fp32 [rows][pad]) because the online softmax rescales O by
 // row, and a WMMA accumulator's element-to-row mapping is opaque.
 //
+// Non-finite values stay in their window, as on the "torch" path. Elementwise, P and dS
+// outside a row's window are selected to 0 (never exp(s - lse) or P (dP - D), NaN when
+// lse, D or dP is inf/NaN). In the products that is not enough: a warp's 16 rows and a
+// 16-column WMMA slice can span several windows (Hiera's 4-query windows), so P @ V
+// multiplies one row's masked zeros by other windows' v, and 0 * inf = NaN. A window
+// that needs those v rows keeps them, so zeroing operands cannot help; instead each
+// column block notes while it is loaded whether the summed-over operand (v; k for dq; q
+// and dO for dk/dv) holds an inf or NaN (one compare per loaded element, OR-ed by the
+// barrier that already follows the load), and only such blocks are multiplied row by
+// row over each row's own window's columns (warp_accumulate_own_window, SIMT). Finite
+// blocks keep the WMMA/SIMT product unchanged: 0 * finite = 0 exactly.
+//
 // Backward: three kernels, deterministic and without atomics.
 //   delta:  D = rowsum(dO * O) per pooled query, into a [B, heads, windows, queries] scratch.
 //   dq:     per query tile, stream the keys: P = exp(s - lse), dP = dO V^T,
@@ -135,40 +147,55 @@ __device__ inline WarpRange warp_range(const Span& s, int warp, int64_t c0) {
   return {l / 16 * 16, (h + 15) / 16 * 16};
 }
 
+__device__ __forceinline__ bool is_nonfinite(float x) { return !(fabsf(x) < __builtin_huge_valf()); }  // inf or NaN
+
 // Copies `count` rows of head_dim elements into tile [capacity][kLd], one warp per row
 // (lanes over contiguous channels), zero-filling channels [hd, kPad) and rows without
-// a source (row_ptr returns null) so padded products add nothing.
+// a source (row_ptr returns null) so padded products add nothing. Returns whether this
+// thread loaded an inf or NaN (dead code where the caller ignores it).
 template <typename C, typename T, typename RowPtr>
-__device__ inline void load_rows(T* tile, int capacity, int hd, RowPtr row_ptr) {
+__device__ inline bool load_rows(T* tile, int capacity, int hd, RowPtr row_ptr) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  bool nonfinite = false;
   for (int r = warp; r < capacity; r += C::kWarps) {
     const T* src = row_ptr(r);
-    for (int d = lane; d < C::kPad; d += 32) tile[r * C::kLd + d] = src != nullptr && d < hd ? src[d] : from_float<T>(0.f);
+    for (int d = lane; d < C::kPad; d += 32) {
+      const T x = src != nullptr && d < hd ? src[d] : from_float<T>(0.f);
+      nonfinite |= is_nonfinite(to_float(x));
+      tile[r * C::kLd + d] = x;
+    }
   }
+  return nonfinite;
 }
 
 // Keys and values of the span's column block [c0, c0 + kCols) into k and v [kCols][kLd]
-// (columns past the span are zero-filled).
+// (columns past the span are zero-filled). Returns which of them this thread found an
+// inf or NaN in.
+struct NonFinite {
+  bool k, v;
+};
 template <typename C, typename T>
-__device__ inline void load_key_block(T* k, T* v, const T* qkv, const AttentionLayout& L, const Span& span,
-                                      int64_t c0, int hd) {
+__device__ inline NonFinite load_key_block(T* k, T* v, const T* qkv, const AttentionLayout& L, const Span& span,
+                                           int64_t c0, int hd) {
   const auto key_row = [&](int which) {
     return [&, which](int c) -> const T* {
       if (c0 + c >= span.cols) return nullptr;
       return qkv + L.qkv_offset(span.b, which, span.h, span.position_of_col(c0 + c), span.window_of_col(c0 + c));
     };
   };
-  load_rows<C>(k, C::kCols, hd, key_row(AttentionLayout::kKey));
-  load_rows<C>(v, C::kCols, hd, key_row(AttentionLayout::kValue));
+  const bool k_nonfinite = load_rows<C>(k, C::kCols, hd, key_row(AttentionLayout::kKey));
+  return {k_nonfinite, load_rows<C>(v, C::kCols, hd, key_row(AttentionLayout::kValue))};
 }
 
 // Pooled query rows into tile [capacity][kLd]: row r is pooled query `position` of
 // `window`. kPool takes the max over the q_stride candidates and records the argmax
 // (forward); otherwise the candidate the argmax names is gathered (backward).
+// Returns whether this thread loaded an inf or NaN.
 template <typename C, bool kPool, typename T, typename RowSource>
-__device__ inline void load_queries(T* tile, int capacity, const AttentionLayout& L, const T* qkv, int64_t b,
+__device__ inline bool load_queries(T* tile, int capacity, const AttentionLayout& L, const T* qkv, int64_t b,
                                     int64_t h, RowSource source, uint8_t* argmax_out, const uint8_t* argmax_in) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, hd = C::head_dim(L);
+  bool nonfinite = false;
   const int64_t s_stride = L.queries * L.qkv_position_stride();  // from candidate s to s + 1
   for (int r = warp; r < capacity; r += C::kWarps) {
     int64_t w, i;
@@ -193,9 +220,11 @@ __device__ inline void load_queries(T* tile, int capacity, const AttentionLayout
           value = first[argmax_in[arg + d] * s_stride + d];
         }
       }
+      nonfinite |= is_nonfinite(to_float(value));
       tile[r * C::kLd + d] = value;
     }
   }
+  return nonfinite;
 }
 
 // S[16][c] = sum_d A[r][d] * B[c][d] for the warp's 16 rows of A (row tile) against
@@ -267,6 +296,37 @@ __device__ inline void warp_accumulate(float* Acc, const typename C::prob_t* P, 
   }
 }
 
+// warp_accumulate restricted to each row's own window: Acc[r][d] += sum_c P[r][c] * B[c][d]
+// over the columns c of [lo, hi) in row r's window, on the SIMT lanes (one (r, d) per
+// lane), for column blocks whose B holds an inf or NaN (see the top of this file).
+template <typename C, typename T>
+__device__ inline void warp_accumulate_own_window(float* Acc, const typename C::prob_t* P, const T* B, WarpRange range,
+                                                  int hd, const Span& span, int warp, int64_t c0) {
+  const int lane = threadIdx.x % 32;
+  for (int e = lane; e < 16 * hd; e += 32) {
+    const int r = e / hd, d = e % hd, row = 16 * warp + r;
+    if (row >= span.rows) continue;
+    const int64_t own_lo = span.first_col_of_row(row) - c0;
+    const int lo = static_cast<int>(own_lo > range.lo ? own_lo : range.lo);
+    const int hi = static_cast<int>(own_lo + span.cols_per_window < range.hi ? own_lo + span.cols_per_window : range.hi);
+    float acc = Acc[r * C::kAccLd + d];
+    for (int c = lo; c < hi; ++c) acc += to_float(P[r * C::kProbLd + c]) * to_float(B[c * C::kLd + d]);
+    Acc[r * C::kAccLd + d] = acc;
+  }
+}
+
+// The product of a column block: own-window only when B (the summed-over operand) holds
+// an inf or NaN anywhere in the block, the plain one otherwise.
+template <typename C, typename T>
+__device__ inline void warp_accumulate_windows(bool nonfinite, float* Acc, const typename C::prob_t* P, const T* B,
+                                               WarpRange range, int hd, const Span& span, int warp, int64_t c0) {
+  if (nonfinite) {
+    warp_accumulate_own_window<C>(Acc, P, B, range, hd, span, warp, c0);
+  } else {
+    warp_accumulate<C>(Acc, P, B, range, hd);
+  }
+}
+
 template <typename C>
 __device__ inline void zero_fill(float* p, int64_t count) {
   for (int64_t e = threadIdx.x; e < count; e += C::kThreads) p[e] = 0.f;
@@ -315,8 +375,7 @@ __global__ void __launch_bounds__(Config<scalar_t, kHeadDim, Pass::kForward>::kT
   const bool row_exists = row < span.rows;
   for (int64_t c0 = 0; c0 < span.cols; c0 += C::kCols) {
     __syncthreads();  // the previous block's k and v are consumed (and q, o, stats are ready)
-    load_key_block<C>(k, v, qkv, L, span, c0, hd);
-    __syncthreads();
+    const bool v_nonfinite = __syncthreads_or(load_key_block<C>(k, v, qkv, L, span, c0, hd).v);
     const WarpRange range = warp_range<C::kCols>(span, warp, c0);
     if (range.lo == range.hi) continue;
     float* s_w = scores + 16 * warp * C::kScoreLd;
@@ -352,7 +411,7 @@ __global__ void __launch_bounds__(Config<scalar_t, kHeadDim, Pass::kForward>::kT
     __syncwarp();
     for (int e = lane; e < 16 * hd; e += 32) o_w[(e / hd) * C::kAccLd + e % hd] *= rescale[16 * warp + e / hd];
     __syncwarp();
-    warp_accumulate<C>(o_w, p_w, v, range, hd);
+    warp_accumulate_windows<C>(v_nonfinite, o_w, p_w, v, range, hd, span, warp, c0);
   }
   __syncthreads();
   for (int e = threadIdx.x; e < span.rows * hd; e += C::kThreads) {
@@ -422,8 +481,7 @@ __global__ void __launch_bounds__(Config<scalar_t, kHeadDim, Pass::kBackwardDq>:
 
   for (int64_t c0 = 0; c0 < span.cols; c0 += C::kCols) {
     __syncthreads();
-    load_key_block<C>(k, v, qkv, L, span, c0, hd);
-    __syncthreads();
+    const bool k_nonfinite = __syncthreads_or(load_key_block<C>(k, v, qkv, L, span, c0, hd).k);
     const WarpRange range = warp_range<C::kCols>(span, warp, c0);
     if (range.lo == range.hi) continue;
     float* s_w = scores + 16 * warp * C::kScoreLd;
@@ -446,7 +504,7 @@ __global__ void __launch_bounds__(Config<scalar_t, kHeadDim, Pass::kBackwardDq>:
       ds_w[r * C::kProbLd + c] = from_float<prob_t>(ds);
     }
     __syncwarp();
-    warp_accumulate<C>(dq + 16 * warp * C::kAccLd, ds_w, k, range, hd);
+    warp_accumulate_windows<C>(k_nonfinite, dq + 16 * warp * C::kAccLd, ds_w, k, range, hd, span, warp, c0);
   }
   __syncthreads();
   // Route dq through the pooling argmax: every q candidate row gets its gradient or 0.
@@ -503,8 +561,8 @@ __global__ void __launch_bounds__(Config<scalar_t, kHeadDim, Pass::kBackwardDkDv
       w = span.window_of_col(c0 + c), i = span.position_of_col(c0 + c);
       return c0 + c < span.cols;
     };
-    load_queries<C, false>(q, C::kCols, L, qkv, span.b, span.h, query, nullptr, argmax);
-    load_rows<C>(d_out, C::kCols, hd, [&](int c) -> const scalar_t* {
+    const bool q_loaded_nonfinite = load_queries<C, false>(q, C::kCols, L, qkv, span.b, span.h, query, nullptr, argmax);
+    const bool d_out_loaded_nonfinite = load_rows<C>(d_out, C::kCols, hd, [&](int c) -> const scalar_t* {
       int64_t w, i;
       return query(c, w, i) ? grad_out + L.out_offset(span.b, span.h, i, w) : nullptr;
     });
@@ -514,7 +572,8 @@ __global__ void __launch_bounds__(Config<scalar_t, kHeadDim, Pass::kBackwardDkDv
       col_lse[c] = exists ? lse[L.lse_offset(span.b, span.h, w, i)] : 0.f;
       col_delta[c] = exists ? delta[L.lse_offset(span.b, span.h, w, i)] : 0.f;
     }
-    __syncthreads();
+    // One flag for both summed-over operands: one barrier, as before.
+    const bool nonfinite = __syncthreads_or(q_loaded_nonfinite || d_out_loaded_nonfinite);
     const WarpRange range = warp_range<C::kCols>(span, warp, c0);
     if (range.lo == range.hi) continue;
     float* s_w = scores + 16 * warp * C::kScoreLd;
@@ -537,14 +596,19 @@ __global__ void __launch_bounds__(Config<scalar_t, kHeadDim, Pass::kBackwardDkDv
       p_w[r * C::kProbLd + c] = from_float<prob_t>(p);
     }
     __syncwarp();
-    warp_accumulate<C>(dv_w, p_w, d_out, range, hd);  // dv += P^T dO
+    warp_accumulate_windows<C>(nonfinite, dv_w, p_w, d_out, range, hd, span, warp, c0);  // dv += P^T dO
     __syncwarp();
-    for (int e = lane; e < 16 * width; e += 32) {  // dS^T = P^T (dP^T - D)
-      const int r = e / width, c = range.lo + e % width;
-      p_w[r * C::kProbLd + c] = from_float<prob_t>(s_w[r * C::kScoreLd + c] * (dp_w[r * C::kScoreLd + c] - col_delta[c]));
+    for (int e = lane; e < 16 * width; e += 32) {  // dS^T = P^T (dP^T - D), 0 outside the key's window
+      const int r = e / width, c = range.lo + e % width, row = 16 * warp + r;
+      float ds = 0.f;
+      if (row < span.rows) {
+        const int64_t own_lo = span.first_col_of_row(row) - c0;
+        if (c >= own_lo && c < own_lo + span.cols_per_window) ds = s_w[r * C::kScoreLd + c] * (dp_w[r * C::kScoreLd + c] - col_delta[c]);
+      }
+      p_w[r * C::kProbLd + c] = from_float<prob_t>(ds);
     }
     __syncwarp();
-    warp_accumulate<C>(dk_w, p_w, q, range, hd);  // dk += dS^T q (scaled below)
+    warp_accumulate_windows<C>(nonfinite, dk_w, p_w, q, range, hd, span, warp, c0);  // dk += dS^T q (scaled below)
   }
   __syncthreads();
   for (int e = threadIdx.x; e < span.rows * hd; e += C::kThreads) {

@@ -41,6 +41,15 @@ constexpr int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 // elements (16 B) so the 16 rows of a fragment load hit different banks. fp32 runs
 // SIMT (one lane per column of a product) with an odd row stride, so lanes reading
 // the same channel of consecutive rows hit different banks.
+//
+// The fp32 score and probability tiles [16 * warps][cols] (cols = 32) are read and
+// written only by scalar accesses (no WMMA, no vectors: 4-byte alignment is all they
+// need), mostly by the softmax pattern "lanes 2r and 2r + 1 take row r": with a row
+// stride of 32 floats, lane (r, half) hits bank (c + half) % 32, two banks for 32 lanes
+// (16-way conflicts). A stride of 34 (2 mod 4) puts it on bank (2r + half + c) % 32,
+// all different; the dS loops' "two rows of 16 columns" pattern stays 2-way, as it was
+// at 32. (WMMA tiles keep the +4 / +8 floats that store_matrix_sync/load_matrix_sync
+// need: ldm a multiple of 16 bytes.)
 struct TileShape {
   bool tensor_cores;
   int op_bytes;    // element size of the operand tiles: the input dtype's
@@ -71,8 +80,8 @@ constexpr TileShape tile_shape(Pass pass, Dtype dtype, int head_dim_template) {
                    cols,
                    pad,
                    tc ? pad + 8 : pad + 1,
-                   tc ? cols + 4 : cols,
-                   tc ? cols + 8 : cols,
+                   tc ? cols + 4 : cols + 2,
+                   tc ? cols + 8 : cols + 2,
                    pad + 4};
 }
 

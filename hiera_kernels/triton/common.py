@@ -31,6 +31,28 @@ def mma_operand(x):
         return x
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def check_tensor(op: str, name: str, t, *, device: torch.device, device_of: str, dtype: torch.dtype,
+                 dtype_of: str = "", shape, shape_names: str = "") -> None:
+    """That argument ``name`` of ``op`` is a tensor on ``device`` (``device_of``'s), of
+    ``dtype`` (``dtype_of``'s, if named) and ``shape`` (``shape_names`` spells it), in the
+    C++ checks' style: ``...: out must be float32 like qkv, got float16``. The kernels
+    index raw pointers by the expected shape: anything else reads or writes out of bounds."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    if t.device != device:
+        raise ValueError(f"{op}: {name} must be on {device} like {device_of}, got {t.device}")
+    if t.dtype != dtype:
+        like = f" like {dtype_of}" if dtype_of else ""
+        raise TypeError(f"{op}: {name} must be {dtype_name(dtype)}{like}, got {dtype_name(t.dtype)}")
+    if tuple(t.shape) != tuple(shape):
+        names = f"[{shape_names}] = " if shape_names else ""
+        raise ValueError(f"{op}: {name} must be {names}{list(shape)}, got {list(t.shape)}")
+
+
 def next_power_of_2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 

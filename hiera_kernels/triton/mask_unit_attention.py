@@ -23,6 +23,22 @@ Numerics: loads are converted to fp32 before any arithmetic (the interpreter get
 bf16 arithmetic wrong); tl.dot takes the storage dtype on GPUs (tensor cores, fp32
 accumulation) and fp32 with ``input_precision="ieee"`` for fp32 inputs, so fp32
 results stay fp32-accurate (no tf32). The softmax runs in base 2 on scaled scores.
+
+Non-finite values stay in their window (as on the "torch" path, where windows never
+meet). Elementwise, every P and dS entry outside a row's own window (or outside the
+real rows and keys) is *selected* to 0, never computed as exp(-inf - lse) or P * (dP -
+D), which are NaN when the row's lse or D or the other window's dP is inf or NaN.
+Inside a product that is not enough: a packed tile's P @ V sums over the keys of every
+window in the tile, and 0 * inf is NaN, so one inf in window 0's v would reach every
+row. Zeroing operands cannot fix that in one product (window 0's rows need that v row),
+so a packed tile with several windows checks the summed-over operand (v, k, q or dO)
+once for inf/NaN, and only then multiplies window by window (:func:`_packed_dot`). Why
+a check and not always window by window: that costs ``wpp`` (up to 16) products
+instead of one on every tile, while the check is one reduction of a tile already in
+registers; tiles of one window (``wpp == 1``: every tiled, long-sequence loop) never
+mix windows, so their loops have no check and no branch around the products. Padding
+(head dim columns past head_dim, rows past the window, keys past the block) is loaded
+as 0, so it never carries a NaN.
 """
 
 from __future__ import annotations
@@ -34,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRETED, TL_DTYPES, launch, mma_operand, next_power_of_2
+from .common import INTERPRETED, TL_DTYPES, check_tensor, dtype_name, launch, mma_operand, next_power_of_2
 from .query_pool import MAX_STRIDE, pool_takes
 
 LOG2E = tl.constexpr(1.4426950408889634)  # scores run in base 2: exp(x) = exp2(x * LOG2E)
@@ -168,10 +184,59 @@ def _load_kv(qkv, b, w, j, col_ok, h_col, d_ok, tokens, windows, dim, width):
 
 @triton.jit
 def _scores(q_op, k, row_ok, col_ok, w, wk, scale_log2, PRECISION: tl.constexpr):
-    """Scaled base-2 scores [BLOCK_M, BLOCK_N], -inf outside the block diagonal."""
+    """Scaled base-2 scores [BLOCK_M, BLOCK_N], -inf outside the block diagonal, and that
+    block diagonal (real query and key of the same window) as a mask."""
     s = tl.dot(q_op, tl.trans(mma_operand(k)), input_precision=PRECISION) * scale_log2
     valid = row_ok[:, None] & col_ok[None, :] & (w[:, None] == wk[None, :])
-    return tl.where(valid, s, float("-inf"))
+    return tl.where(valid, s, float("-inf")), valid
+
+
+@triton.jit
+def _has_nonfinite(x):
+    """Whether tile ``x`` holds an inf or a NaN (|x| < inf is false for both)."""
+    return tl.max(tl.where(tl.abs(x.to(tl.float32)) < float("inf"), 0, 1)) > 0
+
+
+@triton.jit
+def _packed_dot(a, b, a_win, b_win, first_window, wpp, PRECISION: tl.constexpr):
+    """a @ b (fp32 [M, N]) for a packed tile of windows first_window .. + wpp, where
+    ``a`` [M, K] is 0 outside each row's own window (a_win [M]) and ``b`` [K, N] has its
+    rows in windows b_win [K]. One product when ``b`` is finite (0 * finite = 0 exactly);
+    otherwise one per window, each over that window's rows of ``b`` only (the others
+    zeroed) and kept for that window's rows of ``a`` only, so an inf or NaN in one
+    window's ``b`` never meets another window's zeros. One tl.dot in the code either way
+    (a loop of one pass over every window, or of ``wpp`` passes), to keep registers down."""
+    parts = tl.where(_has_nonfinite(b), wpp, 1)
+    whole = parts == 1
+    c = tl.zeros((a.shape[0], b.shape[1]), tl.float32)
+    for s in range(0, parts):
+        window = first_window + s
+        part = tl.dot(a, tl.where(((b_win == window) | whole)[:, None], b, tl.zeros_like(b)), input_precision=PRECISION)
+        c = tl.where(((a_win == window) | whole)[:, None], part, c)
+    return c
+
+
+@triton.jit
+def _product(a, b, a_win, b_win, first_window, wpp, MIXED: tl.constexpr, PRECISION: tl.constexpr):
+    """a @ b summed within windows: MIXED tiles (several windows) go through _packed_dot."""
+    if MIXED:
+        return _packed_dot(a, b, a_win, b_win, first_window, wpp, PRECISION)
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _forward_block(q_op, k, v, row_ok, col_ok, w, wk, m_i, l_i, acc, scale_log2, first_window, wpp,
+                   MIXED: tl.constexpr, PRECISION: tl.constexpr):
+    """One key block of the online softmax: the updated (m_i, l_i, acc)."""
+    s, valid = _scores(q_op, k, row_ok, col_ok, w, wk, scale_log2, PRECISION)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet (padding)
+    p = tl.where(valid, tl.exp2(s - m_safe[:, None]), 0.0)  # 0, not exp2(-inf - inf) = NaN
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    pv = _product(mma_operand(p.to(k.dtype)), mma_operand(v), w, wk, first_window, wpp, MIXED, PRECISION)
+    return m_new, l_i, acc * alpha[:, None] + pv
 
 
 @triton.jit
@@ -197,18 +262,17 @@ def _attention_forward_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for key_block in range(0, tl.cdiv(keys, k_slot)):
-        wk, j, col_ok = _slot_rows(group, key_block, k_slot, k_shift, wpp, keys, windows, BLOCK_N)
+    if wpp > 1:  # several windows in the tile: packed, so all their keys are in key block 0
+        wk, j, col_ok = _slot_rows(group, 0, k_slot, k_shift, wpp, keys, windows, BLOCK_N)
         k, v = _load_kv(qkv, b, wk, j, col_ok, h_col, d_ok, tokens, windows, dim, 3 * dim)
-        s = _scores(q_op, k, row_ok, col_ok, w, wk, scale_log2, PRECISION)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet (padding)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(mma_operand(p.to(qkv.dtype.element_ty)), mma_operand(v),
-                                            input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _forward_block(q_op, k, v, row_ok, col_ok, w, wk, m_i, l_i, acc, scale_log2,
+                                       group * wpp, wpp, True, PRECISION)
+    else:  # one window: the products never mix windows
+        for key_block in range(0, tl.cdiv(keys, k_slot)):
+            wk, j, col_ok = _slot_rows(group, key_block, k_slot, k_shift, wpp, keys, windows, BLOCK_N)
+            k, v = _load_kv(qkv, b, wk, j, col_ok, h_col, d_ok, tokens, windows, dim, 3 * dim)
+            m_i, l_i, acc = _forward_block(q_op, k, v, row_ok, col_ok, w, wk, m_i, l_i, acc, scale_log2,
+                                           group * wpp, wpp, False, PRECISION)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     tl.store(out + out_rows[:, None] * dim + h_col[None, :], (acc / l_safe[:, None]).to(out.dtype.element_ty), mask=mask)
     tl.store(lse + _lse_rows(b, h, w, i, heads, windows, queries), (m_i + tl.log2(l_safe)) / LOG2E, mask=row_ok)
@@ -216,11 +280,12 @@ def _attention_forward_kernel(
 
 @triton.jit
 def _softmax_grads(q_op, k, v, do_op, delta, lse_log2, row_ok, col_ok, w, wk, scale_log2, PRECISION: tl.constexpr):
-    """P (recomputed from the log-sum-exp) and dS = P * (dO V^T - rowsum(dO * O)), fp32."""
-    s = _scores(q_op, k, row_ok, col_ok, w, wk, scale_log2, PRECISION)
-    p = tl.exp2(s - lse_log2[:, None])  # exp2(-inf) = 0 outside the block diagonal
+    """P (recomputed from the log-sum-exp) and dS = P * (dO V^T - rowsum(dO * O)), fp32,
+    both selected to 0 outside the block diagonal (where lse, D or dP may be inf or NaN)."""
+    s, valid = _scores(q_op, k, row_ok, col_ok, w, wk, scale_log2, PRECISION)
+    p = tl.where(valid, tl.exp2(s - lse_log2[:, None]), 0.0)
     dp = tl.dot(do_op, tl.trans(mma_operand(v)), input_precision=PRECISION)
-    return p, p * (dp - delta[:, None])
+    return p, tl.where(valid, p * (dp - delta[:, None]), 0.0)
 
 
 @triton.jit
@@ -254,6 +319,28 @@ def _store_routed_dq(grad_qkv, dq, arg, b, w, i, row_ok, h_col, d_ok, tokens, wi
 
 
 @triton.jit
+def _backward_kv_tile(grad_out, qkv, out, lse, q_argmax, grad_qkv, k, v, dk, dv, b, h, group, tile, wk, col_ok, h_col, d_ok,
+                      tokens, windows, queries, q_stride, heads, dim, q_slot, q_shift, wpp, scale_log2, fuse_dq,
+                      MIXED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+    """One query tile against the key block (k, v): the updated (dk, dv), and dq stored
+    when ``fuse_dq``. dV = P^T dO and dK = dS^T q sum over queries, dq = dS K over keys."""
+    dtype = qkv.dtype.element_ty
+    w, i, row_ok = _slot_rows(group, tile, q_slot, q_shift, wpp, queries, windows, BLOCK_M)
+    q_op, do_op, delta, lse_log2, arg = _load_query_grads(
+        qkv, out, grad_out, lse, q_argmax, b, h, w, i, row_ok, h_col, d_ok,
+        tokens, windows, queries, q_stride, heads, dim)
+    p, ds = _softmax_grads(q_op, k, v, do_op, delta, lse_log2, row_ok, col_ok, w, wk, scale_log2, PRECISION)
+    first_window = group * wpp
+    dv += _product(tl.trans(mma_operand(p.to(dtype))), do_op, wk, w, first_window, wpp, MIXED, PRECISION)
+    ds_op = mma_operand(ds.to(dtype))
+    dk += _product(tl.trans(ds_op), q_op, wk, w, first_window, wpp, MIXED, PRECISION)
+    if fuse_dq:
+        dq = _product(ds_op, mma_operand(k), w, wk, first_window, wpp, MIXED, PRECISION) * (scale_log2 / LOG2E)
+        _store_routed_dq(grad_qkv, dq, arg, b, w, i, row_ok, h_col, d_ok, tokens, windows, queries, q_stride, 3 * dim)
+    return dk, dv
+
+
+@triton.jit
 def _attention_backward_kv_kernel(
     grad_out, qkv, out, lse, q_argmax, grad_qkv,
     tokens, windows, queries, keys, q_stride, heads, head_dim, packed, q_pad, k_pad, q_shift, k_shift, scale_log2, fuse_dq,
@@ -272,18 +359,15 @@ def _attention_backward_kv_kernel(
     k, v = _load_kv(qkv, b, wk, j, col_ok, h_col, d_ok, tokens, windows, dim, 3 * dim)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for tile in range(0, q_tiles):
-        w, i, row_ok = _slot_rows(group, tile, q_slot, q_shift, wpp, queries, windows, BLOCK_M)
-        q_op, do_op, delta, lse_log2, arg = _load_query_grads(
-            qkv, out, grad_out, lse, q_argmax, b, h, w, i, row_ok, h_col, d_ok,
-            tokens, windows, queries, q_stride, heads, dim)
-        p, ds = _softmax_grads(q_op, k, v, do_op, delta, lse_log2, row_ok, col_ok, w, wk, scale_log2, PRECISION)
-        dv += tl.dot(tl.trans(mma_operand(p.to(dtype))), do_op, input_precision=PRECISION)
-        ds_op = mma_operand(ds.to(dtype))
-        dk += tl.dot(tl.trans(ds_op), q_op, input_precision=PRECISION)
-        if fuse_dq:
-            dq = tl.dot(ds_op, mma_operand(k), input_precision=PRECISION) * (scale_log2 / LOG2E)
-            _store_routed_dq(grad_qkv, dq, arg, b, w, i, row_ok, h_col, d_ok, tokens, windows, queries, q_stride, 3 * dim)
+    if wpp > 1:  # several windows in the tile: packed, so all their queries are in query tile 0
+        dk, dv = _backward_kv_tile(grad_out, qkv, out, lse, q_argmax, grad_qkv, k, v, dk, dv, b, h, group, 0, wk, col_ok,
+                                   h_col, d_ok, tokens, windows, queries, q_stride, heads, dim, q_slot, q_shift, wpp,
+                                   scale_log2, fuse_dq, True, PRECISION, BLOCK_M)
+    else:  # one window: the products never mix windows
+        for tile in range(0, q_tiles):
+            dk, dv = _backward_kv_tile(grad_out, qkv, out, lse, q_argmax, grad_qkv, k, v, dk, dv, b, h, group, tile, wk,
+                                       col_ok, h_col, d_ok, tokens, windows, queries, q_stride, heads, dim, q_slot, q_shift,
+                                       wpp, scale_log2, fuse_dq, False, PRECISION, BLOCK_M)
     rows = _token_rows(b, j, wk, tokens, windows)[:, None] * (3 * dim) + h_col[None, :]
     mask = col_ok[:, None] & d_ok[None, :]
     tl.store(grad_qkv + rows + dim, (dk * (scale_log2 / LOG2E)).to(dtype), mask=mask)
@@ -297,7 +381,8 @@ def _attention_backward_q_kernel(
     BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """One program per query tile: dQ over all key blocks, routed through the pooling argmax."""
+    """One program per query tile: dQ over all key blocks, routed through the pooling argmax.
+    Launched only for tiled (one-window) tiles, so dS K never mixes windows."""
     q_slot, k_slot, wpp, q_tiles = _tile_plan(packed, q_pad, k_pad, queries, BLOCK_M, BLOCK_N)
     b, h, group, tile = _program(windows, wpp, q_tiles, heads)
     head_dim, h_col, d_ok = _head_columns(h, head_dim, HEAD_DIM, BLOCK_D)
@@ -333,7 +418,7 @@ class Geometry:
         if qkv.dim() != 3:
             raise ValueError(f"{op}: qkv must be [B, N, 3 * dim_out], got {qkv.dim()} dims")
         if qkv.dtype not in TL_DTYPES:
-            raise TypeError(f"{op}: qkv dtype {qkv.dtype} is not supported (float32, float16, bfloat16)")
+            raise TypeError(f"{op}: qkv dtype {dtype_name(qkv.dtype)} is not supported (float32, float16, bfloat16)")
         self.batch, self.tokens, width = qkv.shape
         if heads < 1 or width % (3 * heads):
             raise ValueError(f"{op}: qkv width {width} is not divisible by 3 * heads = {3 * max(heads, 0)}")
@@ -389,18 +474,17 @@ def forward(qkv: torch.Tensor, heads: int, q_stride: int, windows: int):
 def backward(grad_out, qkv, out, lse, q_argmax, heads: int, q_stride: int, windows: int):
     op = "hiera_kernels::mask_unit_attention_backward_triton"
     g = Geometry(op, qkv, heads, q_stride, windows)
+    # The saved tensors must be what the forward made of this qkv (see forward()).
     out_shape = (g.batch, g.queries * windows, g.dim)
-    for name, t in (("grad_out", grad_out), ("out", out)):
-        if t.dtype != qkv.dtype or t.device != qkv.device:
-            raise ValueError(f"{op}: {name} must be {qkv.dtype} on {qkv.device} like qkv, got {t.dtype} on {t.device}")
-    if lse.device != qkv.device or (q_stride > 1 and q_argmax.device != qkv.device):
-        raise ValueError(f"{op}: lse and q_argmax must be on {qkv.device} like qkv")
-    if tuple(grad_out.shape) != out_shape or tuple(out.shape) != out_shape:
-        raise ValueError(f"{op}: grad_out and out must be {list(out_shape)}, got {list(grad_out.shape)}, {list(out.shape)}")
-    if lse.dtype != torch.float32 or tuple(lse.shape) != (g.batch, heads, windows, g.queries):
-        raise ValueError(f"{op}: lse must be float32 {[g.batch, heads, windows, g.queries]}, got {lse.dtype} {list(lse.shape)}")
-    if q_stride > 1 and (q_argmax.dtype != torch.uint8 or tuple(q_argmax.shape) != out_shape):
-        raise ValueError(f"{op}: q_argmax must be uint8 {list(out_shape)}, got {q_argmax.dtype} {list(q_argmax.shape)}")
+    on = {"device": qkv.device, "device_of": "qkv"}
+    out_shape = {"shape": (g.batch, g.queries * windows, g.dim), "shape_names": "B, queries * windows, dim_out"}
+    check_tensor(op, "grad_out", grad_out, **on, dtype=qkv.dtype, dtype_of="qkv", **out_shape)
+    check_tensor(op, "out", out, **on, dtype=qkv.dtype, dtype_of="qkv", **out_shape)
+    check_tensor(op, "lse", lse, **on, dtype=torch.float32, shape=(g.batch, heads, windows, g.queries),
+                 shape_names="B, heads, windows, queries")
+    if q_stride == 1:  # no pooling: the forward returns an empty argmax
+        out_shape = {"shape": (0,), "shape_names": "0 (q_stride 1)"}
+    check_tensor(op, "q_argmax", q_argmax, **on, dtype=torch.uint8, **out_shape)
     qkv, out, grad_out, lse, q_argmax = (t.contiguous() for t in (qkv, out, grad_out, lse, q_argmax))
     grad_qkv = torch.empty_like(qkv)
     if grad_qkv.numel() == 0:

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import TL_DTYPES, launch
+from .common import TL_DTYPES, check_tensor, dtype_name, launch
 
 BLOCK = 1024
 MAX_STRIDE = 256  # a one-byte argmax
@@ -56,7 +56,7 @@ def _check(op: str, x: torch.Tensor, stride: int) -> None:
     if x.dim() != 3:
         raise ValueError(f"{op}: expected [B, N, C], got {x.dim()} dims")
     if x.dtype not in TL_DTYPES:  # the max runs in fp32
-        raise TypeError(f"{op}: dtype {x.dtype} is not supported (float32, float16, bfloat16)")
+        raise TypeError(f"{op}: dtype {dtype_name(x.dtype)} is not supported (float32, float16, bfloat16)")
     if not 1 <= stride <= MAX_STRIDE:
         raise ValueError(f"{op}: stride must be in [1, {MAX_STRIDE}] (one-byte argmax), got {stride}")
 
@@ -79,9 +79,8 @@ def query_pool(x, stride):
 def query_pool_backward(grad_out, argmax, stride):
     op = "hiera_kernels::query_pool_backward_triton"
     _check(op, grad_out, stride)
-    if argmax.shape != grad_out.shape or argmax.dtype != torch.uint8 or argmax.device != grad_out.device:
-        raise ValueError(f"{op}: argmax must be uint8 {list(grad_out.shape)} on {grad_out.device}, "
-                         f"got {argmax.dtype} {list(argmax.shape)} on {argmax.device}")
+    check_tensor(op, "argmax", argmax, device=grad_out.device, device_of="grad_out", dtype=torch.uint8,
+                 shape=grad_out.shape, shape_names="B, N / stride, C of grad_out")
     grad_out, argmax = grad_out.contiguous(), argmax.contiguous()
     B, No, C = grad_out.shape
     grad_in = grad_out.new_empty((B, No * stride, C))

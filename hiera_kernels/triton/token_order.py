@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from .common import launch
+from .common import dtype_name, launch
 
 # Digit tables are padded with (radix 1, weight 0) to a multiple of this, so that a
 # handful of DIGITS specializations cover every geometry.
@@ -57,7 +57,7 @@ def _check_geometry(op: str, x: torch.Tensor, size, strides, windowed: bool) -> 
         raise ValueError(f"{op}: x has N={tokens} tokens, size {list(size)} holds {math.prod(size)} in units {unit}")
 
 
-def as_words(x: torch.Tensor, out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def as_words(op: str, x: torch.Tensor, out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """``x`` and ``out`` [B, N, C] viewed as the widest integer words that tile a row and
     that both start on (bits unchanged): one word size, so rows line up in both."""
     row_bytes = x.shape[2] * x.element_size()
@@ -69,7 +69,7 @@ def as_words(x: torch.Tensor, out: torch.Tensor) -> Tuple[torch.Tensor, torch.Te
             # size-1 dim (e.g. [B, 1, C] from a transpose), which view(word) rejects.
             B, N = x.shape[:2]
             return x.reshape(-1).view(word).view(B, N, -1), out.reshape(-1).view(word).view(B, N, -1)
-    raise TypeError(f"unroll/reroll: {x.dtype} rows cannot be moved as 2-byte words")
+    raise TypeError(f"{op}: x rows of {x.shape[2]} x {dtype_name(x.dtype)} cannot be moved as 2-byte words")
 
 
 @triton.jit
@@ -110,7 +110,7 @@ def _move_rows(op: str, x: torch.Tensor, size, strides, windowed: bool, to_unrol
         raise ValueError(f"{op}: the schedule has {len(radix)} non-trivial digits, more than the kernel's {MAX_DIGITS}")
     digits = max(DIGIT_BUCKET, -(-len(radix) // DIGIT_BUCKET) * DIGIT_BUCKET)
     pad = digits - len(radix)
-    src, dst = as_words(x, out)
+    src, dst = as_words(op, x, out)
     rows = B * N
     launch(
         _move_rows_kernel, (triton.cdiv(rows, BLOCK_ROWS),),
