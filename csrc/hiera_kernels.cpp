@@ -30,19 +30,23 @@ PyObject* string_list(const std::vector<std::string>& items) {
   return list;
 }
 
-// cpu_dispatch() -> {"path": str, "aten": str, "compiled": [str], "supported": [str], "note": str}
+// cpu_dispatch() -> {"path": str, "aten": str, "compiled": [str], "supported": [str],
+//                   "missing": [str] (per compiled build, the CPU features it lacks), "note": str}
 PyObject* cpu_dispatch(PyObject*, PyObject*) {
   try {
     const hiera_kernels::CpuDispatchInfo& info = hiera_kernels::cpu_dispatch_info();
     PyObject* compiled = string_list(info.compiled);
     PyObject* supported = string_list(info.supported);
+    PyObject* missing = string_list(info.missing);
     PyObject* result = nullptr;
-    if (compiled != nullptr && supported != nullptr) {
-      result = Py_BuildValue("{s:s,s:s,s:O,s:O,s:s}", "path", info.path.c_str(), "aten", info.aten.c_str(),
-                             "compiled", compiled, "supported", supported, "note", info.note.c_str());
+    if (compiled != nullptr && supported != nullptr && missing != nullptr) {
+      result = Py_BuildValue("{s:s,s:s,s:O,s:O,s:O,s:s}", "path", info.path.c_str(), "aten", info.aten.c_str(),
+                             "compiled", compiled, "supported", supported, "missing", missing, "note",
+                             info.note.c_str());
     }
     Py_XDECREF(compiled);
     Py_XDECREF(supported);
+    Py_XDECREF(missing);
     return result;
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_RuntimeError, e.what());
@@ -67,7 +71,7 @@ PyObject* choose_cpu_build(PyObject*, PyObject* args) {
 
 PyMethodDef methods[] = {
     {"cpu_dispatch", cpu_dispatch, METH_NOARGS,
-     "The build of the CPU kernels in use and why: {path, aten, compiled, supported, note}."},
+     "The build of the CPU kernels in use and why: {path, aten, compiled, supported, missing, note}."},
     {"choose_cpu_build", choose_cpu_build, METH_VARARGS,
      "choose_cpu_build(aten_level, supported) -> row: the dispatch rule alone, for tests."},
     {nullptr, nullptr, 0, nullptr},

@@ -85,6 +85,9 @@ CpuDispatchInfo choose() {
     supported.push_back(missing.back().empty());
     info.compiled.push_back(b.name);
     if (supported.back()) info.supported.push_back(b.name);
+    std::string lacks;
+    for (const std::string& f : missing.back()) lacks += (lacks.empty() ? "" : ",") + f;
+    info.missing.push_back(lacks);
   }
   const int chosen = choose_cpu_build(level, supported);
   info.path = kBuilds[chosen].name;

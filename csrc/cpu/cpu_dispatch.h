@@ -17,6 +17,7 @@ struct CpuDispatchInfo {
   std::string aten;                    // ATen's capability (at::get_cpu_capability(), which honours ATEN_CPU_CAPABILITY)
   std::vector<std::string> compiled;   // every build in the library, least to most capable
   std::vector<std::string> supported;  // the builds this CPU can run
+  std::vector<std::string> missing;    // per compiled build, the CPU features it lacks ("" when none)
   std::string note;                    // why `path` is below ATen's capability, or empty
 };
 
