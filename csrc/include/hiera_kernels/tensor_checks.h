@@ -17,6 +17,9 @@ inline const char* dtype_name(at::ScalarType t) {
     case at::kBFloat16: return "bfloat16";
     case at::kDouble: return "float64";
     case at::kByte: return "uint8";
+    case at::kInt: return "int32";
+    case at::kLong: return "int64";
+    case at::kBool: return "bool";
     default: return c10::toString(t);
   }
 }
