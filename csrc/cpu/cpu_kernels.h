@@ -24,11 +24,12 @@ namespace hiera_kernels {
 // ATen level: the at::native::CPUCapability it belongs to (0 DEFAULT, 1 AVX2, 2 AVX512):
 //   a build is used only when ATen runs at that level or above, so ATEN_CPU_CAPABILITY
 //   steers both libraries alike. A build for an ISA extension ATen has no level for
-//   (AVX512-BF16, AMX) takes the level it extends (2) and a row below the rows it beats.
+//   (AVX512-BF16, AMX) takes the level it extends (2) and goes after the rows it beats.
 // GCC target: the instruction set the build is compiled for (kernels_impl.h checks that
 //   kernels_<name>.cpp used exactly this string) and, feature by feature, what the CPU
 //   must report (__builtin_cpu_supports) to run it.
-// Adding a build is one row here and a three-line kernels_<name>.cpp.
+// Adding a build is one row here and a kernels_<name>.cpp of five #defines (its name,
+// this GCC target, its vector shape) that includes kernels_impl.h; setup.py globs it.
 #define HIERA_KERNELS_CPU_CAPABILITIES(X)                                        \
   X(default, 0, "")                                                              \
   X(avx2, 1, "avx2,fma,f16c")                                                    \
