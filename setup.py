@@ -7,7 +7,6 @@ that is already installed). Environment flags:
     HIERA_KERNELS_CUDA_ARCHS    CUDA architectures, default "8.0;9.0"
     MAX_JOBS                    parallel compile jobs (ninja)
     CUDA_HOME                   CUDA toolkit; found from the nvcc on PATH when unset
-    HIERA_KERNELS_CPU_ARCH      -march for the C++ CPU kernels, default "native"
     DEBUG=1                     -O0 -g
 
 The CUDA sources are built whenever torch has CUDA and nvcc is present, with or
@@ -15,6 +14,13 @@ without a GPU: a CPU-only machine can build and link them. csrc/cuda/*.cu hold t
 kernels and their launchers (no torch headers, so nvcc compiles them quickly);
 csrc/cuda/*.cpp hold the torch-facing entry points and their CUDA registrations,
 compiled by the host compiler.
+
+The C++ CPU kernels are compiled for baseline x86-64 plus, in one library, once per
+instruction set they are tuned for (csrc/cpu/kernels_<name>.cpp: default, avx2,
+avx512, each choosing its ISA with `#pragma GCC target`, so no -march flag is passed);
+the library picks one at run time from the CPU's features and ATen's capability
+(ATEN_CPU_CAPABILITY), so a build made on one x86-64 machine runs on any other.
+`python -m hiera_kernels info` says which one runs.
 """
 
 import glob
@@ -75,8 +81,9 @@ use_cuda = (
 )
 
 cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-# -fopenmp: without it at::parallel_for silently runs on one thread.
-cxx_flags = ["-O0", "-g"] if debug else ["-O3", "-march=" + os.environ.get("HIERA_KERNELS_CPU_ARCH", "native")]
+# -fopenmp: without it at::parallel_for silently runs on one thread. No -march: the
+# objects must run on any x86-64 CPU; csrc/cpu/kernels_<name>.cpp set their own ISA.
+cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
 cxx_flags += ["-fopenmp", "-DHIERA_KERNELS_WITH_CUDA=%d" % int(use_cuda)]
 include_dirs = [os.path.join(ROOT, "csrc", "include")]
 

@@ -27,6 +27,17 @@ views that give reroll its spatial shape.
                               q_argmax uint8 [B, N / q_stride, C], or [0] when q_stride == 1)
     mask_unit_attention_backward(grad_out, qkv, out, lse, q_argmax, heads, q_stride, windows) -> grad_qkv
 
+The backward ops read what their forward returned: ``query_pool_backward``'s
+``argmax``, and ``mask_unit_attention_backward``'s ``out``, ``lse`` and ``q_argmax``
+must be exactly the forward's outputs for the same input and arguments (same dtype,
+shape and device; ``q_argmax`` is uint8 [0] when ``q_stride == 1``), and ``grad_out``
+must have ``out``'s dtype and shape. The C++ entry points check every tensor
+argument's dtype, shape and device (csrc/include/hiera_kernels) and raise a
+``RuntimeError`` naming the op, the argument and the numbers. They do not check the
+values: a ``q_argmax`` entry of ``q_stride`` or more makes the attention backward read
+past the query rows of qkv (in ``query_pool_backward`` an argmax of ``stride`` or more
+only drops that gradient).
+
 ``windowed`` order is Reroll-with-a-mask order: unit after unit, each unit's
 tokens in raster order over the unit shape; ``size`` then only gives the number
 of dims. unroll and reroll are each other's inverse and each other's backward.

@@ -71,6 +71,16 @@ def random_geometry(seed):
     return x, size, schedule
 
 
+def kernel_for(key, op, *args):
+    """Call kernel op ``op``'s kernel for dispatch ``key`` ("CPU", "CUDA") whatever the
+    tensors' devices. Without a GPU this reaches the CUDA entry points with CPU tensors:
+    their host-side checks run, and the device check stops them before anything touches
+    the tensors' memory."""
+    from hiera_kernels import library
+
+    return library.OPS[op].redispatch(torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key)), *args)
+
+
 def without_interpreter():
     """The environment for a subprocess that sees hiera_kernels as a user does (the test
     session runs the Triton kernels in the interpreter: see conftest.py)."""

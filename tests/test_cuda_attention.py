@@ -44,18 +44,8 @@ def test_shared_forward_checks(call, pattern):
         call()
 
 
-def test_shared_backward_checks():
-    qkv = torch.randn(2, 64, 48)
-    out, lse, argmax = FORWARD(qkv, 2, 4, 4)  # out [2, 16, 16], lse [2, 2, 4, 4], argmax [2, 16, 16]
-    grad = torch.randn_like(out)
-    with pytest.raises(RuntimeError, match=r"grad_out and out must have shape \[2, 16, 16\], got \[2, 15, 16\]"):
-        BACKWARD(grad[:, :15], qkv, out, lse, argmax, 2, 4, 4)
-    with pytest.raises(RuntimeError, match=r"lse must be Float \[B, heads, windows, queries\] = \[2, 2, 4, 4\], got Double"):
-        BACKWARD(grad, qkv, out, lse.double(), argmax, 2, 4, 4)
-    with pytest.raises(RuntimeError, match=r"lse must be .* got Float \[2, 2, 16\]"):
-        BACKWARD(grad, qkv, out, lse.reshape(2, 2, 16), argmax, 2, 4, 4)
-    with pytest.raises(RuntimeError, match=r"q_argmax must be uint8 of the output's shape \[2, 16, 16\], got Long"):
-        BACKWARD(grad, qkv, out, lse, argmax.long(), 2, 4, 4)
+# The backward's checks of every tensor argument: test_errors_and_backends.py
+# (test_raw_ops_check_every_argument), through the CPU and the CUDA entry points.
 
 
 def test_backend_refusals():

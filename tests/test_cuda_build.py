@@ -16,7 +16,7 @@ from hiera_kernels import library, ops
 from hiera_kernels._extension import EXTENSION
 from hiera_kernels.tools.info import info
 
-from helpers import DTYPES, GEOMETRIES, mu_size, random_geometry, requires_gpu, stage_geometries, token_grid
+from helpers import DTYPES, GEOMETRIES, kernel_for, mu_size, random_geometry, requires_gpu, stage_geometries, token_grid
 
 pytestmark = pytest.mark.skipif(
     torch.version.cuda is None or shutil.which("nvcc") is None,
@@ -37,31 +37,9 @@ def test_every_op_has_a_cuda_kernel(op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"hiera_kernels::{op}", "CUDA")
 
 
-def kernel_for(key, op, *args):
-    """Call ``op``'s kernel for dispatch ``key`` whatever the tensors' device. Without a GPU
-    this reaches the CUDA entry points with CPU tensors: their host-side checks run, and the
-    device check stops them before anything touches the tensors' memory."""
-    return library.OPS[op].redispatch(torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key)), *args)
-
-
-# Checks shared by the CPU and CUDA entry points (geometry.h, pool_args.h): the same
-# message from both, since both run the one copy.
-SHARED_CHECKS = [
-    ("unroll", (torch.randn(2, 60, 4), [8, 8], [2, 2], False), r"hiera_kernels::unroll: x has N=60 tokens but size \[8, 8\] holds 64"),
-    ("reroll", (torch.randn(2, 64, 4), [8, 8], [2, 2, 2], False), r"hiera_kernels::reroll: strides has 3 entries, not a multiple of the 2 spatial dims"),
-    ("reroll", (torch.randn(2, 62, 4), [8, 8], [2, 2], True), r"hiera_kernels::reroll: N=62 is not a whole number of mask units of 4 tokens"),
-    ("query_pool", (torch.randn(2, 10, 4), 4), r"hiera_kernels::query_pool: N=10 is not divisible by stride=4"),
-    ("query_pool", (torch.randn(2, 600, 4), 300), r"hiera_kernels::query_pool: stride must be in \[1, 256\] \(one-byte argmax\), got 300"),
-    ("query_pool", (torch.zeros(2, 8, 4, dtype=torch.int32), 4), r"hiera_kernels::query_pool: dtype Int is not supported \(float32, float16, bfloat16, float64\)"),
-    ("query_pool_backward", (torch.randn(2, 4, 4), torch.zeros(2, 4, 3, dtype=torch.uint8), 4), r"hiera_kernels::query_pool_backward: argmax must be uint8 of shape \[2, 4, 4\], got Byte\[2, 4, 3\]"),
-]
-
-
-@pytest.mark.parametrize("key", ["CPU", "CUDA"])
-@pytest.mark.parametrize("op, args, message", SHARED_CHECKS, ids=[f"{c[0]}-{i}" for i, c in enumerate(SHARED_CHECKS)])
-def test_shared_argument_checks_run_in_both_entry_points(key, op, args, message):
-    with pytest.raises(RuntimeError, match=message):
-        kernel_for(key, op, *args)
+# The shared argument checks (geometry.h, pool_args.h, attention_checks.h) run in both
+# the CPU and the CUDA entry points: tests/test_errors_and_backends.py
+# (test_raw_ops_check_every_argument) calls each through both.
 
 
 @pytest.mark.parametrize(

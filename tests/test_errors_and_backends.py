@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import hiera_kernels as hk
-from hiera_kernels import BackendError, ops
+from hiera_kernels import BackendError, library, ops
 from hiera_kernels.backends import choose
 
-from helpers import without_interpreter
+from helpers import kernel_for, without_interpreter
 
 S2 = [(2, 2)] * 3
 
@@ -173,3 +173,71 @@ def test_triton_on_cpu_tensors_needs_the_interpreter():
     assert "['cpu', 'torch']" in done.stdout, done.stderr
     assert done.returncode != 0
     assert "backend 'triton' cannot run on float32[1, 64, 2] on cpu: runs on cuda tensors (CPU tensors only in the interpreter: set TRITON_INTERPRET=1" in done.stderr
+
+
+# ------------------------------------------------------------------ raw ops
+# The kernel ops called directly (torch.ops.hiera_kernels.<op>.default, no Python
+# checks in front): the C++ entry points check every tensor argument's dtype, shape and
+# device with the host checks that the CPU and CUDA entry points share
+# (csrc/include/hiera_kernels/*.h), so both give the same message. The CUDA entry points
+# are reached by redispatch with CPU tensors: their shared checks run before the
+# device check, and nothing touches the tensors' memory.
+def attention_args(q_stride=4, dtype=torch.float32, **replace):
+    """Valid mask_unit_attention_backward arguments (qkv [2, 64, 24], 2 heads, 4 windows:
+    out [2, 64 / q_stride, 8], lse [2, 2, 4, 16 / q_stride]) with some replaced."""
+    qkv = torch.randn(2, 64, 24, dtype=dtype)
+    out, lse, q_argmax = library.OPS["mask_unit_attention"](qkv, 2, q_stride, 4)
+    args = dict(grad_out=torch.randn_like(out), qkv=qkv, out=out, lse=lse, q_argmax=q_argmax)
+    args.update(replace)
+    return tuple(args.values()) + (2, q_stride, 4)
+
+
+def meta(shape, dtype=torch.float32):
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+BWD = "hiera_kernels::mask_unit_attention_backward"
+ONE_OF = r"not one of float32, float16, bfloat16, float64"
+RAW_OP_CHECKS = [
+    ("unroll", lambda: (torch.randn(2, 60, 4), [8, 8], [2, 2], False), r"hiera_kernels::unroll: x has N=60 tokens but size \[8, 8\] holds 64"),
+    ("unroll", lambda: (torch.zeros(2, 64, 4, dtype=torch.int32), [8, 8], [2, 2], False), rf"hiera_kernels::unroll: x has dtype int32, {ONE_OF}"),
+    ("unroll", lambda: (torch.randn(2, 64), [8, 8], [2, 2], False), r"hiera_kernels::unroll: x must be \[B, N, C\], got 2 dims \[2, 64\]"),
+    ("reroll", lambda: (torch.randn(2, 64, 4), [8, 8], [2, 2, 2], False), r"hiera_kernels::reroll: strides has 3 entries, not a multiple of the 2 spatial dims"),
+    ("reroll", lambda: (torch.randn(2, 62, 4), [8, 8], [2, 2], True), r"hiera_kernels::reroll: N=62 is not a whole number of mask units of 4 tokens"),
+    ("reroll", lambda: (torch.zeros(2, 64, 4, dtype=torch.bool), [8, 8], [2, 2], True), rf"hiera_kernels::reroll: x has dtype bool, {ONE_OF}"),
+    ("query_pool", lambda: (torch.randn(2, 10, 4), 4), r"hiera_kernels::query_pool: N=10 is not divisible by stride=4"),
+    ("query_pool", lambda: (torch.randn(2, 600, 4), 300), r"hiera_kernels::query_pool: stride must be in \[1, 256\] \(one-byte argmax\), got 300"),
+    ("query_pool", lambda: (torch.zeros(2, 8, 4, dtype=torch.int32), 4), rf"hiera_kernels::query_pool: x has dtype int32, {ONE_OF}"),
+    ("query_pool", lambda: (torch.randn(8, 4), 4), r"hiera_kernels::query_pool: x must be \[B, N, C\], got 2 dims \[8, 4\]"),
+    ("query_pool_backward", lambda: (torch.randn(2, 4, 4), torch.zeros(2, 4, 3, dtype=torch.uint8), 4), r"hiera_kernels::query_pool_backward: argmax must have shape \[2, 4, 4\], got \[2, 4, 3\]"),
+    ("query_pool_backward", lambda: (torch.randn(2, 4, 4), torch.zeros(2, 4, 4, dtype=torch.int64), 4), r"hiera_kernels::query_pool_backward: argmax must be uint8 \(query_pool's argmax\), got int64"),
+    ("query_pool_backward", lambda: (torch.randn(2, 4, 4), meta((2, 4, 4), torch.uint8), 4), r"hiera_kernels::query_pool_backward: argmax must be on grad_out's device cpu, got one on meta"),
+    ("query_pool_backward", lambda: (torch.zeros(2, 4, 4, dtype=torch.int64), torch.zeros(2, 4, 4, dtype=torch.uint8), 4), rf"hiera_kernels::query_pool_backward: grad_out has dtype int64, {ONE_OF}"),
+    ("mask_unit_attention", lambda: (torch.zeros(2, 64, 24, dtype=torch.int64), 2, 4, 4), rf"hiera_kernels::mask_unit_attention: qkv has dtype int64, {ONE_OF}"),
+    ("mask_unit_attention", lambda: (torch.randn(64, 24), 2, 4, 4), r"hiera_kernels::mask_unit_attention: qkv must be \[B, N, 3 \* dim_out\], got 2 dims \[64, 24\]"),
+    ("mask_unit_attention", lambda: (torch.randn(2, 64, 24), 2, 4, 5), r"hiera_kernels::mask_unit_attention: N=64 does not split into 5 windows of a multiple of q_stride=4 tokens"),
+    ("mask_unit_attention_backward", lambda: attention_args(grad_out=torch.randn(2, 16, 8).half()), rf"{BWD}: grad_out must be float32 like qkv, got float16"),
+    ("mask_unit_attention_backward", lambda: attention_args(grad_out=torch.randn(2, 15, 8)), rf"{BWD}: grad_out must have shape \[2, 16, 8\], got \[2, 15, 8\]"),
+    ("mask_unit_attention_backward", lambda: attention_args(grad_out=meta((2, 16, 8))), rf"{BWD}: grad_out must be on qkv's device cpu, got one on meta"),
+    ("mask_unit_attention_backward", lambda: attention_args(out=torch.randn(2, 16, 8).half()), rf"{BWD}: out must be float32 like qkv, got float16"),
+    ("mask_unit_attention_backward", lambda: attention_args(out=torch.randn(2, 16, 16)), rf"{BWD}: out must have shape \[2, 16, 8\], got \[2, 16, 16\]"),
+    ("mask_unit_attention_backward", lambda: attention_args(out=meta((2, 16, 8))), rf"{BWD}: out must be on qkv's device cpu, got one on meta"),
+    ("mask_unit_attention_backward", lambda: attention_args(lse=torch.randn(2, 2, 4, 4).half()), rf"{BWD}: lse must be float32 \(the forward's log-sum-exp\), got float16"),
+    ("mask_unit_attention_backward", lambda: attention_args(lse=torch.randn(2, 2, 4, 3)), rf"{BWD}: lse must have shape \[2, 2, 4, 4\], got \[2, 2, 4, 3\]"),
+    ("mask_unit_attention_backward", lambda: attention_args(lse=meta((2, 2, 4, 4))), rf"{BWD}: lse must be on qkv's device cpu, got one on meta"),
+    ("mask_unit_attention_backward", lambda: attention_args(dtype=torch.float64, lse=torch.randn(2, 2, 4, 4)), rf"{BWD}: lse must be float64 \(the forward's log-sum-exp\), got float32"),
+    ("mask_unit_attention_backward", lambda: attention_args(q_argmax=torch.zeros(2, 16, 8, dtype=torch.int64)), rf"{BWD}: q_argmax must be uint8 \(the forward's query argmax\), got int64"),
+    ("mask_unit_attention_backward", lambda: attention_args(q_argmax=torch.zeros(2, 16, 7, dtype=torch.uint8)), rf"{BWD}: q_argmax must have shape \[2, 16, 8\], got \[2, 16, 7\]"),
+    ("mask_unit_attention_backward", lambda: attention_args(q_argmax=meta((2, 16, 8), torch.uint8)), rf"{BWD}: q_argmax must be on qkv's device cpu, got one on meta"),
+    ("mask_unit_attention_backward", lambda: attention_args(q_stride=1, q_argmax=torch.zeros(2, 64, 8, dtype=torch.uint8)), rf"{BWD}: q_argmax must have shape \[0\], got \[2, 64, 8\]"),
+    ("mask_unit_attention_backward", lambda: attention_args(qkv=torch.randn(2, 64, 24).half()), rf"{BWD}: grad_out must be float16 like qkv, got float32"),
+]
+
+
+@pytest.mark.parametrize("key", ["CPU", "CUDA"])
+@pytest.mark.parametrize("op, make_args, message", RAW_OP_CHECKS, ids=[f"{c[0]}-{i}" for i, c in enumerate(RAW_OP_CHECKS)])
+def test_raw_ops_check_every_argument(key, op, make_args, message):
+    if key == "CUDA" and not torch._C._dispatch_has_kernel_for_dispatch_key(f"hiera_kernels::{op}", "CUDA"):
+        pytest.skip("hiera_kernels._C was built without its CUDA entry points (no nvcc, or HIERA_KERNELS_SKIP_CUDA=1)")
+    with pytest.raises(RuntimeError, match=message):
+        kernel_for(key, op, *make_args())

@@ -1,6 +1,7 @@
 // Torch-facing entry points of the CUDA mask-unit attention (kernels in
 // mask_unit_attention_kernels.cuh, one head dim per mask_unit_attention_hd*.cu):
-// argument checks shared with the CPU kernel (attention_checks.h), CUDA-only checks,
+// argument checks shared with the CPU kernel (attention_checks.h, run first, so that
+// tests reach them by redispatch without a GPU), CUDA-only checks,
 // allocation, the current stream, and the head-dim dispatch.
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -15,6 +16,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "cuda_checks.h"
 #include "hiera_kernels/attention_checks.h"
 #include "mask_unit_attention_launch.h"
 
@@ -23,14 +25,15 @@ namespace {
 
 namespace ca = cuda_attention;
 
+// The shared checks have admitted the float dtypes; the CUDA kernel has no float64.
 ca::Dtype check_dtype(const char* op, const at::Tensor& qkv) {
   switch (qkv.scalar_type()) {
     case at::kFloat: return ca::Dtype::kFloat32;
     case at::kHalf: return ca::Dtype::kFloat16;
     case at::kBFloat16: return ca::Dtype::kBFloat16;
     default:
-      TORCH_CHECK(false, op, ": the CUDA kernel runs float32, float16 and bfloat16, got ", qkv.scalar_type(),
-                  " (float64 runs on the 'torch' backend)");
+      TORCH_CHECK(false, op, ": the CUDA kernel runs float32, float16 and bfloat16, got ", dtype_name(qkv.scalar_type()),
+                  " (float64 runs on the 'torch' and 'cpu' backends)");
   }
 }
 
@@ -48,10 +51,6 @@ void check_cuda_limits(const char* op, const AttentionLayout& L, ca::Dtype dtype
   }
 }
 
-void check_cuda(const char* op, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
-}
-
 // Calls f(std::integral_constant<int, kHeadDim>) for the head dim's instantiation.
 template <typename F>
 cudaError_t by_head_dim(int64_t head_dim, F&& f) {
@@ -67,8 +66,8 @@ cudaError_t by_head_dim(int64_t head_dim, F&& f) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_unit_attention_cuda(const at::Tensor& qkv_in, int64_t heads,
                                                                         int64_t q_stride, int64_t windows) {
   const char* op = "hiera_kernels::mask_unit_attention";
-  check_cuda(op, qkv_in, "qkv");
-  const AttentionLayout L = make_attention_layout(op, qkv_in, heads, q_stride, windows);
+  const AttentionLayout L = check_attention_args(op, qkv_in, heads, q_stride, windows);
+  check_cuda_tensor(op, "qkv", qkv_in);
   const ca::Dtype dtype = check_dtype(op, qkv_in);
   const c10::cuda::CUDAGuard guard(qkv_in.device());
   const at::Tensor qkv = qkv_in.contiguous();
@@ -92,12 +91,12 @@ at::Tensor mask_unit_attention_backward_cuda(const at::Tensor& grad_out_in, cons
                                              const at::Tensor& argmax_in, int64_t heads, int64_t q_stride,
                                              int64_t windows) {
   const char* op = "hiera_kernels::mask_unit_attention_backward";
-  check_cuda(op, qkv_in, "qkv");
   const AttentionLayout L =
       check_attention_backward_args(op, grad_out_in, qkv_in, out_in, lse_in, argmax_in, heads, q_stride, windows);
+  check_cuda_tensor(op, "qkv", qkv_in);  // and so every tensor, all being on qkv's device
   const ca::Dtype dtype = check_dtype(op, qkv_in);
   const c10::cuda::CUDAGuard guard(qkv_in.device());
-  const at::Tensor qkv = qkv_in.contiguous(), grad_out = grad_out_in.contiguous().to(qkv.scalar_type());
+  const at::Tensor qkv = qkv_in.contiguous(), grad_out = grad_out_in.contiguous();
   const at::Tensor out = out_in.contiguous(), lse = lse_in.contiguous(), argmax = argmax_in.contiguous();
   at::Tensor grad_qkv = at::empty_like(qkv);  // every element is written once
   if (grad_qkv.numel() == 0) return grad_qkv;

@@ -17,7 +17,7 @@
 namespace hiera_kernels {
 namespace {
 
-// check_pool_args has admitted exactly these dtypes.
+// check_pool_args (check_float_dtype) has admitted exactly these dtypes.
 PoolType pool_type(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return PoolType::kFloat32;
@@ -48,8 +48,6 @@ at::Tensor query_pool_backward_cuda(const at::Tensor& grad_out, const at::Tensor
   constexpr const char* op = "hiera_kernels::query_pool_backward";
   check_query_pool_backward_args(grad_out, argmax, stride);
   check_cuda_tensor(op, "grad_out", grad_out);
-  TORCH_CHECK(argmax.device() == grad_out.device(), op, ": argmax must be on grad_out's device ",
-              grad_out.device(), ", got one on ", argmax.device());
   const c10::cuda::CUDAGuard guard(grad_out.device());
   const at::Tensor g = grad_out.contiguous();
   const at::Tensor a = argmax.contiguous();

@@ -23,6 +23,17 @@ def info(print_fn=print) -> None:
     print_fn(f"GPUs: {', '.join(gpus) if gpus else 'none'}")
     built = "loaded" if EXTENSION.loaded else f"NOT loaded ({EXTENSION.error})"
     print_fn(f"extension hiera_kernels._C: {built}; CUDA sources compiled in: {EXTENSION.with_cuda}")
+    if EXTENSION.loaded:
+        from .. import _C
+
+        d = _C.cpu_dispatch()  # csrc/cpu/cpu_dispatch.h: the build of the CPU kernels in use
+        print_fn(f"CPU kernels: {d['path']} (ATen {d['aten']}; compiled: {', '.join(d['compiled'])}; "
+                 f"this CPU runs: {', '.join(d['supported'])})")
+        for build, lacks in zip(d["compiled"], d["missing"]):
+            if lacks:
+                print_fn(f"  {build}: this CPU lacks {lacks}")
+        if d["note"]:
+            print_fn(f"  note: {d['note']}")
     print_fn(f"default backend: {backends.get_backend()}")
     for device in ["cpu", "cuda"]:
         order = backends.AUTO_ORDER[device]

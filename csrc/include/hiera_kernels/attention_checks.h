@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "hiera_kernels/attention_layout.h"
+#include "hiera_kernels/tensor_checks.h"
 #include "hiera_kernels/token_order.h"  // kMaxPoolStride
 
 namespace hiera_kernels {
@@ -19,11 +20,13 @@ inline at::ScalarType attention_lse_dtype(at::ScalarType qkv_dtype) {
   return qkv_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// qkv [B, N, 3 * C] split into `windows` windows of N / windows keys, each with
-// N / (windows * q_stride) pooled queries, over `heads` heads of C / heads channels.
-inline AttentionLayout make_attention_layout(const char* op, const at::Tensor& qkv, int64_t heads,
-                                             int64_t q_stride, int64_t windows) {
-  TORCH_CHECK(qkv.dim() == 3, op, ": qkv must be [B, N, 3 * dim_out], got ", qkv.dim(), " dims");
+// qkv [B, N, 3 * C] in a float dtype, split into `windows` windows of N / windows
+// keys, each with N / (windows * q_stride) pooled queries, over `heads` heads of
+// C / heads channels.
+inline AttentionLayout check_attention_args(const char* op, const at::Tensor& qkv, int64_t heads,
+                                            int64_t q_stride, int64_t windows) {
+  check_dims(op, "qkv", qkv, 3, "[B, N, 3 * dim_out]");
+  check_float_dtype(op, "qkv", qkv);
   AttentionLayout L;
   L.batch = qkv.size(0);
   L.tokens = qkv.size(1);
@@ -43,27 +46,34 @@ inline AttentionLayout make_attention_layout(const char* op, const at::Tensor& q
   return L;
 }
 
-// The backward's saved tensors must be the forward's: out and grad_out
-// [B, queries * windows, C], lse [B, heads, windows, queries] in the accumulation
-// type, q_argmax uint8 of out's shape (unused when q_stride == 1), all on qkv's device.
+// The backward reads the forward's outputs, so each must be exactly what the forward
+// made of this qkv: out and grad_out [B, queries * windows, C] in qkv's dtype, lse
+// [B, heads, windows, queries] in the accumulation type, q_argmax uint8 of out's shape
+// ([0] when q_stride == 1), all on qkv's device.
 inline AttentionLayout check_attention_backward_args(const char* op, const at::Tensor& grad_out,
                                                      const at::Tensor& qkv, const at::Tensor& out,
                                                      const at::Tensor& lse, const at::Tensor& q_argmax,
                                                      int64_t heads, int64_t q_stride, int64_t windows) {
-  const AttentionLayout L = make_attention_layout(op, qkv, heads, q_stride, windows);
+  const AttentionLayout L = check_attention_args(op, qkv, heads, q_stride, windows);
   const std::vector<int64_t> out_shape = {L.batch, L.queries * L.windows, L.dim};
-  TORCH_CHECK(grad_out.sizes() == out_shape && out.sizes() == out_shape, op,
-              ": grad_out and out must have shape ", at::IntArrayRef(out_shape), ", got ", grad_out.sizes(), " and ", out.sizes());
   const std::vector<int64_t> lse_shape = {L.batch, L.heads, L.windows, L.queries};
-  const at::ScalarType lse_dtype = attention_lse_dtype(qkv.scalar_type());
-  TORCH_CHECK(lse.scalar_type() == lse_dtype && lse.sizes() == lse_shape, op, ": lse must be ", lse_dtype,
-              " [B, heads, windows, queries] = ", at::IntArrayRef(lse_shape), ", got ", lse.scalar_type(), " ", lse.sizes());
-  TORCH_CHECK(q_stride == 1 || (q_argmax.sizes() == out_shape && q_argmax.scalar_type() == at::kByte), op,
-              ": q_argmax must be uint8 of the output's shape ", at::IntArrayRef(out_shape), ", got ", q_argmax.scalar_type(), " ",
-              q_argmax.sizes());
-  for (const at::Tensor* t : {&grad_out, &out, &lse, &q_argmax}) {
-    TORCH_CHECK(t->device() == qkv.device(), op, ": every tensor must be on qkv's device ", qkv.device(),
-                ", got one on ", t->device());
+  const std::vector<int64_t> argmax_shape = q_stride > 1 ? out_shape : std::vector<int64_t>{0};
+  const struct {
+    const char* name;
+    const at::Tensor& t;
+    at::ScalarType dtype;
+    const char* why;
+    const std::vector<int64_t>& shape;
+  } args[] = {
+      {"grad_out", grad_out, qkv.scalar_type(), " like qkv", out_shape},
+      {"out", out, qkv.scalar_type(), " like qkv", out_shape},
+      {"lse", lse, attention_lse_dtype(qkv.scalar_type()), " (the forward's log-sum-exp)", lse_shape},
+      {"q_argmax", q_argmax, at::kByte, " (the forward's query argmax)", argmax_shape},
+  };
+  for (const auto& a : args) {
+    check_dtype(op, a.name, a.t, a.dtype, a.why);
+    check_shape(op, a.name, a.t, a.shape);
+    check_same_device(op, a.name, a.t, "qkv", qkv);
   }
   return L;
 }

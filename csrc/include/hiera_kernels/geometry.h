@@ -6,13 +6,15 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "hiera_kernels/tensor_checks.h"
 #include "hiera_kernels/token_order.h"
 
 namespace hiera_kernels {
 
 inline TokenGeometry make_token_geometry(const char* op, const at::Tensor& x, at::IntArrayRef size,
                                          at::IntArrayRef strides, bool windowed) {
-  TORCH_CHECK(x.dim() == 3, op, ": x must be [B, N, C], got ", x.dim(), " dims");
+  check_dims(op, "x", x, 3, "[B, N, C]");
+  check_float_dtype(op, "x", x);  // the kernels move any element size; the ops are defined on these
   const int64_t dims = static_cast<int64_t>(size.size());
   TORCH_CHECK(dims >= 1 && dims <= kMaxDims, op, ": size must have 1 to ", kMaxDims,
               " dims, got ", dims);

@@ -14,10 +14,14 @@
 
 #include <cstdint>
 
+// Always inlined, on the host too: the CPU kernels compile these functions once per
+// instruction set (csrc/cpu/kernels_impl.h), and an out-of-line copy, having external
+// linkage, would be shared by every build (the linker keeps one): an AVX-512 copy
+// could then run on an AVX2 CPU.
 #if defined(__CUDACC__)
 #define HK_HOST_DEVICE __host__ __device__ __forceinline__
 #else
-#define HK_HOST_DEVICE inline
+#define HK_HOST_DEVICE inline __attribute__((always_inline))
 #endif
 
 namespace hiera_kernels {

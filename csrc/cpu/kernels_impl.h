@@ -1,0 +1,667 @@
+// The CPU kernels' inner loops, compiled once per CPU capability: kernels_<name>.cpp
+// defines HK_CPU_CAPABILITY (a row of HIERA_KERNELS_CPU_CAPABILITIES), HK_CPU_TARGET
+// (its GCC target, absent for the baseline build), the vector shape, and includes this
+// file first, so that `#pragma GCC target` below applies to every function compiled in
+// that translation unit, the headers' inline functions included. ninja (BuildExtension)
+// has one set of flags for all sources, so the pragma, not -mavx2, sets the ISA.
+//
+// The hazard of compiling the same code for several ISAs into one library: an inline
+// function or template with external linkage (std::vector's methods, an ATen helper, a
+// shared header's inline function) instantiated here is emitted as a COMDAT copy, and
+// the linker keeps ONE copy for every caller, so the AVX-512 copy could serve the AVX2
+// build and fault on an AVX2 CPU. So, in this file:
+// * everything is in an anonymous namespace inside hiera_kernels::cpu_<name>: internal
+//   linkage, one private copy per build; the one external symbol is the table `kernels`;
+// * no allocation, no std containers, no ATen: the entry points (compiled for baseline
+//   x86-64) allocate, parallelise and pass raw pointers and workspace;
+// * the shared index headers' functions are always_inline (HK_HOST_DEVICE), so no
+//   copy of them is emitted at all.
+// tests/test_cpu_dispatch.py disassembles the built library and fails if any function
+// outside hiera_kernels::cpu_avx2 / cpu_avx512 holds a VEX or EVEX instruction.
+//
+// Mask-unit attention: one task is one (image, window, head) -- and, in the forward,
+// one block of at most kQueryBlock pooled queries. It reads q, k and v straight out of
+// the qkv Linear's output (attention_layout.h: no permute copies), max-pools q while
+// loading it (a one-byte argmax per element for the backward), runs flash-style
+// online-softmax attention over blocks of kKeyBlock keys in fp32 (so no score matrix
+// larger than one block), and writes the output in token order for proj, with the
+// float32 log-sum-exp the backward recomputes from. Operands are widened to tiles of
+// the accumulation type (fp32; fp64 for float64 inputs) padded with zeros to whole
+// vectors, and every product goes through one register-blocked micro-kernel, gemm_rows().
+
+#if !defined(HK_CPU_CAPABILITY) || !defined(HK_VECTOR_BYTES) || !defined(HK_MAX_TILE_VECTORS) || \
+    !defined(HK_CPU_F16C)
+#error "kernels_<name>.cpp defines the build (HK_CPU_CAPABILITY, HK_VECTOR_BYTES, ...) before including kernels_impl.h"
+#endif
+
+#if defined(HK_CPU_TARGET)
+#if defined(__clang__) || !defined(__GNUC__)
+#error "the CPU kernels choose each build's instruction set with #pragma GCC target: build with GCC"
+#endif
+#define HK_PRAGMA(x) _Pragma(#x)
+#define HK_GCC_TARGET(t) HK_PRAGMA(GCC target(t))
+HK_GCC_TARGET(HK_CPU_TARGET)
+#else
+#define HK_CPU_TARGET ""
+#endif
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#if HK_CPU_F16C
+#include <immintrin.h>
+#endif
+
+#include "cpu_kernels.h"
+
+#define HK_CONCAT_(a, b) a##b
+#define HK_CONCAT(a, b) HK_CONCAT_(a, b)
+#define HK_STRING_(a) #a
+#define HK_STRING(a) HK_STRING_(a)
+
+namespace hiera_kernels {
+namespace HK_CONCAT(cpu_, HK_CPU_CAPABILITY) {
+namespace {
+
+// ------------------------------------------------------------------ the build's row
+constexpr bool same_string(const char* a, const char* b) {
+  return *a == *b && (*a == '\0' || same_string(a + 1, b + 1));
+}
+#define HK_THIS_ROW(name, level, target) \
+  same_string(#name, HK_STRING(HK_CPU_CAPABILITY)) ? same_string(target, HK_CPU_TARGET):
+static_assert(HIERA_KERNELS_CPU_CAPABILITIES(HK_THIS_ROW) false,
+              "kernels_" HK_STRING(HK_CPU_CAPABILITY) ".cpp must compile for its row's GCC target in cpu_kernels.h");
+#undef HK_THIS_ROW
+
+// ------------------------------------------------------------------ element types
+template <CpuDtype> struct DtypeOf;
+template <> struct DtypeOf<CpuDtype::kFloat32> { using type = float; };
+template <> struct DtypeOf<CpuDtype::kFloat64> { using type = double; };
+template <> struct DtypeOf<CpuDtype::kFloat16> { using type = c10::Half; };
+template <> struct DtypeOf<CpuDtype::kBFloat16> { using type = c10::BFloat16; };
+
+// Accumulation type: float64 for float64, float32 otherwise (at::opmath_type's rule).
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// Calls f(scalar_t{}) for dtype.
+template <typename F>
+void by_dtype(CpuDtype dtype, F&& f) {
+  switch (dtype) {
+    case CpuDtype::kFloat32: return f(float{});
+    case CpuDtype::kFloat64: return f(double{});
+    case CpuDtype::kFloat16: return f(c10::Half{});
+    case CpuDtype::kBFloat16: return f(c10::BFloat16{});
+  }
+}
+
+// ------------------------------------------------------------------ unroll / reroll
+// A token's channels: rows are short (192 B for 96 bf16 channels), so inlined
+// fixed-size word copies (which the compiler turns into vector moves) beat a
+// memcpy call per row.
+inline void copy_row(char* dst, const char* src, int64_t bytes) {
+  int64_t i = 0;
+  for (; i + 32 <= bytes; i += 32) std::memcpy(dst + i, src + i, 32);
+  for (; i + 4 <= bytes; i += 4) std::memcpy(dst + i, src + i, 4);
+  if (i < bytes) std::memcpy(dst + i, src + i, bytes - i);
+}
+
+// With s(n) = unit_offset(w) + in_unit_offset(t) the spatial index of token n = t * nw + w:
+// to_unrolled: out[b, n] = x[b, s(n)] (unroll, a gather).
+// Otherwise:   out[b, s(n)] = x[b, n] (reroll, a scatter to distinct rows).
+// One task moves the num_units tokens of one in-unit position t of one image: a
+// contiguous run on the unrolled side, unit_offset(w) apart on the spatial side.
+void permute_tokens(bool to_unrolled, const TokenGeometry& g, const int64_t* unit_base, const char* src, char* dst,
+                    int64_t tokens, int64_t row_bytes, int64_t begin, int64_t end) {
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t b = task / g.unit_size, t = task - b * g.unit_size;
+    const int64_t unrolled = b * tokens + t * g.num_units;
+    const int64_t spatial = b * tokens + in_unit_offset(g, t);
+    for (int64_t w = 0; w < g.num_units; ++w) {
+      const int64_t u = (unrolled + w) * row_bytes, s = (spatial + unit_base[w]) * row_bytes;
+      if (to_unrolled) {
+        copy_row(dst + u, src + s, row_bytes);
+      } else {
+        copy_row(dst + s, src + u, row_bytes);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------ pooling
+// Widen n elements to the accumulation type. c10::Half's scalar conversion does not
+// vectorise, so fp16 uses F16C where the build has it.
+template <typename scalar_t, typename acc_t>
+inline void load_as_acc(const scalar_t* src, acc_t* dst, int64_t n) {
+  int64_t k = 0;
+#if HK_CPU_F16C
+  if constexpr (std::is_same_v<scalar_t, c10::Half> && std::is_same_v<acc_t, float>) {
+    for (; k + 8 <= n; k += 8) {
+      const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k));
+      _mm256_storeu_ps(dst + k, _mm256_cvtph_ps(half));
+    }
+  }
+#endif
+  for (; k < n; ++k) dst[k] = static_cast<acc_t>(src[k]);
+}
+
+constexpr int64_t kPoolRowBlock = 256;  // elements per call: the accumulators stay in L1
+
+// The max with PyTorch's max(dim) semantics (first maximum wins ties, first NaN wins),
+// shared by query_pool and mask_unit_attention: best[k] = max over s < rows of
+// first[s * row_stride + k], arg[k] = that s, for k < n <= kPoolRowBlock. Block-local
+// buffers keep the loop vectorisable (stores through uint8_t* may alias anything).
+template <typename scalar_t, typename acc_t>
+inline void max_over_rows(const scalar_t* first, int64_t row_stride, int64_t rows, int64_t n, acc_t* best,
+                          uint8_t* arg) {
+  acc_t value[kPoolRowBlock];
+  uint8_t best_s[kPoolRowBlock];
+  load_as_acc(first, best, n);
+  std::memset(best_s, 0, n);
+  for (int64_t s = 1; s < rows; ++s) {
+    load_as_acc(first + s * row_stride, value, n);
+    for (int64_t k = 0; k < n; ++k) {
+      const bool take = pool_takes<acc_t>(value[k], best[k]);
+      best[k] = take ? value[k] : best[k];
+      best_s[k] = take ? static_cast<uint8_t>(s) : best_s[k];
+    }
+  }
+  std::memcpy(arg, best_s, n);
+}
+
+// In [B, N, C] with N = stride * No, the stride slices of one image are `stride`
+// contiguous slabs of No * C elements, so pooling is an elementwise max across
+// slabs: a branch-free loop the compiler vectorises.
+template <typename scalar_t>
+void query_pool_typed(const scalar_t* src, scalar_t* dst, uint8_t* arg, int64_t stride, int64_t slab, int64_t begin,
+                      int64_t end) {
+  using acc_t = acc_type<scalar_t>;
+  while (begin < end) {  // split [begin, end) at image boundaries
+    const int64_t b = begin / slab, j0 = begin - b * slab;
+    const int64_t j1 = std::min(slab, j0 + (end - begin));
+    const scalar_t* in = src + b * stride * slab;
+    for (int64_t k0 = j0; k0 < j1; k0 += kPoolRowBlock) {
+      const int64_t n = std::min(kPoolRowBlock, j1 - k0);
+      acc_t best[kPoolRowBlock];
+      max_over_rows(in + k0, slab, stride, n, best, arg + b * slab + k0);
+      scalar_t* out_block = dst + b * slab + k0;
+      for (int64_t k = 0; k < n; ++k) out_block[k] = static_cast<scalar_t>(best[k]);
+    }
+    begin += j1 - j0;
+  }
+}
+
+void query_pool(CpuDtype dtype, const void* x, void* out, uint8_t* argmax, int64_t stride, int64_t slab,
+                int64_t begin, int64_t end) {
+  by_dtype(dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    query_pool_typed(static_cast<const scalar_t*>(x), static_cast<scalar_t*>(out), argmax, stride, slab, begin, end);
+  });
+}
+
+// A selection, not arithmetic: move raw bits (all-zero bits are +0.0 in every float
+// format), so one loop per element size serves every dtype and vectorises.
+template <typename bits_t>
+void query_pool_backward_bits(const bits_t* src, const uint8_t* arg, bits_t* dst, int64_t stride, int64_t slab,
+                              int64_t begin, int64_t end) {
+  while (begin < end) {
+    const int64_t b = begin / slab, j0 = begin - b * slab;
+    const int64_t j1 = std::min(slab, j0 + (end - begin));
+    const bits_t* __restrict__ go = src + b * slab;
+    const uint8_t* __restrict__ ar = arg + b * slab;
+    for (int64_t s = 0; s < stride; ++s) {  // every input element written once: no zero fill
+      bits_t* __restrict__ gi_s = dst + b * stride * slab + s * slab;
+      const uint8_t tag = static_cast<uint8_t>(s);
+      for (int64_t j = j0; j < j1; ++j) gi_s[j] = ar[j] == tag ? go[j] : bits_t(0);
+    }
+    begin += j1 - j0;
+  }
+}
+
+void query_pool_backward(int64_t element_size, const void* grad_out, const uint8_t* argmax, void* grad_in,
+                         int64_t stride, int64_t slab, int64_t begin, int64_t end) {
+  auto run = [&](auto bits_tag) {
+    using bits_t = decltype(bits_tag);
+    query_pool_backward_bits(static_cast<const bits_t*>(grad_out), argmax, static_cast<bits_t*>(grad_in), stride,
+                             slab, begin, end);
+  };
+  switch (element_size) {  // the entry point admits only 2-, 4- and 8-byte float dtypes
+    case 2: return run(uint16_t{});
+    case 4: return run(uint32_t{});
+    default: return run(uint64_t{});
+  }
+}
+
+// ------------------------------------------------------------------ attention
+// The build's vector: HK_VECTOR_BYTES (one SSE, AVX2 or AVX-512 register) of T, and
+// at most HK_MAX_TILE_VECTORS of them per micro-kernel row, so that a 6-row tile's
+// accumulators, the B vectors and one broadcast fit the register file (16 xmm/ymm:
+// 6 x 2 + 2 + 1; 32 zmm: 6 x 4 + 4 + 1).
+constexpr int64_t kVectorBytes = HK_VECTOR_BYTES;
+constexpr int kMaxTileVectors = HK_MAX_TILE_VECTORS;
+
+// Loads and stores dereference the vector type itself (unaligned, may_alias) rather
+// than memcpy: under the default tuning GCC expands a 32-byte memcpy as two 16-byte
+// halves through the stack, and the reload of the whole vector then stalls on store
+// forwarding (the AVX2 build ran attention 5-10x slower than the baseline build).
+template <typename T>
+struct Simd {
+  static constexpr int64_t kLanes = kVectorBytes / sizeof(T);
+  typedef T Vec __attribute__((vector_size(kVectorBytes), aligned(alignof(T)), may_alias));
+  static Vec load(const T* p) { return *reinterpret_cast<const Vec*>(p); }
+  static void store(T* p, Vec v) { *reinterpret_cast<Vec*>(p) = v; }
+};
+static_assert(kQueryBlock % Simd<float>::kLanes == 0, "query blocks must start on whole vectors");
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// C[m, n] += sum_k A(m, k) * B[k, n] for a tile of MR rows and NV vectors of
+// columns, accumulated in registers. A(m, k) = a[m * a_row + k * a_col], so a
+// transposed A costs nothing.
+template <typename T, int MR, int NV>
+void gemm_tile(int64_t K, const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb, T* c, int64_t ldc,
+               bool accumulate) {
+  using S = Simd<T>;
+  typename S::Vec acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? S::load(c + r * ldc + v * S::kLanes) : typename S::Vec{};
+  for (int64_t k = 0; k < K; ++k) {
+    typename S::Vec bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = S::load(b + k * ldb + v * S::kLanes);
+    for (int r = 0; r < MR; ++r) {
+      const T av = a[r * a_row + k * a_col];
+      for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) S::store(c + r * ldc + v * S::kLanes, acc[r][v]);
+}
+
+template <typename T, int MR>
+void gemm_row_tile(int64_t K, int64_t nv, const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb, T* c,
+                   int64_t ldc, bool accumulate) {
+  if constexpr (kMaxTileVectors >= 4) {
+    if (nv >= 4) return gemm_tile<T, MR, 4>(K, a, a_row, a_col, b, ldb, c, ldc, accumulate);
+    if (nv == 3) return gemm_tile<T, MR, 3>(K, a, a_row, a_col, b, ldb, c, ldc, accumulate);
+  }
+  if (nv >= 2) return gemm_tile<T, MR, 2>(K, a, a_row, a_col, b, ldb, c, ldc, accumulate);
+  return gemm_tile<T, MR, 1>(K, a, a_row, a_col, b, ldb, c, ldc, accumulate);
+}
+
+// C[M, N] (+)= A(M, K) . B[K, N], N a whole number of vectors, row-major; without
+// accumulate, C is overwritten (so it needs no zero fill).
+template <typename T>
+void gemm_rows(int64_t M, int64_t K, int64_t N, const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb,
+               T* c, int64_t ldc, bool accumulate = true) {
+  constexpr int64_t lanes = Simd<T>::kLanes;
+  for (int64_t n0 = 0; n0 < N; n0 += kMaxTileVectors * lanes) {
+    const int64_t nv = std::min<int64_t>(kMaxTileVectors, (N - n0) / lanes);
+    int64_t m0 = 0;
+    for (; m0 + 6 <= M; m0 += 6)
+      gemm_row_tile<T, 6>(K, nv, a + m0 * a_row, a_row, a_col, b + n0, ldb, c + m0 * ldc + n0, ldc, accumulate);
+    for (; m0 + 4 <= M; m0 += 4)
+      gemm_row_tile<T, 4>(K, nv, a + m0 * a_row, a_row, a_col, b + n0, ldb, c + m0 * ldc + n0, ldc, accumulate);
+    for (; m0 < M; ++m0)
+      gemm_row_tile<T, 1>(K, nv, a + m0 * a_row, a_row, a_col, b + n0, ldb, c + m0 * ldc + n0, ldc, accumulate);
+  }
+}
+
+using FloatVec = Simd<float>::Vec;
+typedef int32_t IntVec __attribute__((vector_size(kVectorBytes)));
+
+// exp(x) lane by lane: x = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-6
+// polynomial (~1 ulp), 2^n by the exponent bits. Inputs below -87.3 give ~1e-38
+// instead of a denormal or 0; NaN stays NaN. (glibc's vector expf would need
+// -ffast-math, which would also break the NaN rules of the pooling.)
+inline FloatVec exp_vec(FloatVec x) {
+  const FloatVec lo = FloatVec{} - 87.3f, hi = FloatVec{} + 88.3f;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const float magic = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
+  const FloatVec n = (x * 1.44269504f + magic) - magic;
+  const FloatVec r = (x - n * 0.693145752f) - n * 1.42860677e-6f;  // ln2 split in two
+  FloatVec p = FloatVec{} + 1.f / 720;
+  p = p * r + 1.f / 120;
+  p = p * r + 1.f / 24;
+  p = p * r + 1.f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const IntVec bits = (__builtin_convertvector(n, IntVec) + 127) << 23;
+  return p * reinterpret_cast<const FloatVec&>(bits);  // 2^n: the exponent bits as a float
+}
+
+// exp of every lane of a float64 vector: libm (gradcheck).
+inline Simd<double>::Vec exp_vec(Simd<double>::Vec x) {
+  for (int64_t l = 0; l < Simd<double>::kLanes; ++l) x[l] = std::exp(x[l]);
+  return x;
+}
+
+template <typename V>
+inline V vmax(V a, V b) {
+  return a > b ? a : b;
+}
+
+// Rows [j0, j0 + n) of k or v (which) of (b, h, w), widened into rows [n, hd_pad],
+// zero-padded: contiguous copies, no transposes.
+template <typename scalar_t, typename acc_t>
+void load_rows(const AttentionLayout& L, const scalar_t* qkv, int which, int64_t b, int64_t h, int64_t w,
+               int64_t j0, int64_t n, int64_t hd_pad, acc_t* rows) {
+  for (int64_t j = 0; j < n; ++j) {
+    const scalar_t* src = qkv + L.qkv_offset(b, which, h, j0 + j, w);
+    acc_t* dst = rows + j * hd_pad;
+    for (int64_t d = 0; d < L.head_dim; ++d) dst[d] = static_cast<acc_t>(src[d]);
+    std::fill(dst + L.head_dim, dst + hd_pad, acc_t(0));
+  }
+}
+
+// cols [hd, n_pad] = rows [n, hd_pad] transposed, columns n..n_pad zero.
+template <typename acc_t>
+void transpose_rows(const acc_t* rows, int64_t n, int64_t hd, int64_t hd_pad, acc_t* cols, int64_t n_pad) {
+  for (int64_t d = 0; d < hd; ++d) {
+    acc_t* col = cols + d * n_pad;
+    for (int64_t i = 0; i < n; ++i) col[i] = rows[i * hd_pad + d];
+    std::fill(col + n, col + n_pad, acc_t(0));
+  }
+}
+
+// Pooled, pre-scaled queries [i0, i0 + mq) of (b, h, w) into q [mq, hd_pad]. The
+// forward takes the max (PyTorch's max(dim): first max wins ties, first NaN wins)
+// and records its argmax; the backward re-reads the recorded argmax.
+// kPool: take the max and write argmax_out; otherwise gather the rows argmax_in names.
+template <typename scalar_t, bool kPool, typename acc_t>
+void load_queries(const AttentionLayout& L, const scalar_t* qkv, const uint8_t* argmax_in, uint8_t* argmax_out,
+                  int64_t b, int64_t h, int64_t w, int64_t i0, int64_t mq, int64_t hd_pad, acc_t* q) {
+  const acc_t scale = acc_t(1) / std::sqrt(static_cast<acc_t>(L.head_dim));
+  std::fill(q, q + mq * hd_pad, acc_t(0));
+  for (int64_t i = 0; i < mq; ++i) {
+    acc_t* qi = q + i * hd_pad;
+    const int64_t arg_offset = L.out_offset(b, h, i0 + i, w);
+    const scalar_t* first = qkv + L.qkv_offset(b, AttentionLayout::kQuery, h, L.pooled_position(0, i0 + i), w);
+    if (L.q_stride == 1) {
+      for (int64_t d = 0; d < L.head_dim; ++d) qi[d] = static_cast<acc_t>(first[d]) * scale;
+      continue;
+    }
+    const int64_t s_stride = L.queries * L.qkv_position_stride();  // from candidate s to s + 1
+    if constexpr (kPool) {
+      for (int64_t d0 = 0; d0 < L.head_dim; d0 += kPoolRowBlock) {
+        const int64_t n = std::min(kPoolRowBlock, L.head_dim - d0);
+        max_over_rows(first + d0, s_stride, L.q_stride, n, qi + d0, argmax_out + arg_offset + d0);
+      }
+      for (int64_t d = 0; d < L.head_dim; ++d) qi[d] *= scale;
+    } else {
+      for (int64_t d = 0; d < L.head_dim; ++d)
+        qi[d] = static_cast<acc_t>(first[argmax_in[arg_offset + d] * s_stride + d]) * scale;
+    }
+  }
+}
+
+// Carves consecutive tiles of acc_t out of a workspace; with workspace == nullptr it
+// only counts, so the entry point learns the size from the same code that uses it.
+template <typename acc_t>
+struct Carver {
+  acc_t* workspace;
+  int64_t used = 0;
+  acc_t* take(int64_t n) {
+    acc_t* tile = workspace == nullptr ? nullptr : workspace + used;
+    used += n;
+    return tile;
+  }
+};
+
+// The products run in transposed space: scores^T [keys, queries] = K . Q^T, so K and
+// V are plain row copies, only the (small) query block is transposed, and the
+// softmax over keys is a reduction down columns: vectorised across queries.
+template <typename acc_t>
+struct ForwardTiles {
+  int64_t hd_pad, q_pad, elements;
+  acc_t *q_rows, *q_cols, *o, *k_rows, *v_rows, *scores, *col_max, *col_sum, *rescale;
+  ForwardTiles(const AttentionLayout& L, int64_t queries, acc_t* workspace) {
+    constexpr int64_t lanes = Simd<acc_t>::kLanes;
+    hd_pad = round_up(L.head_dim, lanes);
+    q_pad = round_up(queries, lanes);
+    const int64_t kb = std::min(kKeyBlock, L.per_window);
+    Carver<acc_t> ws{workspace};
+    q_rows = ws.take(queries * hd_pad);
+    q_cols = ws.take(L.head_dim * q_pad);
+    o = ws.take(queries * hd_pad);
+    k_rows = ws.take(kb * hd_pad);
+    v_rows = ws.take(kb * hd_pad);
+    scores = ws.take(kb * q_pad);
+    col_max = ws.take(q_pad);
+    col_sum = ws.take(q_pad);
+    rescale = ws.take(q_pad);
+    elements = ws.used;
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+void forward_task(const AttentionLayout& L, const scalar_t* qkv, scalar_t* out, acc_t* lse, uint8_t* argmax,
+                  int64_t b, int64_t h, int64_t w, int64_t i0, int64_t mq, ForwardTiles<acc_t>& t) {
+  using S = Simd<acc_t>;
+  using Vec = typename S::Vec;
+  const int64_t hd = L.head_dim, hdp = t.hd_pad, mqp = round_up(mq, S::kLanes);
+  load_queries<scalar_t, true, acc_t>(L, qkv, nullptr, argmax, b, h, w, i0, mq, hdp, t.q_rows);
+  transpose_rows(t.q_rows, mq, hd, hdp, t.q_cols, mqp);
+  std::fill(t.o, t.o + mq * hdp, acc_t(0));
+  std::fill(t.col_max, t.col_max + mqp, -std::numeric_limits<acc_t>::infinity());
+  std::fill(t.col_sum, t.col_sum + mqp, acc_t(0));
+  acc_t* st = t.scores;
+  for (int64_t j0 = 0; j0 < L.per_window; j0 += kKeyBlock) {
+    const int64_t kb = std::min(kKeyBlock, L.per_window - j0);
+    load_rows(L, qkv, AttentionLayout::kKey, b, h, w, j0, kb, hdp, t.k_rows);
+    load_rows(L, qkv, AttentionLayout::kValue, b, h, w, j0, kb, hdp, t.v_rows);
+    gemm_rows(kb, hd, mqp, t.k_rows, hdp, 1, t.q_cols, mqp, st, mqp, false);  // scores^T
+    for (int64_t c = 0; c < mqp; c += S::kLanes) {  // online softmax, S::kLanes queries at a time
+      Vec block_max = S::load(st + c);
+      for (int64_t j = 1; j < kb; ++j) block_max = vmax(block_max, S::load(st + j * mqp + c));
+      const Vec old_max = S::load(t.col_max + c);
+      const Vec new_max = vmax(old_max, block_max);
+      Vec sum = Vec{};
+      for (int64_t j = 0; j < kb; ++j) {
+        const Vec p = exp_vec(S::load(st + j * mqp + c) - new_max);
+        S::store(st + j * mqp + c, p);
+        sum += p;
+      }
+      const Vec rescale = exp_vec(old_max - new_max);  // 0 (or ~1e-38) on the first block
+      S::store(t.col_sum + c, S::load(t.col_sum + c) * rescale + sum);
+      S::store(t.col_max + c, new_max);
+      S::store(t.rescale + c, rescale);
+    }
+    if (j0 > 0)
+      for (int64_t i = 0; i < mq; ++i)
+        for (int64_t d = 0; d < hdp; ++d) t.o[i * hdp + d] *= t.rescale[i];
+    gemm_rows(mq, kb, hdp, st, 1, mqp, t.v_rows, hdp, t.o, hdp);  // o += p . v
+  }
+  for (int64_t i = 0; i < mq; ++i) {
+    const acc_t inv = acc_t(1) / t.col_sum[i];
+    scalar_t* dst = out + L.out_offset(b, h, i0 + i, w);
+    for (int64_t d = 0; d < hd; ++d) dst[d] = static_cast<scalar_t>(t.o[i * hdp + d] * inv);
+    lse[L.lse_offset(b, h, w, i0 + i)] = t.col_max[i] + std::log(t.col_sum[i]);
+  }
+}
+
+int64_t attention_forward_workspace(CpuDtype dtype, const AttentionLayout& L, int64_t block_rows) {
+  int64_t bytes = 0;
+  by_dtype(dtype, [&](auto tag) {
+    using acc_t = acc_type<decltype(tag)>;
+    bytes = ForwardTiles<acc_t>(L, block_rows, nullptr).elements * static_cast<int64_t>(sizeof(acc_t));
+  });
+  return bytes;
+}
+
+// Tasks [begin, end) of (b, h, w, query block), block fastest, then w, then h.
+void mask_unit_attention(CpuDtype dtype, const AttentionLayout& L, const void* qkv, void* out, void* lse,
+                         uint8_t* argmax, int64_t block_rows, int64_t begin, int64_t end, void* workspace) {
+  const int64_t query_blocks = (L.queries + block_rows - 1) / block_rows;
+  by_dtype(dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = acc_type<scalar_t>;
+    ForwardTiles<acc_t> tiles(L, block_rows, static_cast<acc_t*>(workspace));
+    for (int64_t task = begin; task < end; ++task) {
+      int64_t rest = task;
+      const int64_t block = rest % query_blocks;
+      rest /= query_blocks;
+      const int64_t w = rest % L.windows;
+      rest /= L.windows;
+      const int64_t h = rest % L.heads, b = rest / L.heads;
+      const int64_t i0 = block * block_rows;
+      forward_task<scalar_t, acc_t>(L, static_cast<const scalar_t*>(qkv), static_cast<scalar_t*>(out),
+                                    static_cast<acc_t*>(lse), argmax, b, h, w, i0,
+                                    std::min(block_rows, L.queries - i0), tiles);
+    }
+  });
+}
+
+template <typename acc_t>
+struct BackwardTiles {
+  int64_t hd_pad, q_pad, elements;
+  acc_t *q_rows, *q_cols, *d_out_rows, *d_out_cols, *dq, *k_rows, *v_rows, *dk, *dv, *p, *ds, *lse, *delta;
+  BackwardTiles(const AttentionLayout& L, acc_t* workspace) {
+    constexpr int64_t lanes = Simd<acc_t>::kLanes;
+    hd_pad = round_up(L.head_dim, lanes);
+    q_pad = round_up(L.queries, lanes);
+    const int64_t kb = std::min(kKeyBlock, L.per_window);
+    Carver<acc_t> ws{workspace};
+    q_rows = ws.take(L.queries * hd_pad);
+    d_out_rows = ws.take(L.queries * hd_pad);
+    dq = ws.take(L.queries * hd_pad);
+    q_cols = ws.take(L.head_dim * q_pad);
+    d_out_cols = ws.take(L.head_dim * q_pad);
+    k_rows = ws.take(kb * hd_pad);
+    v_rows = ws.take(kb * hd_pad);
+    dk = ws.take(kb * hd_pad);
+    dv = ws.take(kb * hd_pad);
+    p = ws.take(kb * kQueryBlock);
+    ds = ws.take(kb * kQueryBlock);
+    lse = ws.take(q_pad);
+    delta = ws.take(q_pad);
+    elements = ws.used;
+  }
+};
+
+// dq, dk and dv of one (b, h, w): recompute p = exp(s - lse) block by block.
+template <typename scalar_t, typename acc_t>
+void backward_task(const AttentionLayout& L, const scalar_t* grad_out, const scalar_t* qkv, const scalar_t* out,
+                   const acc_t* lse, const uint8_t* argmax, scalar_t* grad_qkv, int64_t b, int64_t h, int64_t w,
+                   BackwardTiles<acc_t>& t) {
+  using S = Simd<acc_t>;
+  using Vec = typename S::Vec;
+  const acc_t scale = acc_t(1) / std::sqrt(static_cast<acc_t>(L.head_dim));
+  const int64_t hd = L.head_dim, hdp = t.hd_pad, nq = L.queries, nqp = t.q_pad;
+  load_queries<scalar_t, false, acc_t>(L, qkv, argmax, nullptr, b, h, w, 0, nq, hdp, t.q_rows);
+  transpose_rows(t.q_rows, nq, hd, hdp, t.q_cols, nqp);
+  std::fill(t.lse, t.lse + nqp, acc_t(0));
+  std::fill(t.delta, t.delta + nqp, acc_t(0));
+  for (int64_t i = 0; i < nq; ++i) {
+    const scalar_t* go = grad_out + L.out_offset(b, h, i, w);
+    const scalar_t* oi = out + L.out_offset(b, h, i, w);
+    acc_t* dOi = t.d_out_rows + i * hdp;
+    acc_t delta = 0;  // rowsum(dO * O): the softmax backward's correction
+    for (int64_t d = 0; d < hd; ++d) {
+      dOi[d] = static_cast<acc_t>(go[d]);
+      delta += dOi[d] * static_cast<acc_t>(oi[d]);
+    }
+    std::fill(dOi + hd, dOi + hdp, acc_t(0));
+    t.delta[i] = delta;
+    t.lse[i] = lse[L.lse_offset(b, h, w, i)];
+  }
+  transpose_rows(t.d_out_rows, nq, hd, hdp, t.d_out_cols, nqp);
+  std::fill(t.dq, t.dq + nq * hdp, acc_t(0));
+  for (int64_t j0 = 0; j0 < L.per_window; j0 += kKeyBlock) {
+    const int64_t kb = std::min(kKeyBlock, L.per_window - j0);
+    load_rows(L, qkv, AttentionLayout::kKey, b, h, w, j0, kb, hdp, t.k_rows);
+    load_rows(L, qkv, AttentionLayout::kValue, b, h, w, j0, kb, hdp, t.v_rows);
+    std::fill(t.dk, t.dk + kb * hdp, acc_t(0));
+    std::fill(t.dv, t.dv + kb * hdp, acc_t(0));
+    for (int64_t i0 = 0; i0 < nq; i0 += kQueryBlock) {
+      const int64_t mq = std::min(kQueryBlock, nq - i0), mqp = round_up(mq, S::kLanes);
+      acc_t* pt = t.p;
+      acc_t* dst = t.ds;
+      gemm_rows(kb, hd, mqp, t.k_rows, hdp, 1, t.q_cols + i0, nqp, pt, mqp, false);       // s^T
+      gemm_rows(kb, hd, mqp, t.v_rows, hdp, 1, t.d_out_cols + i0, nqp, dst, mqp, false);  // dp^T
+      for (int64_t j = 0; j < kb; ++j) {
+        for (int64_t c = 0; c < mqp; c += S::kLanes) {
+          const Vec p = exp_vec(S::load(pt + j * mqp + c) - S::load(t.lse + i0 + c));
+          S::store(pt + j * mqp + c, p);
+          S::store(dst + j * mqp + c, p * (S::load(dst + j * mqp + c) - S::load(t.delta + i0 + c)));
+        }
+      }
+      // dv += p^T . dO ; dk += ds^T . q (q pre-scaled) ; dq += ds . k (scaled at the end)
+      gemm_rows(kb, mq, hdp, pt, mqp, 1, t.d_out_rows + i0 * hdp, hdp, t.dv, hdp);
+      gemm_rows(kb, mq, hdp, dst, mqp, 1, t.q_rows + i0 * hdp, hdp, t.dk, hdp);
+      gemm_rows(mq, kb, hdp, dst, 1, mqp, t.k_rows, hdp, t.dq + i0 * hdp, hdp);
+    }
+    for (int64_t j = 0; j < kb; ++j) {
+      scalar_t* gk = grad_qkv + L.qkv_offset(b, AttentionLayout::kKey, h, j0 + j, w);
+      scalar_t* gv = grad_qkv + L.qkv_offset(b, AttentionLayout::kValue, h, j0 + j, w);
+      for (int64_t d = 0; d < hd; ++d) {
+        gk[d] = static_cast<scalar_t>(t.dk[j * hdp + d]);
+        gv[d] = static_cast<scalar_t>(t.dv[j * hdp + d]);
+      }
+    }
+  }
+  // Route dq through the pooling argmax: every q candidate row gets its gradient or 0.
+  const int64_t s_stride = L.queries * L.qkv_position_stride();
+  for (int64_t i = 0; i < nq; ++i) {
+    scalar_t* first = grad_qkv + L.qkv_offset(b, AttentionLayout::kQuery, h, L.pooled_position(0, i), w);
+    const uint8_t* arg = L.q_stride > 1 ? argmax + L.out_offset(b, h, i, w) : nullptr;
+    for (int64_t s = 0; s < L.q_stride; ++s) {
+      scalar_t* row = first + s * s_stride;
+      for (int64_t d = 0; d < hd; ++d) {
+        const bool chosen = arg == nullptr || arg[d] == s;
+        row[d] = static_cast<scalar_t>(chosen ? t.dq[i * hdp + d] * scale : acc_t(0));
+      }
+    }
+  }
+}
+
+int64_t attention_backward_workspace(CpuDtype dtype, const AttentionLayout& L) {
+  int64_t bytes = 0;
+  by_dtype(dtype, [&](auto tag) {
+    using acc_t = acc_type<decltype(tag)>;
+    bytes = BackwardTiles<acc_t>(L, nullptr).elements * static_cast<int64_t>(sizeof(acc_t));
+  });
+  return bytes;
+}
+
+// Tasks [begin, end) of (b, h, w), w fastest.
+void mask_unit_attention_backward(CpuDtype dtype, const AttentionLayout& L, const void* grad_out, const void* qkv,
+                                  const void* out, const void* lse, const uint8_t* argmax, void* grad_qkv,
+                                  int64_t begin, int64_t end, void* workspace) {
+  by_dtype(dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = acc_type<scalar_t>;
+    BackwardTiles<acc_t> tiles(L, static_cast<acc_t*>(workspace));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t w = task % L.windows, h = (task / L.windows) % L.heads, b = task / (L.windows * L.heads);
+      backward_task<scalar_t, acc_t>(L, static_cast<const scalar_t*>(grad_out), static_cast<const scalar_t*>(qkv),
+                                     static_cast<const scalar_t*>(out), static_cast<const acc_t*>(lse), argmax,
+                                     static_cast<scalar_t*>(grad_qkv), b, h, w, tiles);
+    }
+  });
+}
+
+}  // namespace
+
+extern const CpuKernels kernels = {
+    HK_STRING(HK_CPU_CAPABILITY),
+    HK_CPU_TARGET,
+    &permute_tokens,
+    &query_pool,
+    &query_pool_backward,
+    &attention_forward_workspace,
+    &mask_unit_attention,
+    &attention_backward_workspace,
+    &mask_unit_attention_backward,
+};
+
+}  // namespace HK_CONCAT(cpu_, HK_CPU_CAPABILITY)
+}  // namespace hiera_kernels
