@@ -69,9 +69,13 @@ def find(model: nn.Module, rules: Sequence[Rule], family: str) -> List[Binding]:
             classes.append((rule, cls))
     bindings = []
     for path, module in model.named_modules():
+        bound = set()
         for rule, cls in classes:
-            if not isinstance(module, cls):
+            # Rules are most specific first: a subclass's rule (the MAE's forward) wins
+            # over its base class's for the same name.
+            if not isinstance(module, cls) or rule.name in bound:
                 continue
+            bound.add(rule.name)
             if getattr(type(module), rule.name) is not getattr(cls, rule.name):
                 warnings.warn(
                     f"hiera_kernels.patch: left {path or '<root>'} ({type(module).__qualname__}) unpatched: it "
@@ -114,21 +118,3 @@ def pool(module: nn.Module, x: torch.Tensor, stride: int) -> torch.Tensor:
     the leading stride digit of the unrolled order (a 2x2 max-pool of the grid)."""
     return ops.query_pool(x, stride, backend=backend_of(module))
 
-
-def keep_units(x: torch.Tensor, mask: torch.Tensor, kept: Optional[int] = None) -> torch.Tensor:
-    """The tokens of the kept mask units, in order: x [B, N, C] unrolled (token t * U + w
-    is position t of unit w, U = mask.shape[1] units), mask bool [B, U] (True = keep, the
-    same count for every sample) -> [B, (N // U) * kept, C].
-
-    The official models index with the boolean mask (a host sync and a data-dependent
-    shape); this gathers the kept units' indices instead, equal values and gradients.
-    ``kept`` given (e.g. from a mask ratio) makes every shape static; without it the count
-    is read from the first sample (one host sync)."""
-    B, N, C = x.shape
-    units = mask.shape[1]
-    if kept is None:
-        kept = int(mask[0].sum())
-    # A stable descending sort of the 0/1 mask puts the kept units first, in unit order.
-    order = torch.sort(mask.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :kept]  # [B, K]
-    x = x.view(B, N // units, units, C)
-    return x.gather(2, order[:, None, :, None].expand(B, N // units, kept, C)).reshape(B, -1, C)

@@ -1,8 +1,11 @@
 """Adapter for the official package (``hiera-transformer``: ``hiera.Hiera``,
 ``hiera.MaskedAutoencoderHiera``, image and video).
 
-Its token ops live in four module classes, so binding their forwards is enough: the
-models' own forwards (masking, intermediates, MAE fusion and decoder) call them.
+Its token ops live in four module classes, so binding their forwards is enough for the
+classifier: its own forward (masking, intermediates) calls them. The MAE also gets the
+drop-in MAE's graph-safe forward, encoder, decoder and loss (models/hiera_mae.py: index
+gathers with static counts instead of boolean indexing; they use only attributes the
+official MAE has), so its training step compiles with ``fullgraph=True``.
 
 =========================  ==============================================================
 ``hiera_utils.Unroll``     forward(x [B, N, C]) -> ops.unroll(x, size, schedule)
@@ -21,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from .. import ops
+from ..models.hiera_mae import MaskedAutoencoderHiera as GraphSafeMAE
 from ._common import Binding, Rule, attention, backend_of, check_attention, check_geometry, find, pool
 
 NAME = "official hiera"
@@ -61,13 +65,17 @@ def _check_attention(m: nn.Module, path: str) -> None:
     check_attention(path, m.dim_out, m.heads, m.q_stride, m.window_size, m.use_mask_unit_attn)
 
 
-RULES = (
+MAE_METHODS = ("forward", "forward_encoder", "forward_decoder", "forward_loss", "get_pixel_label_2d", "get_pixel_label_3d")
+
+RULES = tuple(
+    Rule("hiera.hiera_mae", "MaskedAutoencoderHiera", name, getattr(GraphSafeMAE, name)) for name in MAE_METHODS
+) + (
     Rule("hiera.hiera_utils", "Unroll", "forward", unroll_forward, _check_unroll),
     Rule("hiera.hiera_utils", "Reroll", "forward", reroll_forward, _check_reroll),
     Rule("hiera.hiera", "MaskUnitAttention", "forward", attention_forward, _check_attention),
     Rule("hiera.hiera", "HieraBlock", "forward", block_forward),
 )
-LOOKS_FOR = tuple(r.qualname for r in RULES)
+LOOKS_FOR = tuple(dict.fromkeys(r.qualname for r in RULES))
 
 
 def bindings(model: nn.Module) -> List[Binding]:

@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 
 from .. import ops
-from ._common import Binding, Rule, attention, backend_of, check_attention, check_geometry, find, keep_units, pool
+from ..models.masking import keep_units
+from ._common import Binding, Rule, attention, backend_of, check_attention, check_geometry, find, pool
 
 NAME = "transformers"
 MODULE = "transformers.models.hiera.modeling_hiera"
@@ -54,7 +55,9 @@ def model_forward(
     size = [n // s for n, s in zip(pixel_values.shape[-2:], config.patch_stride)]
     hidden_states = ops.unroll(embeddings, size, self.unroll_schedule, backend=backend_of(self))
     if keep is not None:
-        hidden_states = keep_units(hidden_states, keep)
+        # random_masking keeps int(U * (1 - mask_ratio)) of U units in every sample: a
+        # count known here, so the selection has a static shape.
+        hidden_states = keep_units(hidden_states, keep, int(keep.shape[1] * (1 - config.mask_ratio)))
 
     encoder_outputs = self.encoder(
         hidden_states,
