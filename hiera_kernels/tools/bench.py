@@ -18,6 +18,7 @@ backward (training rows).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import json
@@ -29,7 +30,7 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional, TextIO
+from typing import Callable, Dict, Iterator, List, Optional, TextIO
 
 import torch
 import torch.nn as nn
@@ -64,23 +65,51 @@ class Contender:
     model: Optional[nn.Module]
     backend: str = ""
     error: Optional[Exception] = None
+    note: str = ""  # how the row was run, when that needs saying
 
 
-def built(label: str, build: Callable[[], nn.Module]) -> Contender:
+def built(label: str, build: Callable[[], nn.Module], note: str = "") -> Contender:
     """A contender running ``build()``'s model, or one that carries why ``build()`` failed."""
     try:
-        return Contender(label, build())
+        return Contender(label, build(), note=note)
     except Exception as exc:
         return Contender(label, None, error=exc)
+
+
+# hiera-optim 0.2.1 on hiera-transformer 0.1.4, unmodified, needs two things (spec §12):
+# it resolves the official symbols once, at its import, from ``hiera`` or ``hiera.hiera``,
+# and this release keeps ``apply_fusion_head`` in ``hiera.hiera_mae`` only; and its
+# patched forward reads ``_grad_checkpointing``, which this release's ``Hiera`` lacks.
+HIERA_OPTIM_NOTE = "hiera.apply_fusion_head set for its import; _grad_checkpointing=False"
+
+
+@contextlib.contextmanager
+def official_symbols_for_hiera_optim(official) -> Iterator[None]:
+    """``hiera.apply_fusion_head`` (from ``hiera.hiera_mae``) while hiera-optim is imported
+    and applied; afterwards ``hiera`` is as it was, for every other row."""
+    missing = object()
+    saved = getattr(official, "apply_fusion_head", missing)
+    if saved is missing:
+        official.apply_fusion_head = official.hiera_mae.apply_fusion_head
+    try:
+        yield
+    finally:
+        if saved is missing:
+            del official.apply_fusion_head
 
 
 def build_hiera_optim(official_model: nn.Module) -> nn.Module:
     """hiera-optim's model: it builds none of its own but patches an official model in
     place (``optimize``: 4-D SDPA attention, gather instead of boolean-mask indexing), so
-    it runs on a copy of the official row's model, weights included."""
-    import hiera_optim
+    it runs on a copy of the official row's model, weights included, with its default flags."""
+    import hiera as official
 
-    return hiera_optim.optimize(copy.deepcopy(official_model), verbose=False)
+    model = copy.deepcopy(official_model)
+    model._grad_checkpointing = False  # read by hiera-optim's forward; on this instance only
+    with official_symbols_for_hiera_optim(official):
+        import hiera_optim
+
+        return hiera_optim.optimize(model, verbose=False)
 
 
 def failure_note(exc: Exception, limit: int = 80) -> str:
@@ -242,14 +271,17 @@ def bench(
         print_fn("(official package hiera-transformer not installed: no official or hiera-optim row)")
     if official_model is not None:
         try:
-            import hiera_optim
+            with official_symbols_for_hiera_optim(official):
+                import hiera_optim
         except ImportError as exc:  # not installed, or installed without something it imports
             print_fn(f"(no hiera-optim row: hiera_optim is not importable: {exc})")
         else:
             label = f"hiera-optim {hiera_optim.__version__}"
-            contenders.append(built(f"{label} (eager)", lambda: build_hiera_optim(official_model)))
+            contenders.append(built(f"{label} (eager)", lambda: build_hiera_optim(official_model), HIERA_OPTIM_NOTE))
             if compile:
-                contenders.append(built(f"{label} + torch.compile", lambda: torch.compile(build_hiera_optim(official_model))))
+                contenders.append(
+                    built(f"{label} + torch.compile", lambda: torch.compile(build_hiera_optim(official_model)), HIERA_OPTIM_NOTE)
+                )
     names = backend_names or [n for n in backends.available_backends(device) if can_run_model(n, device, dtype)] + ["auto"]
     for name in names:
         contenders.append(Contender(f"hiera_kernels [{name}]", ours, name))
@@ -332,7 +364,7 @@ def bench(
             err, moved = forward_figures[label]
             saved = saved_activation_bytes(model, lambda: model.train()(x)) / 1e6 if train and eager else None
             speedup = official_ms / ms if official_ms else None
-            rows.append(Row(label, m, ms, batch / ms * 1e3, speedup, ms / floor, err, moved, saved))
+            rows.append(Row(label, m, ms, batch / ms * 1e3, speedup, ms / floor, err, moved, saved, note=c.note))
         rows.append(Row(FLOOR_NAME, m, floor, batch / floor * 1e3, None, 1.0, None))
     say(format_table(rows))
     if profile:
