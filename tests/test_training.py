@@ -51,7 +51,7 @@ def step(model, x, labels=LABELS):
     """Loss (mean over the batch), logits and every gradient of one training step."""
     model.train().zero_grad(set_to_none=True)
     logits = model(x)
-    loss = F.cross_entropy(logits.float(), labels)
+    loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels)
     loss.backward()
     return loss.detach(), logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
