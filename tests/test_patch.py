@@ -114,6 +114,11 @@ CASES = {
 }
 
 
+# Cases whose unpatched model cannot run in bfloat16 at all: nothing to compare.
+NO_BF16 = {
+    "hf-pretraining": "transformers' HieraPatchEmbeddings.masked_conv multiplies the bf16 pixels by a float32 "
+                      "mask, so the unpatched model fails in bfloat16 (input float, bias bfloat16)",
+}
 # torch has no bfloat16 CPU backward for the antialiased bicubic upsample of timm's
 # abs-win pos embed: the unpatched model cannot take that gradient, so there is nothing to compare.
 NO_BF16_BACKWARD = {"timm-abswin"}
@@ -166,6 +171,8 @@ def compare(name, dtype, backend=None):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", list(CASES))
 def test_patched_equals_unpatched(name, dtype):
+    if dtype == torch.bfloat16 and name in NO_BF16:
+        pytest.skip(NO_BF16[name])
     compare(name, dtype)
 
 
