@@ -159,3 +159,14 @@ def test_hiera_optim_shim_restores_the_official_module():
             assert official.apply_fusion_head is official.hiera_mae.apply_fusion_head
             raise RuntimeError("inside")
     assert not hasattr(official, "apply_fusion_head")
+
+
+def test_bench_patch_timm(capsys):
+    """bench --patch timm: timm's model against itself patched, eager and compiled."""
+    assert main(["bench", "--patch", "timm", "--model", "hiera_tiny_224", "--batch", "1", "--dtype", "float32", "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "timm hiera_tiny_224, patched vs unpatched batch=1 dtype=float32" in out
+    for row in ["timm (eager)", "timm + torch.compile", "timm patched [auto] (eager)", "timm patched [auto] + torch.compile"]:
+        line = next(line for line in out.splitlines() if line.startswith(f"| {row} "))
+        cells = [c.strip() for c in line.split("|")]
+        assert float(cells[3]) > 0 and float(cells[7]) <= 1e-5, line  # ms/batch, logits error vs unpatched

@@ -232,8 +232,8 @@ def test_patched_model_state_dict_round_trip():
 
 
 def test_unknown_model_is_a_clear_error():
-    with pytest.raises(TypeError, match=r"found no Hiera modules in Sequential; looked for official hiera: "
-                                        r"hiera\.hiera_utils\.Unroll.*timm: timm\.models\.hiera\.Unroll.*transformers"):
+    with pytest.raises(TypeError, match=r"found no Hiera modules in Sequential; looked for official hiera: hiera\.hiera_mae\."
+                                        r"MaskedAutoencoderHiera, hiera\.hiera_utils\.Unroll.*timm: timm\.models\.hiera\.Unroll.*transformers"):
         hk.patch(nn.Sequential(nn.Linear(2, 2)))
     with pytest.raises(TypeError, match="hiera_kernels model; it already runs on hiera_kernels.ops"):
         hk.patch(hk.hiera_tiny_224(input_size=(64, 64)))

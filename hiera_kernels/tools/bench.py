@@ -411,6 +411,74 @@ def header(model_name, batch, dtype, device, mode) -> str:
     )
 
 
+PATCH_FAMILIES = ("timm",)
+
+
+def bench_patched(
+    family: str,
+    model_name: str = "hiera_base_224",
+    batch: int = 8,
+    dtype: Optional[torch.dtype] = None,
+    device: str = "cpu",
+    mode: str = "infer",
+    quick: bool = False,
+    print_fn: Callable[[str], None] = print,
+) -> List[Row]:
+    """``bench --patch timm``: timm's own ``model_name`` against the same model after
+    ``hiera_kernels.patch`` (backend "auto"), eager and under torch.compile; one set of
+    random weights, one batch. "vs official" is against the unpatched eager row, and the
+    logits error against it too (same dtype)."""
+    if family not in PATCH_FAMILIES:
+        raise ValueError(f"bench: --patch must be one of {', '.join(PATCH_FAMILIES)}, got {family!r}")
+    import timm
+
+    from ..adapters import patch
+
+    device = torch.device(device)
+    dtype = dtype or default_dtype(device)
+    warmup, iters = (1, 3) if quick else (3, 10)
+    torch.manual_seed(0)
+    base = timm.create_model(model_name).to(device=device, dtype=dtype)
+    x = torch.randn(batch, *base.pretrained_cfg["input_size"], device=device, dtype=dtype)
+    print_fn(header(f"timm {model_name}, patched vs unpatched", batch, dtype, device, mode))
+    models = {
+        "timm (eager)": base,
+        "timm + torch.compile": torch.compile(copy.deepcopy(base)),
+        "timm patched [auto] (eager)": patch(copy.deepcopy(base)),
+        "timm patched [auto] + torch.compile": torch.compile(patch(copy.deepcopy(base))),
+    }
+    with torch.no_grad():
+        reference = base.train()(x).float()
+    rows: List[Row] = []
+    for m in (["infer", "train"] if mode == "both" else [mode]):
+        train = m == "train"
+
+        def make_step(model):
+            def step():
+                model.train(train)
+                if train:
+                    model.zero_grad(set_to_none=True)
+                    model(x).float().square().mean().backward()
+                else:
+                    with torch.inference_mode():
+                        model(x)
+            return step
+
+        steps = {label: make_step(model) for label, model in models.items()}
+        for step in steps.values():  # warm-up, compiling the compiled rows
+            for _ in range(warmup):
+                step()
+        medians = interleaved_medians(steps, device, iters)
+        for label, model in models.items():
+            with torch.no_grad():
+                err = (model.train()(x).float() - reference).abs().max().item()
+            ms = medians[label]
+            rows.append(Row(label, m, ms, batch / ms * 1e3, medians["timm (eager)"] / ms, None, err,
+                            note="" if label == "timm (eager)" else "errors vs timm (eager)"))
+    print_fn(format_table(rows))
+    return rows
+
+
 def format_table(rows: List[Row]) -> str:
     cols = ["row", "mode", "ms/batch", "img/s", "vs official", "vs GEMM floor", "logits max err",
             "MB moved outside GEMM (fwd)", "saved activations MB", "note"]
