@@ -299,3 +299,14 @@ def test_compile_fullgraph_patched():
         torch._dynamo.reset()
         out = torch.compile(model, fullgraph=True)(x)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_mae_subclass_with_its_own_loss_is_refused():
+    class MyMAE(official.MaskedAutoencoderHiera):
+        def forward_loss(self, x, pred, mask):
+            return super().forward_loss(x, pred, mask)
+
+    model = MyMAE(input_size=(64, 64), embed_dim=32, stages=(1, 1, 1, 1), q_pool=2, decoder_depth=1)
+    with pytest.raises(ValueError, match=r"<root> \(.*MyMAE\) overrides MaskedAutoencoderHiera\.forward_loss"):
+        hk.patch(model)
+    assert not hk.adapters.is_patched(model)

@@ -18,6 +18,7 @@ official MAE has), so its training step compiles with ``fullgraph=True``.
 
 from __future__ import annotations
 
+import sys
 from typing import List
 
 import torch
@@ -67,8 +68,23 @@ def _check_attention(m: nn.Module, path: str) -> None:
 
 MAE_METHODS = ("forward", "forward_encoder", "forward_decoder", "forward_loss", "get_pixel_label_2d", "get_pixel_label_3d")
 
+
+def _check_mae(m: nn.Module, path: str) -> None:
+    """The graph-safe forward passes a static count on to forward_loss, and forward_loss
+    to get_pixel_label_*: a subclass's own versions of those would not take it."""
+    base = sys.modules["hiera.hiera_mae"].MaskedAutoencoderHiera
+    for name in ("forward_loss", "get_pixel_label_2d", "get_pixel_label_3d"):
+        if getattr(type(m), name) is not getattr(base, name):
+            raise ValueError(
+                f"patch: {path} ({type(m).__qualname__}) overrides MaskedAutoencoderHiera.{name}, which the "
+                "graph-safe MAE forward calls with a static count; cannot patch it"
+            )
+
+
 RULES = tuple(
-    Rule("hiera.hiera_mae", "MaskedAutoencoderHiera", name, getattr(GraphSafeMAE, name)) for name in MAE_METHODS
+    Rule("hiera.hiera_mae", "MaskedAutoencoderHiera", name, getattr(GraphSafeMAE, name),
+         _check_mae if name in ("forward", "forward_loss") else None)
+    for name in MAE_METHODS
 ) + (
     Rule("hiera.hiera_utils", "Unroll", "forward", unroll_forward, _check_unroll),
     Rule("hiera.hiera_utils", "Reroll", "forward", reroll_forward, _check_reroll),
