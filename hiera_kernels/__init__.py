@@ -7,10 +7,12 @@ Layers, one module or folder each:
 * :mod:`hiera_kernels.backends`  - what each backend supports and which one runs;
 * :mod:`hiera_kernels.ops`       - the public functional API;
 * ``csrc/cpu`` (``csrc/cuda`` planned) - the C++ kernels (``hiera_kernels._C``);
-* :mod:`hiera_kernels.models`    - drop-in ``Hiera`` and ``MaskedAutoencoderHiera``.
+* :mod:`hiera_kernels.models`    - drop-in ``Hiera`` and ``MaskedAutoencoderHiera``;
+* :mod:`hiera_kernels.adapters`  - ``patch``/``unpatch``: existing official, timm and transformers models on the ops.
 """
 
 from . import ops
+from .adapters import patch, unpatch
 from .backends import BackendError, available_backends, backend_reasons, get_backend, set_backend, use_backend
 from .models import *  # noqa: F401,F403  (the official factory names)
 from .models import __all__ as _model_names
@@ -19,6 +21,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ops",
+    "patch",
+    "unpatch",
     "BackendError",
     "available_backends",
     "backend_reasons",

@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     b.add_argument("--out", help="directory for bench.csv, bench.json and bench.png (the chart needs Pillow)")
     b.add_argument("--profile", action="store_true", help="also print where the fastest row spends its time, by op")
     b.add_argument("--compile", action="store_true", help="add the official, hiera-optim and auto rows under torch.compile")
+    b.add_argument("--patch", choices=["timm"], help="instead: timm's model vs the same model after hiera_kernels.patch, eager and compiled")
     b.add_argument("--no-progress", action="store_true", help="no progress line on stderr (it is drawn only on a terminal anyway)")
     c = sub.add_parser("check", help="cross-check every available backend against the torch path")
     c.add_argument("--model", default="hiera_tiny_224", choices=CLASSIFIERS, metavar="MODEL", help="a classifier factory name")
@@ -36,10 +37,21 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     if args.command in (None, "bench"):
-        from .tools.bench import bench
+        from .tools.bench import bench, bench_patched
 
         if args.command is None:
             args = parser.parse_args(["bench"])
+        if args.patch:
+            bench_patched(
+                args.patch,
+                model_name=args.model,
+                batch=args.batch,
+                dtype=DTYPES[args.dtype] if args.dtype else None,
+                device=args.device,
+                mode=args.mode,
+                quick=args.quick,
+            )
+            return 0
         bench(
             model_name=args.model,
             batch=args.batch,

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..backends import check_name
+from .masking import check_mask, keep_units
 from .pretrained import pretrained_model
 
 
@@ -362,49 +363,10 @@ class Hiera(UsesBackend):
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, return_intermediates: bool = False):
         """x: [B, C, H, W] (or [B, C, T, H, W]); mask: bool [B, num_mask_units], True is *keep*,
         the same count for every sample. With a mask, returns the kept tokens (no head)."""
-        if isinstance(x, list):  # SlowFast-style loaders pass a list
-            x = x[0]
-        intermediates = []
-        B = x.shape[0]
-        if mask is not None:
-            self._check_mask(mask, B)
-        x = self.patch_embed(x, mask=mask.view(B, 1, *self.mask_spatial_shape) if mask is not None else None)
-        x = x + self.get_pos_embed()
-        x = self.unroll(x)
-
-        if mask is not None:
-            # Token t * num_units + w is kept iff mask[b, w]: keep (t, kept w) in order.
-            C = x.shape[-1]
-            units = mask.shape[1]
-            keep = mask[:, None, :].expand(B, self.mu_size, units)
-            x = x.view(B, self.mu_size, units, C)[keep].view(B, -1, C)
-
-        for i, blk in enumerate(self.blocks):
-            x = blk(x)
-            if return_intermediates and i in self.stage_ends:
-                intermediates.append(self.reroll(x, i, mask=mask))
-
+        x, intermediates = encode(self, x, mask, return_intermediates)
         if mask is None:
             x = self.head(self.norm(x.mean(dim=1)))
-
         return (x, intermediates) if return_intermediates else x
-
-    def _check_mask(self, mask: torch.Tensor, batch: int) -> None:
-        """The official model silently mixes tokens across samples when the kept counts
-        differ; say so instead."""
-        units = math.prod(self.mask_spatial_shape)
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (batch, units):
-            raise ValueError(
-                f"{type(self).__name__}.forward: mask must be a bool tensor of shape (B, num_mask_units)="
-                f"({batch}, {units}), got {getattr(mask, 'dtype', type(mask))} {tuple(getattr(mask, 'shape', ()))}"
-            )
-        if not torch.compiler.is_compiling() and batch > 1:
-            kept = mask.sum(dim=1)
-            if bool((kept != kept[0]).any()):
-                raise ValueError(
-                    f"{type(self).__name__}.forward: every sample must keep the same number of mask units, "
-                    f"got {kept.tolist()}"
-                )
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"
@@ -413,6 +375,34 @@ class Hiera(UsesBackend):
 # Image models
 
 _DL = "https://dl.fbaipublicfiles.com/hiera/"
+
+
+def encode(model: nn.Module, x: torch.Tensor, mask: Optional[torch.Tensor] = None, return_intermediates: bool = False,
+           kept: Optional[int] = None):
+    """The encoder of ``Hiera.forward``: patch embed, pos embed, unroll, drop the masked
+    units, blocks. Returns (tokens [B, N', C'], stage-end intermediates). Shared with the
+    patched official MAE (adapters/official.py), hence a function of any model with the
+    official attributes.
+
+    ``kept``: units each sample keeps, when known on the host (an MAE mask ratio); then no
+    step syncs with the device or has a shape that depends on the mask. None reads the
+    count from the mask (one sync)."""
+    if isinstance(x, list):  # SlowFast-style loaders pass a list
+        x = x[0]
+    B = x.shape[0]
+    if mask is not None:
+        kept = check_mask(mask, B, math.prod(model.mask_spatial_shape), kept, f"{type(model).__name__}.forward")
+    x = model.patch_embed(x, mask=mask.view(B, 1, *model.mask_spatial_shape) if mask is not None else None)
+    x = x + model.get_pos_embed()
+    x = model.unroll(x)
+    if mask is not None:
+        x = keep_units(x, mask, kept)
+    intermediates = []
+    for i, blk in enumerate(model.blocks):
+        x = blk(x)
+        if return_intermediates and i in model.stage_ends:
+            intermediates.append(model.reroll(x, i, mask=mask))
+    return x, intermediates
 
 
 def _image_checkpoints(name: str):

@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 
 from ..reference import undo_windowing
-from .hiera import VIDEO_ARGS, Hiera, HieraBlock, conv_nd
+from .hiera import VIDEO_ARGS, Hiera, HieraBlock, conv_nd, encode
+from .masking import scatter_units, select_rows
 from .pretrained import pretrained_model
 
 
@@ -26,8 +27,23 @@ def apply_fusion_head(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.permute(permute).reshape(B, num_mask_units, *x.shape[2:], x.shape[1])
 
 
+def normalize_label(label: torch.Tensor, norm: bool) -> torch.Tensor:
+    """Per-patch pixel normalisation of the MAE target (rows of label)."""
+    if norm:
+        mean = label.mean(dim=-1, keepdim=True)
+        var = label.var(dim=-1, keepdim=True)
+        label = (label - mean) / (var + 1.0e-6) ** 0.5
+    return label
+
+
 class MaskedAutoencoderHiera(Hiera):
-    """Masked autoencoder with a Hiera backbone (official constructor and forward)."""
+    """Masked autoencoder with a Hiera backbone (official constructor and forward).
+
+    Graph-safe: the masked forward and loss select units and tokens by index with counts
+    known on the host (the mask ratio, tensor shapes) instead of boolean indexing, so the
+    training step has no host sync and no data-dependent shape, and compiles with
+    ``fullgraph=True``. The methods below use only attributes the official model has too:
+    the patched official MAE runs them (adapters/official.py)."""
 
     def __init__(
         self,
@@ -93,34 +109,37 @@ class MaskedAutoencoderHiera(Hiera):
             nn.init.constant_(m.bias, 0)
             nn.init.constant_(m.weight, 1.0)
 
-    def _normalize_label(self, label: torch.Tensor, norm: bool) -> torch.Tensor:
-        if norm:
-            mean = label.mean(dim=-1, keepdim=True)
-            var = label.var(dim=-1, keepdim=True)
-            label = (label - mean) / (var + 1.0e-6) ** 0.5
-        return label
-
-    def get_pixel_label_2d(self, input_img: torch.Tensor, mask: torch.Tensor, norm: bool = True) -> torch.Tensor:
-        """Per-patch pixels flattened in (c, py, px) order; mask True = masked."""
+    def get_pixel_label_2d(self, input_img: torch.Tensor, mask: torch.Tensor, norm: bool = True, count: Optional[int] = None):
+        """Per-patch pixels flattened in (c, py, px) order of the masked patches (mask True =
+        masked, ``count`` per sample; None: read from the mask) -> [B * count, D]."""
         input_img = input_img.permute(0, 2, 3, 1)
         size = self.pred_stride
         label = input_img.unfold(1, size, size).unfold(2, size, size)
-        label = label.flatten(1, 2).flatten(2)
-        return self._normalize_label(label[mask], norm)
+        label = label.flatten(1, 2).flatten(2)  # [B, #patches, D]
+        return normalize_label(select_rows(label, mask, count), norm)
 
-    def get_pixel_label_3d(self, input_vid: torch.Tensor, mask: torch.Tensor, norm: bool = True) -> torch.Tensor:
+    def get_pixel_label_3d(self, input_vid: torch.Tensor, mask: torch.Tensor, norm: bool = True, count: Optional[int] = None):
         """Time-strided labels (first frame of each token); mask True = masked."""
         input_vid = input_vid[:, :, :: self.patch_stride[0], :, :]
         size = self.pred_stride
         label = input_vid.unfold(3, size, size).unfold(4, size, size)
         label = label.permute(0, 2, 3, 4, 5, 6, 1)  # differs from 2-D: kept as trained
         label = label.flatten(1, 3).flatten(2)
-        return self._normalize_label(label[mask], norm)
+        return normalize_label(select_rows(label, mask, count), norm)
 
     def forward_encoder(self, x: torch.Tensor, mask_ratio: float, mask: Optional[torch.Tensor] = None):
+        """Multi-scale fused latent [B, K, *mask_unit_spatial_shape_final, C] and the keep-mask.
+
+        A random mask keeps ``int(U * (1 - mask_ratio))`` units of U (``get_random_mask``),
+        a count known here. A given mask: in eager mode its count is read (any count, as
+        officially); under torch.compile it must keep that same count (an on-device assert
+        checks it), so the compiled graph has static shapes."""
+        kept = int(math.prod(self.mask_spatial_shape) * (1 - mask_ratio))
         if mask is None:
             mask = self.get_random_mask(x, mask_ratio)  # [B, #MUs_all]
-        _, intermediates = super().forward(x, mask, return_intermediates=True)
+        elif not torch.compiler.is_compiling():
+            kept = None
+        _, intermediates = encode(self, x, mask, True, kept)
         # Resolution is unchanged after the q_pool stages, so skip those features.
         intermediates = intermediates[: self.q_pool] + intermediates[-1:]
         x = 0.0
@@ -129,13 +148,12 @@ class MaskedAutoencoderHiera(Hiera):
         return self.encoder_norm(x), mask
 
     def forward_decoder(self, x: torch.Tensor, mask: torch.Tensor):
-        x = self.decoder_embed(x)  # [B, #MUs, *mask_unit_spatial_shape_final, C]
-        # Scatter the kept units among mask tokens.
-        x_dec = torch.zeros(*mask.shape, *x.shape[2:], device=x.device, dtype=x.dtype)
+        x = self.decoder_embed(x)  # [B, K, *mask_unit_spatial_shape_final, C]
+        # Place the K kept units among U mask tokens: x_dec [B, U, *unit, C].
+        x_dec = scatter_units(x, mask)
         mask_tokens = self.mask_token.view((1,) * (len(mask.shape) + len(x.shape[2:-1])) + (-1,))
         mask = mask.reshape(mask.shape + (1,) * len(x.shape[2:]))
         mask = mask.expand((-1,) * 2 + x.shape[2:]).bool()
-        x_dec[mask] = x.flatten()
         x_dec = ~mask * mask_tokens + mask * x_dec
 
         x = undo_windowing(x_dec, self.tokens_spatial_shape_final, self.mask_unit_spatial_shape_final)
@@ -149,15 +167,16 @@ class MaskedAutoencoderHiera(Hiera):
         x = self.decoder_norm(x)
         return self.decoder_pred(x), mask
 
-    def forward_loss(self, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor):
-        """Mean squared error on masked tokens (mask True = masked) against normalised pixels."""
+    def forward_loss(self, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, masked: Optional[int] = None):
+        """Mean squared error on masked tokens (mask True = masked, ``masked`` of them per
+        sample; None: read from the mask) against normalised pixels."""
         if len(self.q_stride) == 2:
-            label = self.get_pixel_label_2d(x, mask)
+            label = self.get_pixel_label_2d(x, mask, count=masked)
         elif len(self.q_stride) == 3:
-            label = self.get_pixel_label_3d(x, mask)
+            label = self.get_pixel_label_3d(x, mask, count=masked)
         else:
             raise NotImplementedError(f"MAE labels for {len(self.q_stride)}-D inputs")
-        pred = pred[mask]
+        pred = select_rows(pred, mask, masked)
         loss = (pred - label) ** 2
         return loss.mean(), pred, label
 
@@ -165,7 +184,9 @@ class MaskedAutoencoderHiera(Hiera):
         """Returns ``(loss, pred[masked], label, mask)``; ``mask`` is the keep-mask used."""
         latent, mask = self.forward_encoder(x, mask_ratio, mask=mask)
         pred, pred_mask = self.forward_decoder(latent, mask)  # pred_mask at prediction resolution
-        return *self.forward_loss(x, pred, ~pred_mask), mask
+        # Masked prediction tokens per sample: all of them but the kept units' (static).
+        masked = pred.shape[1] - math.prod(latent.shape[1:-1])
+        return *self.forward_loss(x, pred, ~pred_mask, masked), mask
 
 
 # Image models

@@ -18,6 +18,7 @@ backward (training rows).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import json
@@ -29,7 +30,7 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional, TextIO
+from typing import Callable, Dict, Iterator, List, Optional, TextIO
 
 import torch
 import torch.nn as nn
@@ -65,23 +66,51 @@ class Contender:
     model: Optional[nn.Module]
     backend: str = ""
     error: Optional[Exception] = None
+    note: str = ""  # how the row was run, when that needs saying
 
 
-def built(label: str, build: Callable[[], nn.Module]) -> Contender:
+def built(label: str, build: Callable[[], nn.Module], note: str = "") -> Contender:
     """A contender running ``build()``'s model, or one that carries why ``build()`` failed."""
     try:
-        return Contender(label, build())
+        return Contender(label, build(), note=note)
     except Exception as exc:
         return Contender(label, None, error=exc)
+
+
+# hiera-optim 0.2.1 on hiera-transformer 0.1.4, unmodified, needs two things (spec §12):
+# it resolves the official symbols once, at its import, from ``hiera`` or ``hiera.hiera``,
+# and this release keeps ``apply_fusion_head`` in ``hiera.hiera_mae`` only; and its
+# patched forward reads ``_grad_checkpointing``, which this release's ``Hiera`` lacks.
+HIERA_OPTIM_NOTE = "hiera.apply_fusion_head set for its import; _grad_checkpointing=False"
+
+
+@contextlib.contextmanager
+def official_symbols_for_hiera_optim(official) -> Iterator[None]:
+    """``hiera.apply_fusion_head`` (from ``hiera.hiera_mae``) while hiera-optim is imported
+    and applied; afterwards ``hiera`` is as it was, for every other row."""
+    missing = object()
+    saved = getattr(official, "apply_fusion_head", missing)
+    if saved is missing:
+        official.apply_fusion_head = official.hiera_mae.apply_fusion_head
+    try:
+        yield
+    finally:
+        if saved is missing:
+            del official.apply_fusion_head
 
 
 def build_hiera_optim(official_model: nn.Module) -> nn.Module:
     """hiera-optim's model: it builds none of its own but patches an official model in
     place (``optimize``: 4-D SDPA attention, gather instead of boolean-mask indexing), so
-    it runs on a copy of the official row's model, weights included."""
-    import hiera_optim
+    it runs on a copy of the official row's model, weights included, with its default flags."""
+    import hiera as official
 
-    return hiera_optim.optimize(copy.deepcopy(official_model), verbose=False)
+    model = copy.deepcopy(official_model)
+    model._grad_checkpointing = False  # read by hiera-optim's forward; on this instance only
+    with official_symbols_for_hiera_optim(official):
+        import hiera_optim
+
+        return hiera_optim.optimize(model, verbose=False)
 
 
 def failure_note(exc: Exception, limit: int = 80) -> str:
@@ -243,14 +272,17 @@ def bench(
         print_fn("(official package hiera-transformer not installed: no official or hiera-optim row)")
     if official_model is not None:
         try:
-            import hiera_optim
+            with official_symbols_for_hiera_optim(official):
+                import hiera_optim
         except ImportError as exc:  # not installed, or installed without something it imports
             print_fn(f"(no hiera-optim row: hiera_optim is not importable: {exc})")
         else:
             label = f"hiera-optim {hiera_optim.__version__}"
-            contenders.append(built(f"{label} (eager)", lambda: build_hiera_optim(official_model)))
+            contenders.append(built(f"{label} (eager)", lambda: build_hiera_optim(official_model), HIERA_OPTIM_NOTE))
             if compile:
-                contenders.append(built(f"{label} + torch.compile", lambda: torch.compile(build_hiera_optim(official_model))))
+                contenders.append(
+                    built(f"{label} + torch.compile", lambda: torch.compile(build_hiera_optim(official_model)), HIERA_OPTIM_NOTE)
+                )
     names = backend_names or [n for n in backends.available_backends(device) if can_run_model(n, device, dtype)] + ["auto"]
     for name in names:
         contenders.append(Contender(f"hiera_kernels [{name}]", ours, name))
@@ -336,7 +368,8 @@ def bench(
             verdict, moved = forward_figures[label]
             saved = saved_activation_bytes(model, lambda: model.train()(x)) / 1e6 if train and eager else None
             speedup = official_ms / ms if official_ms else None
-            rows.append(Row(label, m, ms, batch / ms * 1e3, speedup, ms / floor, verdict.error, verdict.limit, moved, saved))
+            rows.append(Row(label, m, ms, batch / ms * 1e3, speedup, ms / floor, verdict.error, verdict.limit, moved, saved,
+                            note=c.note))
         rows.append(Row(FLOOR_NAME, m, floor, batch / floor * 1e3, None, 1.0, None))
     say(format_table(rows))
     if profile:
@@ -388,6 +421,74 @@ def format_error(row: Row) -> str:
         return "-"
     verdict = "<=" if row.max_abs_err <= row.err_limit else "> FAIL"
     return f"{row.max_abs_err:.2e} ({verdict} {row.err_limit:.1e})"
+
+
+PATCH_FAMILIES = ("timm",)
+
+
+def bench_patched(
+    family: str,
+    model_name: str = "hiera_base_224",
+    batch: int = 8,
+    dtype: Optional[torch.dtype] = None,
+    device: str = "cpu",
+    mode: str = "infer",
+    quick: bool = False,
+    print_fn: Callable[[str], None] = print,
+) -> List[Row]:
+    """``bench --patch timm``: timm's own ``model_name`` against the same model after
+    ``hiera_kernels.patch`` (backend "auto"), eager and under torch.compile; one set of
+    random weights, one batch. "vs official" is against the unpatched eager row; the
+    logits are judged by the error rule against the unpatched model in float64."""
+    if family not in PATCH_FAMILIES:
+        raise ValueError(f"bench: --patch must be one of {', '.join(PATCH_FAMILIES)}, got {family!r}")
+    import timm
+
+    from ..adapters import patch
+
+    device = torch.device(device)
+    dtype = dtype or default_dtype(device)
+    warmup, iters = (1, 3) if quick else (3, 10)
+    torch.manual_seed(0)
+    base = timm.create_model(model_name).to(device=device, dtype=dtype)
+    x = torch.randn(batch, *base.pretrained_cfg["input_size"], device=device, dtype=dtype)
+    print_fn(header(f"timm {model_name}, patched vs unpatched", batch, dtype, device, mode))
+    models = {
+        "timm (eager)": base,
+        "timm + torch.compile": torch.compile(copy.deepcopy(base)),
+        "timm patched [auto] (eager)": patch(copy.deepcopy(base)),
+        "timm patched [auto] + torch.compile": torch.compile(patch(copy.deepcopy(base))),
+    }
+    with torch.no_grad():
+        unpatched_logits = base.train()(x)
+        float64_logits = copy.deepcopy(base).double().train()(x.double())
+    rows: List[Row] = []
+    for m in (["infer", "train"] if mode == "both" else [mode]):
+        train = m == "train"
+
+        def make_step(model):
+            def step():
+                model.train(train)
+                if train:
+                    model.zero_grad(set_to_none=True)
+                    model(x).float().square().mean().backward()
+                else:
+                    with torch.inference_mode():
+                        model(x)
+            return step
+
+        steps = {label: make_step(model) for label, model in models.items()}
+        for step in steps.values():  # warm-up, compiling the compiled rows
+            for _ in range(warmup):
+                step()
+        medians = interleaved_medians(steps, device, iters)
+        for label, model in models.items():
+            with torch.no_grad():
+                verdict = error_rule.judge(model.train()(x), unpatched_logits, float64_logits)
+            ms = medians[label]
+            rows.append(Row(label, m, ms, batch / ms * 1e3, medians["timm (eager)"] / ms, None, verdict.error, verdict.limit))
+    print_fn(format_table(rows))
+    return rows
 
 
 def format_table(rows: List[Row]) -> str:

@@ -1,0 +1,120 @@
+"""What every adapter shares: the binding plan, the patch record, the one way to find a
+family's modules, and the op calls its bound functions make."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .. import ops
+
+RECORD = "_hiera_kernels_patch"
+
+
+@dataclass
+class Binding:
+    """Bind ``function`` (taking the module as ``self``) as ``module.<name>``."""
+
+    path: str
+    module: nn.Module
+    name: str
+    function: Callable
+
+
+@dataclass
+class PatchRecord:
+    backend: Optional[str]  # what the bound functions pass to hiera_kernels.ops (None: the default)
+    adapter: str            # the family that recognised the module
+    names: Tuple[str, ...]  # the instance attributes patch() added; unpatch() deletes them
+
+
+@dataclass
+class Rule:
+    """Instances of ``module_name.class_name`` get ``function`` as ``name``, after
+    ``validate(module, path)`` (which raises ValueError for what the ops cannot run)."""
+
+    module_name: str
+    class_name: str
+    name: str
+    function: Callable
+    validate: Optional[Callable[[nn.Module, str], None]] = None
+
+    @property
+    def qualname(self) -> str:
+        return f"{self.module_name}.{self.class_name}"
+
+
+def backend_of(module: nn.Module) -> Optional[str]:
+    """The backend a patched module's ops run on."""
+    return getattr(module, RECORD).backend
+
+
+def find(model: nn.Module, rules: Sequence[Rule], family: str) -> List[Binding]:
+    """One binding per module of ``model`` that an instance of a rule's class is.
+
+    The classes are looked up in ``sys.modules`` only: if the family's package was never
+    imported, no instance of its classes can exist, and importing it here would cost
+    seconds for nothing. A subclass that overrides the method we would replace computes
+    something we do not know: it keeps its own (with a warning)."""
+    classes = []
+    for rule in rules:
+        module = sys.modules.get(rule.module_name)
+        cls = getattr(module, rule.class_name, None) if module is not None else None
+        if cls is not None:
+            classes.append((rule, cls))
+    bindings = []
+    for path, module in model.named_modules():
+        bound = set()
+        for rule, cls in classes:
+            # Rules are most specific first: a subclass's rule (the MAE's forward) wins
+            # over its base class's for the same name.
+            if not isinstance(module, cls) or rule.name in bound:
+                continue
+            bound.add(rule.name)
+            if getattr(type(module), rule.name) is not getattr(cls, rule.name):
+                warnings.warn(
+                    f"hiera_kernels.patch: left {path or '<root>'} ({type(module).__qualname__}) unpatched: it "
+                    f"overrides {family} {rule.qualname}.{rule.name}",
+                    stacklevel=4,
+                )
+                continue
+            if rule.validate is not None:
+                rule.validate(module, path or "<root>")
+            bindings.append(Binding(path or "<root>", module, rule.name, rule.function))
+    return bindings
+
+
+def check_geometry(path: str, size: Sequence[int], schedule: Sequence[Sequence[int]]) -> None:
+    """The token grid must split into whole mask units (as the ops require)."""
+    ops._check_geometry(f"patch: {path}", list(size), [tuple(s) for s in schedule])
+
+
+def check_attention(path: str, dim_out: int, heads: int, q_stride: int, window_size: int, use_mask_unit_attn: bool) -> None:
+    if heads < 1 or dim_out % heads:
+        raise ValueError(f"patch: {path}: dim_out={dim_out} is not divisible by heads={heads}")
+    if q_stride < 1:
+        raise ValueError(f"patch: {path}: q_stride={q_stride} must be >= 1")
+    if use_mask_unit_attn and window_size < 1:
+        raise ValueError(f"patch: {path}: mask-unit attention with window_size={window_size}")
+
+
+def attention(module: nn.Module, x: torch.Tensor, heads: int, q_stride: int, window_size: int, use_mask_unit_attn: bool):
+    """Every family's MaskUnitAttention body: ``proj(attention(qkv(x)))``,
+    x [B, N, dim] -> [B, N // q_stride, dim_out], with the attention between the two
+    Linears (q pooling, windows, SDPA, head merge) one op."""
+    out = ops.mask_unit_attention(
+        module.qkv(x), heads, q_stride, window_size, use_mask_unit_attn, backend=backend_of(module)
+    )
+    return module.proj(out)
+
+
+def pool(module: nn.Module, x: torch.Tensor, stride: int) -> torch.Tensor:
+    """Every family's residual ``do_pool``: [B, N, C] -> [B, N // stride, C], the max over
+    the leading stride digit of the unrolled order (a 2x2 max-pool of the grid)."""
+    return ops.query_pool(x, stride, backend=backend_of(module))
+

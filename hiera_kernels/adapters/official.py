@@ -1,0 +1,98 @@
+"""Adapter for the official package (``hiera-transformer``: ``hiera.Hiera``,
+``hiera.MaskedAutoencoderHiera``, image and video).
+
+Its token ops live in four module classes, so binding their forwards is enough for the
+classifier: its own forward (masking, intermediates) calls them. The MAE also gets the
+drop-in MAE's graph-safe forward, encoder, decoder and loss (models/hiera_mae.py: index
+gathers with static counts instead of boolean indexing; they use only attributes the
+official MAE has), so its training step compiles with ``fullgraph=True``.
+
+=========================  ==============================================================
+``hiera_utils.Unroll``     forward(x [B, N, C]) -> ops.unroll(x, size, schedule)
+``hiera_utils.Reroll``     forward(x, block_idx, mask) -> ops.reroll with the block's
+                           (schedule, size); [B, *size, C], or [B, K, *mu, C] with a mask
+``hiera.MaskUnitAttention`` forward(x) -> proj(ops.mask_unit_attention(qkv(x), ...))
+``hiera.HieraBlock``       forward(x): the residual's ``do_pool`` -> ops.query_pool
+=========================  ==============================================================
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import List
+
+import torch
+import torch.nn as nn
+
+from .. import ops
+from ..models.hiera_mae import MaskedAutoencoderHiera as GraphSafeMAE
+from ._common import Binding, Rule, attention, backend_of, check_attention, check_geometry, find, pool
+
+NAME = "official hiera"
+
+
+def unroll_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return ops.unroll(x, self.size, self.schedule, backend=backend_of(self))
+
+
+def reroll_forward(self, x: torch.Tensor, block_idx: int, mask: torch.Tensor = None) -> torch.Tensor:
+    schedule, size = self.schedule[block_idx]
+    return ops.reroll(x, size, schedule, mask, backend=backend_of(self))
+
+
+def attention_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return attention(self, x, self.heads, self.q_stride, self.window_size, self.use_mask_unit_attn)
+
+
+def block_forward(self, x: torch.Tensor) -> torch.Tensor:
+    x_norm = self.norm1(x)
+    if self.dim != self.dim_out:
+        # The residual is projected on the normed input, then pooled like q.
+        x = pool(self, self.proj(x_norm), self.attn.q_stride)
+    x = x + self.drop_path(self.attn(x_norm))
+    return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def _check_unroll(m: nn.Module, path: str) -> None:
+    check_geometry(path, m.size, m.schedule)
+
+
+def _check_reroll(m: nn.Module, path: str) -> None:
+    for schedule, size in m.schedule.values():
+        check_geometry(path, size, schedule)
+
+
+def _check_attention(m: nn.Module, path: str) -> None:
+    check_attention(path, m.dim_out, m.heads, m.q_stride, m.window_size, m.use_mask_unit_attn)
+
+
+MAE_METHODS = ("forward", "forward_encoder", "forward_decoder", "forward_loss", "get_pixel_label_2d", "get_pixel_label_3d")
+
+
+def _check_mae(m: nn.Module, path: str) -> None:
+    """The graph-safe forward passes a static count on to forward_loss, and forward_loss
+    to get_pixel_label_*: a subclass's own versions of those would not take it."""
+    base = sys.modules["hiera.hiera_mae"].MaskedAutoencoderHiera
+    for name in ("forward_loss", "get_pixel_label_2d", "get_pixel_label_3d"):
+        if getattr(type(m), name) is not getattr(base, name):
+            raise ValueError(
+                f"patch: {path} ({type(m).__qualname__}) overrides MaskedAutoencoderHiera.{name}, which the "
+                "graph-safe MAE forward calls with a static count; cannot patch it"
+            )
+
+
+RULES = tuple(
+    Rule("hiera.hiera_mae", "MaskedAutoencoderHiera", name, getattr(GraphSafeMAE, name),
+         _check_mae if name in ("forward", "forward_loss") else None)
+    for name in MAE_METHODS
+) + (
+    Rule("hiera.hiera_utils", "Unroll", "forward", unroll_forward, _check_unroll),
+    Rule("hiera.hiera_utils", "Reroll", "forward", reroll_forward, _check_reroll),
+    Rule("hiera.hiera", "MaskUnitAttention", "forward", attention_forward, _check_attention),
+    Rule("hiera.hiera", "HieraBlock", "forward", block_forward),
+)
+LOOKS_FOR = tuple(dict.fromkeys(r.qualname for r in RULES))
+
+
+def bindings(model: nn.Module) -> List[Binding]:
+    return find(model, RULES, NAME)

@@ -1,0 +1,51 @@
+"""Adapter for timm's ``timm.models.hiera.Hiera`` (every ``hiera_*`` model, the ``abswin``
+ones, ``forward_intermediates`` and ``features_only``, which wraps the same modules).
+
+timm's classes follow the official ones (same attribute names), with these differences:
+its attention keeps windowed attention 5-D and global attention 4-D (the same math:
+``ops.mask_unit_attention`` covers both), and its ``HieraBlock`` has ``drop_path1/2``,
+``ls1/ls2`` (LayerScale or Identity) and, with ``use_expand_proj=False`` (the abswin
+models), no ``proj``: the residual is then the max-pool and the mean-pool of the
+unprojected input side by side ([B, N, C] -> [B, N // stride, 2C]).
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.nn as nn
+
+from . import official
+from ._common import Binding, Rule, find, pool
+
+NAME = "timm"
+MODULE = "timm.models.hiera"
+
+
+def block_forward(self, x: torch.Tensor) -> torch.Tensor:
+    x_norm = self.norm1(x)
+    if self.do_expand:
+        stride = self.attn.q_stride
+        if self.proj is not None:
+            x = pool(self, self.proj(x_norm), stride)
+        else:
+            # Un-normed x [B, stride * M, C] -> [B, M, 2C]: max and mean over the stride digit.
+            mean = x.view(x.shape[0], stride, -1, x.shape[-1]).mean(dim=1)
+            x = torch.cat([pool(self, x, stride), mean], dim=-1)
+    x = x + self.drop_path1(self.ls1(self.attn(x_norm)))
+    return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+# Unroll, Reroll and the attention have the official attributes and semantics.
+RULES = (
+    Rule(MODULE, "Unroll", "forward", official.unroll_forward, official._check_unroll),
+    Rule(MODULE, "Reroll", "forward", official.reroll_forward, official._check_reroll),
+    Rule(MODULE, "MaskUnitAttention", "forward", official.attention_forward, official._check_attention),
+    Rule(MODULE, "HieraBlock", "forward", block_forward),
+)
+LOOKS_FOR = tuple(r.qualname for r in RULES)
+
+
+def bindings(model: nn.Module) -> List[Binding]:
+    return find(model, RULES, NAME)
