@@ -7,7 +7,9 @@ every row of the output ([B*N, out], e.g. [25088, 288] for Hiera-B stage-1 qkv a
 the single store (post-ops). That is what inductor's CPU freezing emits
 (torch/_inductor/fx_passes/mkldnn_fusion.py): the weight reordered once into oneDNN's
 blocked layout by ``torch.ops.mkldnn._reorder_linear_weight``, then
-``torch.ops.mkldnn._linear_pointwise(x, packed_w, b, "none" | "gelu", [], algorithm)``.
+``torch.ops.mkldnn._linear_pointwise(x, packed_w, b, "none" | "gelu", [], algorithm)``, and
+for a block's skip connection ``torch.ops.mkldnn._linear_pointwise.binary(x, residual,
+packed_w, b, "add")`` (attn.proj and mlp.fc2 with the residual add in their epilogue).
 Both are private PyTorch ops, so they are probed once at import (:data:`UNAVAILABLE`
 says why they cannot be used; ``python -m hiera_kernels info`` prints it) and, if
 unusable, the model runs the plain path.
@@ -49,6 +51,7 @@ def _probe() -> Optional[str]:
         if not torch.backends.mkldnn.enabled:
             return "oneDNN is disabled (torch.backends.mkldnn.enabled is False)"
         linear, reorder = mkldnn._linear_pointwise.default, mkldnn._reorder_linear_weight.default
+        mkldnn._linear_pointwise.binary  # noqa: B018 (the residual add's overload: must exist too)
         gen = torch.Generator().manual_seed(0)
         # [2, 3, 16] @ [16, 8]^T: 3-D input like the model's [B, N, C].
         x, w, b = (torch.randn(s, generator=gen) for s in ((2, 3, 16), (8, 16), (8,)))
@@ -64,6 +67,12 @@ def _probe() -> Optional[str]:
                     if got.shape != want.shape or got.dtype != dtype or not torch.allclose(got.float(), want, atol=tol, rtol=tol):
                         return (f"probe mismatch: mkldnn._linear_pointwise(attr={attr!r}, algorithm={algorithm!r}) in "
                                 f"{dtype} differs from F.linear by {(got.float() - want).abs().max().item():.3g}")
+                r = torch.randn(2, 3, 8, generator=gen)
+                got = mkldnn._linear_pointwise.binary(xd, r.to(dtype), packed, bd, "add")
+                want = F.linear(x, w, b) + r
+                if not torch.allclose(got.float(), want, atol=tol, rtol=tol):
+                    return (f"probe mismatch: mkldnn._linear_pointwise.binary(attr='add') in {dtype} differs from "
+                            f"F.linear + residual by {(got.float() - want).abs().max().item():.3g}")
     except Exception as exc:  # a missing private op is AttributeError/RuntimeError; any failure means: do not use it
         return f"torch.ops.mkldnn._linear_pointwise/_reorder_linear_weight unusable ({type(exc).__name__}: {exc})"
     return None
@@ -88,8 +97,8 @@ class Linear(nn.Linear):
     backend: Optional[str] = None
     _packed = None  # (weight Parameter, data_ptr, _version, dtype, device, shape) -> packed weight
 
-    def fuses(self, x: torch.Tensor) -> bool:
-        """Whether a forward on ``x`` takes the fused path (see the module docstring)."""
+    def fuses(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> bool:
+        """Whether a forward on ``x`` (and ``residual``) takes the fused path (see the module docstring)."""
         if UNAVAILABLE is not None or torch.compiler.is_compiling():
             return False
         name = self.backend or backends.get_backend()
@@ -98,7 +107,9 @@ class Linear(nn.Linear):
         w, b = self.weight, self.bias
         if w.dtype != x.dtype or w.device.type != "cpu" or (b is not None and b.dtype != x.dtype):
             return False
-        needs_grad = x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)
+        if residual is not None and (residual.dtype != x.dtype or residual.device.type != "cpu"):
+            return False
+        needs_grad = any(t is not None and t.requires_grad for t in (x, w, b, residual))
         return not (torch.is_grad_enabled() and needs_grad)
 
     def packed_weight(self) -> torch.Tensor:
@@ -114,14 +125,25 @@ class Linear(nn.Linear):
             self._packed = (w, key, packed)
         return self._packed[2]
 
-    def forward(self, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, activation: str = "none", residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``activation(x @ W^T + b)``, or with ``residual`` (a block's skip connection, the
+        output's shape) ``x @ W^T + b + residual``."""
         if activation not in POST_OPS:
             raise ValueError(f"Linear.forward: activation must be one of {', '.join(POST_OPS)}, got {activation!r}")
-        if self.fuses(x):
-            attr, algorithm = POST_OPS[activation]
+        if residual is not None and activation != "none":
+            raise ValueError(f"Linear.forward: a residual goes with activation 'none', got {activation!r}")
+        if self.fuses(x, residual):
             bias = None if self.bias is None else self.bias.detach()
-            return torch.ops.mkldnn._linear_pointwise(x.detach().contiguous(), self.packed_weight(), bias, attr, [], algorithm)
+            x, packed = x.detach().contiguous(), self.packed_weight()
+            if residual is not None:
+                # oneDNN binary post-op: the skip connection added to the accumulator before
+                # the one store (no separate [B, N, C] read-read-write pass, one rounding).
+                return torch.ops.mkldnn._linear_pointwise.binary(x, residual.detach().contiguous(), packed, bias, "add")
+            attr, algorithm = POST_OPS[activation]
+            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, attr, [], algorithm)
         y = F.linear(x, self.weight, self.bias)
+        if residual is not None:
+            return residual + y  # the official block's order (the sum is the same either way)
         if activation == "none":
             return y
         return F.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")

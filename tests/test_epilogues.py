@@ -43,6 +43,22 @@ def test_fused_linear_passes_the_error_rule(dtype, activation):
     assert fused.dtype == dtype and verdict.passed, verdict.describe()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_residual_add_passes_the_error_rule(dtype):
+    m = linear(dtype=dtype)
+    x, skip = torch.randn(2, 200, 96).to(dtype), torch.randn(2, 200, 288).to(dtype)
+    with torch.no_grad():
+        assert m.fuses(x, skip)
+        fused = m(x, residual=skip)
+        reference = F.linear(x.double(), m.weight.double(), m.bias.double()) + skip.double()
+        verdict = error_rule.judge(fused, skip + plain(m, x, "none"), reference)
+    assert m._packed is not None and verdict.passed, verdict.describe()
+    with pytest.raises(ValueError, match="a residual goes with activation 'none', got 'gelu'"):
+        m(x, "gelu", residual=skip)
+    assert not m.fuses(x, skip.requires_grad_())  # the skip connection needs a gradient: autograd's path
+    assert not m.fuses(x, skip.detach().double())
+
+
 def test_packed_weight_follows_in_place_updates_and_dtype_changes():
     m = linear()
     x = torch.randn(3, 17, 96)

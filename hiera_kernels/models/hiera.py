@@ -81,11 +81,12 @@ class Mlp(nn.Module):
         self.act = act_layer()
         self.fc2 = Linear(hidden_features, in_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """fc2(act(fc1(x))), plus ``residual`` if given (added in fc2's epilogue where it fuses)."""
         activation = epilogues.activation_name(self.act)
         if activation is not None and self.fc1.fuses(x):
-            return self.fc2(self.fc1(x, activation))
-        return self.fc2(self.act(self.fc1(x)))
+            return self.fc2(self.fc1(x, activation), residual=residual)
+        return self.fc2(self.act(self.fc1(x)), residual=residual)
 
 
 class MaskUnitAttention(UsesBackend):
@@ -116,11 +117,12 @@ class MaskUnitAttention(UsesBackend):
         self.window_size = window_size
         self.use_mask_unit_attn = use_mask_unit_attn
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The attention's output projection, plus ``residual`` [B, N // q_stride, dim_out] if given."""
         out = ops.mask_unit_attention(
             self.qkv(x), self.heads, self.q_stride, self.window_size, self.use_mask_unit_attn, backend=self.backend
         )
-        return self.proj(out)
+        return self.proj(out, residual=residual)
 
 
 class HieraBlock(UsesBackend):
@@ -153,6 +155,11 @@ class HieraBlock(UsesBackend):
         if self.dim != self.dim_out:
             # Residual of a transition block: max-pool of proj(norm1(x)), not of x.
             x = ops.query_pool(self.proj(x_norm), self.attn.q_stride, backend=self.backend)
+        if isinstance(self.drop_path, nn.Identity) or not self.training:
+            # No stochastic depth: the skip connections go into proj's and fc2's epilogues
+            # (added after the GEMM on the plain path, as officially).
+            x = self.attn(x_norm, residual=x)
+            return self.mlp(self.norm2(x), residual=x)
         x = x + self.drop_path(self.attn(x_norm))
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x
