@@ -9,8 +9,11 @@ A row whose model cannot be built or run says why in its note. Every row
 runs the same random weights on the same batch; after warm-up the rows are timed
 round-robin, one step each per round, and each reports its median. The GEMM
 floor is the time of the model's Linears and patch conv alone, each run on an
-input of the shape it sees in the model: what no fusion of the other ops can
-beat. Two device-independent columns come from
+input of the shape it sees in the model, the Linears as ``"auto"`` runs them (for
+CPU inference: bias inside oneDNN's GEMM, :mod:`hiera_kernels.epilogues`): what no
+fusion of the other ops can beat. With ``compile``, an inference-only row compiles
+with inductor's freezing; with ``memory`` (and ``input_size``), each eager row's peak
+memory over one step is measured in a fresh process (:mod:`.peak_memory`). Two device-independent columns come from
 :mod:`hiera_kernels.tools.traffic`: bytes moved outside GEMM/conv in one forward
 (what predicts memory-bound time on a GPU) and activation bytes saved for the
 backward (training rows).
