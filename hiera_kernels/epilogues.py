@@ -10,15 +10,15 @@ blocked layout by ``torch.ops.mkldnn._reorder_linear_weight``, then
 ``torch.ops.mkldnn._linear_pointwise(x, packed_w, b, "none" | "gelu", [], algorithm)``, and
 for a block's skip connection ``torch.ops.mkldnn._linear_pointwise.binary(x, residual,
 packed_w, b, "add")`` (attn.proj and mlp.fc2 with the residual add in their epilogue).
-Both are private PyTorch ops, so they are probed once at import (:data:`UNAVAILABLE`
+All are private PyTorch ops, so they are probed once at import (:data:`UNAVAILABLE`
 says why they cannot be used; ``python -m hiera_kernels info`` prints it) and, if
 unusable, the model runs the plain path.
 
 :class:`Linear` is ``nn.Linear`` (same ``weight``/``bias`` keys) that takes the fused
 path only where it is valid: backend ``"cpu"`` or ``"auto"``, CPU tensors, float32 or
-bfloat16, nothing that needs a gradient, not while ``torch.compile`` traces (dynamo
-cannot trace the packed-weight cache; the plain ops it sees are fused by inductor's own
-freezing pass instead). Everywhere else, ``"torch"`` always, it is ``F.linear``.
+bfloat16, nothing that needs a gradient, no CPU autocast, not while ``torch.compile`` traces (dynamo
+cannot trace the packed-weight cache; with ``freezing``, inductor's own pass fuses the
+plain ops it sees). Everywhere else, ``"torch"`` always, it is ``F.linear``.
 The packed weight is a cache on the module, never a parameter or buffer: it is rebuilt
 when the weight changes (same Parameter object, data pointer, version counter, dtype,
 device and shape); the bias is passed as it is on every call, so nothing of it is cached.
@@ -95,11 +95,12 @@ class Linear(nn.Linear):
     ``backend`` is set by the owning model's ``set_backend`` (None: the global default)."""
 
     backend: Optional[str] = None
-    _packed = None  # (weight Parameter, data_ptr, _version, dtype, device, shape) -> packed weight
+    _packed = None  # (the weight Parameter, (data_ptr, _version, dtype, device, shape), packed weight)
 
     def fuses(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> bool:
         """Whether a forward on ``x`` (and ``residual``) takes the fused path (see the module docstring)."""
-        if UNAVAILABLE is not None or torch.compiler.is_compiling():
+        # Under CPU autocast F.linear computes in the autocast dtype; the private op would not.
+        if UNAVAILABLE is not None or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
             return False
         name = self.backend or backends.get_backend()
         if name not in FUSING_BACKENDS or x.device.type != "cpu" or x.dtype not in DTYPES:
@@ -153,8 +154,7 @@ class Linear(nn.Linear):
         return super()._apply(fn, recurse)
 
     def __getstate__(self):
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {**state, "_packed": None}  # deepcopy/pickle: an opaque oneDNN tensor, rebuilt on use
+        return {**self.__dict__, "_packed": None}  # copy/deepcopy/pickle: an opaque oneDNN tensor, rebuilt on use
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", backend={self.backend!r}" if self.backend else "")

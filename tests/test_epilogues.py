@@ -105,6 +105,9 @@ def test_plain_path_where_fusing_is_not_valid():
     y = m(x, "gelu")
     y.sum().backward()
     assert m.weight.grad is not None and m._packed is None
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's dtype rules stay F.linear's
+        assert not m.fuses(x)
+        assert m(x).dtype == torch.bfloat16
     with hk.use_backend("torch"):  # backend None follows the global default
         m.backend = None
         with torch.no_grad():
