@@ -17,7 +17,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command")
     b = sub.add_parser("bench", help="time the whole model: official vs each backend vs the GEMM floor (the default)")
     b.add_argument("--model", default="hiera_base_224", choices=CLASSIFIERS, metavar="MODEL", help="a classifier factory name (default hiera_base_224)")
-    b.add_argument("--batch", type=int, default=8)
+    b.add_argument("--batch", type=int, help="default 8, or 1 with --input-size")
     b.add_argument("--dtype", choices=list(DTYPES), help="default: bfloat16 on CPUs with bf16, float16 on GPUs, else float32")
     b.add_argument("--device", default="cpu")
     b.add_argument("--backends", help="comma-separated backend names (default: every backend that runs the model, and auto)")
@@ -27,6 +27,8 @@ def main(argv=None) -> int:
     b.add_argument("--profile", action="store_true", help="also print where the fastest row spends its time, by op")
     b.add_argument("--compile", action="store_true", help="add the official, hiera-optim and auto rows under torch.compile")
     b.add_argument("--patch", choices=["timm"], help="instead: timm's model vs the same model after hiera_kernels.patch, eager and compiled")
+    b.add_argument("--input-size", type=int, metavar="N", help="N x N images (16 x N x N for video models; a multiple of 32), e.g. 448 or 1024; implies --memory")
+    b.add_argument("--memory", action="store_true", help="add each eager row's peak memory over one step, measured in a fresh process per row")
     b.add_argument("--no-progress", action="store_true", help="no progress line on stderr (it is drawn only on a terminal anyway)")
     c = sub.add_parser("check", help="cross-check every available backend against the torch path")
     c.add_argument("--model", default="hiera_tiny_224", choices=CLASSIFIERS, metavar="MODEL", help="a classifier factory name")
@@ -54,7 +56,7 @@ def main(argv=None) -> int:
             return 0
         bench(
             model_name=args.model,
-            batch=args.batch,
+            batch=args.batch if args.batch is not None else (1 if args.input_size else 8),
             dtype=DTYPES[args.dtype] if args.dtype else None,
             device=args.device,
             backend_names=args.backends.split(",") if args.backends else None,
@@ -64,6 +66,8 @@ def main(argv=None) -> int:
             profile=args.profile,
             compile=args.compile,
             progress=not args.no_progress,
+            input_size=args.input_size,
+            memory=args.memory or args.input_size is not None,
         )
         return 0
     if args.command == "check":

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from hiera_kernels.__main__ import main
-from hiera_kernels.tools.bench import HIERA_OPTIM_NOTE, FLOOR_NAME, Progress, Row, bench, official_symbols_for_hiera_optim, save
+from hiera_kernels.tools.bench import (FLOOR_NAME, FREEZING_ROW, HIERA_OPTIM_NOTE, PEAK_COLUMN, Progress, Row, bench,
+                                        official_symbols_for_hiera_optim, save)
 from hiera_kernels.tools.chart import FLOOR_COLOUR
 
 TINY = dict(model_name="hiera_tiny_224", batch=1, dtype=torch.float32, quick=True)
@@ -43,13 +44,52 @@ def test_bench_quick_prints_the_table_and_writes_files(tmp_path, capsys):
 
 
 def test_bench_compile_rows(capsys):
+    import torch._inductor.config as inductor_config
+
+    freezing = inductor_config.freezing
     main(["bench", "--model", "hiera_tiny_224", "--batch", "1", "--dtype", "float32", "--quick", "--backends", "cpu", "--compile"])
     out = capsys.readouterr().out
-    for row in ["official + torch.compile", "hiera_kernels [auto] + torch.compile"]:
-        line = next(line for line in out.splitlines() if line.startswith(f"| {row}"))
+    assert inductor_config.freezing == freezing  # the freezing row's option stays scoped to its own compile
+    for row in ["official + torch.compile", "hiera_kernels [auto] + torch.compile", FREEZING_ROW]:
+        line = next(line for line in out.splitlines() if line.startswith(f"| {row} "))
         assert "failed" not in line, line
         cells = [c.strip() for c in line.split("|")]
         assert float(cells[3]) > 0 and "(<=" in cells[7], line  # ms/batch; logits error within the rule
+
+
+def test_bench_input_size_times_and_measures_peak_memory(capsys):
+    main(["bench", "--model", "hiera_tiny_224", "--dtype", "float32", "--quick", "--backends", "cpu,torch", "--input-size", "256"])
+    out = capsys.readouterr().out
+    assert "hiera_tiny_224 batch=1 dtype=float32" in out and "input=256x256" in out  # batch 1 by default with --input-size
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("| row "))
+    column = [c.strip() for c in header.split("|")].index(PEAK_COLUMN)
+    peaks = {}
+    for row in ["official (eager)", "hiera_kernels [cpu]", "hiera_kernels [torch]"]:
+        cells = [c.strip() for c in next(line for line in lines if line.startswith(f"| {row} ")).split("|")]
+        assert float(cells[3]) > 0 and "(<=" in cells[7], cells
+        peaks[row] = float(cells[column])
+    # One 256x256 forward's activations: stage 1 alone is [1, 4096, 96] floats (1.6 MB) several times over.
+    assert all(1 < mb < 1000 for mb in peaks.values()), peaks
+    floor = [c.strip() for c in next(line for line in lines if line.startswith(f"| {FLOOR_NAME}")).split("|")]
+    assert floor[column] == "-"  # measured per row, not for the floor
+
+
+def test_bench_input_size_must_fill_whole_mask_units():
+    with pytest.raises(ValueError, match="--input-size 240 gives 60 tokens a side; .* a multiple of 32"):
+        bench(**TINY, backend_names=["torch"], input_size=240)
+
+
+def test_peak_memory_counts_what_a_step_allocates():
+    from hiera_kernels.tools.peak_memory import peak_mb
+
+    spec = dict(kind="hiera_kernels", backend="torch", model="hiera_tiny_224", input_size=None, batch=1,
+                image_shape=[3, 224, 224], dtype="float32", device="cpu", mode="infer")
+    one = peak_mb(spec)
+    four = peak_mb(dict(spec, batch=4))
+    assert 0 < one < four  # four images need more activation memory than one
+    with pytest.raises(RuntimeError, match="peak memory subprocess failed: .*hiera_nope"):
+        peak_mb(dict(spec, model="hiera_nope"))
 
 
 def test_bench_profile_prints_the_op_table(capsys):

@@ -3,7 +3,9 @@ with its token ops routed through :mod:`hiera_kernels.ops`.
 
 Same constructor arguments, forward signature, factory names and ``state_dict``
 keys as the official package, so official checkpoints load with ``strict=True``.
-Additions: a ``backend=`` constructor argument and :meth:`Hiera.set_backend`.
+Additions: a ``backend=`` constructor argument and :meth:`Hiera.set_backend`; the Linears
+are :class:`hiera_kernels.epilogues.Linear` (bias and fc1's GELU inside the GEMM for CPU
+inference on "cpu"/"auto").
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import ops
+from .. import epilogues, ops
 from ..backends import check_name
 from .masking import check_mask, keep_units
+from ..epilogues import Linear
 from .pretrained import pretrained_model
 
 
@@ -32,7 +35,7 @@ class UsesBackend(nn.Module):
         if backend is not None:
             check_name(backend, f"{type(self).__name__}.set_backend")
         for module in self.modules():
-            if isinstance(module, UsesBackend):
+            if isinstance(module, (UsesBackend, Linear)):
                 module.backend = backend
         return self
 
@@ -70,16 +73,21 @@ class DropPath(nn.Module):
 
 
 class Mlp(nn.Module):
-    """fc1 -> exact GELU -> fc2 (timm ``Mlp`` at dropout 0; keys ``fc1``, ``fc2``)."""
+    """fc1 -> exact GELU -> fc2 (timm ``Mlp`` at dropout 0; keys ``fc1``, ``fc2``).
+    Where fc1 fuses (CPU inference on "cpu"/"auto"), the GELU runs inside fc1's GEMM."""
 
     def __init__(self, in_features: int, hidden_features: int, act_layer: Callable[[], nn.Module] = nn.GELU):
         super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc1 = Linear(in_features, hidden_features)
         self.act = act_layer()
-        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.fc2 = Linear(hidden_features, in_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """fc2(act(fc1(x))), plus ``residual`` if given (added in fc2's epilogue where it fuses)."""
+        activation = epilogues.activation_name(self.act)
+        if activation is not None and self.fc1.fuses(x):
+            return self.fc2(self.fc1(x, activation), residual=residual)
+        return self.fc2(self.act(self.fc1(x)), residual=residual)
 
 
 class MaskUnitAttention(UsesBackend):
@@ -105,16 +113,17 @@ class MaskUnitAttention(UsesBackend):
         self.q_stride = q_stride
         self.head_dim = dim_out // heads
         self.scale = self.head_dim**-0.5  # unused (SDPA's default scale); kept as an official attribute
-        self.qkv = nn.Linear(dim, 3 * dim_out)
-        self.proj = nn.Linear(dim_out, dim_out)
+        self.qkv = Linear(dim, 3 * dim_out)
+        self.proj = Linear(dim_out, dim_out)
         self.window_size = window_size
         self.use_mask_unit_attn = use_mask_unit_attn
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The attention's output projection, plus ``residual`` [B, N // q_stride, dim_out] if given."""
         out = ops.mask_unit_attention(
             self.qkv(x), self.heads, self.q_stride, self.window_size, self.use_mask_unit_attn, backend=self.backend
         )
-        return self.proj(out)
+        return self.proj(out, residual=residual)
 
 
 class HieraBlock(UsesBackend):
@@ -140,13 +149,18 @@ class HieraBlock(UsesBackend):
         self.mlp = Mlp(dim_out, int(dim_out * mlp_ratio), act_layer=act_layer)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         if dim != dim_out:
-            self.proj = nn.Linear(dim, dim_out)
+            self.proj = Linear(dim, dim_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_norm = self.norm1(x)
         if self.dim != self.dim_out:
             # Residual of a transition block: max-pool of proj(norm1(x)), not of x.
             x = ops.query_pool(self.proj(x_norm), self.attn.q_stride, backend=self.backend)
+        if isinstance(self.drop_path, nn.Identity) or not self.training:
+            # No stochastic depth: the skip connections go into proj's and fc2's epilogues
+            # (added after the GEMM on the plain path, as officially).
+            x = self.attn(x_norm, residual=x)
+            return self.mlp(self.norm2(x), residual=x)
         x = x + self.drop_path(self.attn(x_norm))
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x
@@ -164,7 +178,7 @@ class Head(nn.Module):
     ):
         super().__init__()
         self.dropout = nn.Dropout(dropout_rate) if dropout_rate > 0 else nn.Identity()
-        self.projection = nn.Linear(dim, num_classes)
+        self.projection = Linear(dim, num_classes)
         self.act_func = act_func
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

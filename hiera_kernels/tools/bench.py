@@ -9,8 +9,11 @@ A row whose model cannot be built or run says why in its note. Every row
 runs the same random weights on the same batch; after warm-up the rows are timed
 round-robin, one step each per round, and each reports its median. The GEMM
 floor is the time of the model's Linears and patch conv alone, each run on an
-input of the shape it sees in the model: what no fusion of the other ops can
-beat. Two device-independent columns come from
+input of the shape it sees in the model, the Linears as ``"auto"`` runs them (for
+CPU inference: bias inside oneDNN's GEMM, :mod:`hiera_kernels.epilogues`): what no
+fusion of the other ops can beat. With ``compile``, an inference-only row compiles
+with inductor's freezing; with ``memory`` (and ``input_size``), each eager row's peak
+memory over one step is measured in a fresh process (:mod:`.peak_memory`). Two device-independent columns come from
 :mod:`hiera_kernels.tools.traffic`: bytes moved outside GEMM/conv in one forward
 (what predicts memory-bound time on a GPU) and activation bytes saved for the
 backward (training rows).
@@ -35,11 +38,13 @@ from typing import Callable, Dict, Iterator, List, Optional, TextIO
 import torch
 import torch.nn as nn
 
-from .. import backends, error_rule, models
+from .. import backends, epilogues, error_rule, models
 from .chart import write_chart
+from .peak_memory import peak_mb
 from .traffic import bytes_moved, saved_activation_bytes
 
 FLOOR_NAME = "GEMM floor (Linears + conv alone)"
+PEAK_COLUMN = "peak MB (one step, own process)"
 
 
 @dataclass
@@ -55,6 +60,7 @@ class Row:
     moved_mb: Optional[float] = None  # bytes read + written outside GEMM/conv, one forward
     saved_mb: Optional[float] = None  # activations saved for the backward, one training forward
     note: str = ""
+    peak_mb: Optional[float] = None  # --memory: peak memory growth over one step, in a fresh process (tools/peak_memory.py)
 
 
 @dataclass
@@ -67,6 +73,8 @@ class Contender:
     backend: str = ""
     error: Optional[Exception] = None
     note: str = ""  # how the row was run, when that needs saying
+    infer_only: bool = False  # a row that means nothing under autograd (inductor freezing)
+    memory: Optional[dict] = None  # how tools/peak_memory.py rebuilds this row ("kind", "backend"); None: not measured
 
 
 def built(label: str, build: Callable[[], nn.Module], note: str = "") -> Contender:
@@ -200,11 +208,22 @@ def interleaved_medians(steps: Dict[str, Callable[[], object]], device, iters: i
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def floor_module(mod: nn.Module) -> nn.Module:
+    """The module the floor runs: a Linear pinned to "auto" (for inference, bias inside
+    oneDNN's GEMM where hiera_kernels.epilogues is available: the fastest GEMM the model
+    has), a shallow copy so that the backend the rows set on the shared model between
+    rounds cannot change what the floor measures."""
+    if isinstance(mod, epilogues.Linear):
+        mod = copy.copy(mod)
+        mod.backend = "auto"
+    return mod
+
+
 def gemm_floor_step(model: nn.Module, x: torch.Tensor, train: bool) -> Callable[[], None]:
     """The model's Linears and convs alone, each on an input of the shape it sees."""
     calls = []
     hooks = [
-        m.register_forward_pre_hook(lambda mod, args: calls.append((mod, args[0].detach().clone())))
+        m.register_forward_pre_hook(lambda mod, args: calls.append((floor_module(mod), args[0].detach().clone())))
         for m in model.modules()
         if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d))
     ]
@@ -241,6 +260,8 @@ def bench(
     compile: bool = False,
     progress: bool = True,
     print_fn: Callable[[str], None] = print,
+    input_size: Optional[int] = None,
+    memory: bool = False,
 ) -> List[Row]:
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
@@ -248,11 +269,13 @@ def bench(
     if model_name not in models.CLASSIFIERS:
         raise ValueError(f"bench: --model must be one of {', '.join(models.CLASSIFIERS)}, got {model_name!r}")
     factory = getattr(models, model_name)
+    model_kwargs = model_size_kwargs(model_name, input_size)
     torch.manual_seed(0)
-    ours = factory().to(device=device, dtype=dtype)
+    ours = factory(**model_kwargs).to(device=device, dtype=dtype)
     size = [s * p for s, p in zip(ours.tokens_spatial_shape, ours.patch_stride)]
+    check_input_size(ours, input_size)
     x = torch.randn(batch, 3, *size, device=device, dtype=dtype)
-    title = header(model_name, batch, dtype, device, mode)
+    title = header(model_name, batch, dtype, device, mode) + (f" input={'x'.join(map(str, size))}" if input_size else "")
     print_fn(title)
 
     contenders: List[Contender] = []
@@ -262,10 +285,10 @@ def bench(
             warnings.simplefilter("ignore", FutureWarning)
             import hiera as official
 
-        official_model = getattr(official, model_name)()
+        official_model = getattr(official, model_name)(**model_kwargs)
         official_model.load_state_dict(ours.state_dict())
         official_model.to(device=device, dtype=dtype)
-        contenders.append(Contender("official (eager)", official_model))
+        contenders.append(Contender("official (eager)", official_model, memory=dict(kind="official")))
         if compile:
             contenders.append(Contender("official + torch.compile", torch.compile(copy.deepcopy(official_model))))
     except ImportError:
@@ -279,17 +302,20 @@ def bench(
         else:
             label = f"hiera-optim {hiera_optim.__version__}"
             contenders.append(built(f"{label} (eager)", lambda: build_hiera_optim(official_model), HIERA_OPTIM_NOTE))
+            contenders[-1].memory = dict(kind="hiera-optim")
             if compile:
                 contenders.append(
                     built(f"{label} + torch.compile", lambda: torch.compile(build_hiera_optim(official_model)), HIERA_OPTIM_NOTE)
                 )
     names = backend_names or [n for n in backends.available_backends(device) if can_run_model(n, device, dtype)] + ["auto"]
     for name in names:
-        contenders.append(Contender(f"hiera_kernels [{name}]", ours, name))
+        contenders.append(Contender(f"hiera_kernels [{name}]", ours, name, memory=dict(kind="hiera_kernels", backend=name)))
     if compile:
         # Own copies, their backend fixed before compiling: switching a compiled module's
         # backend between rounds would fail its guards and recompile every round.
         contenders.append(Contender("hiera_kernels [auto] + torch.compile", torch.compile(copy.deepcopy(ours).set_backend("auto"))))
+        if mode != "train":
+            contenders.append(Contender(FREEZING_ROW, compile_frozen(copy.deepcopy(ours).set_backend("auto")), infer_only=True))
 
     modes = ["infer", "train"] if mode == "both" else [mode]
     rows: List[Row] = []
@@ -302,7 +328,10 @@ def bench(
         float64_logits = copy.deepcopy(ours).double().train()(x.double())
     forward_figures: Dict[str, tuple] = {}  # label -> (error verdict, MB moved): the same in every mode
     # Steps shown: per mode, each row's warm-up, the floor's, the timed rounds, each row's figures.
-    bar = Progress(len(modes) * (2 * len(contenders) + 1 + iters), enabled=progress)
+    # (and with --memory, each measured row's subprocess).
+    per_mode = [[c for c in contenders if not (m == "train" and c.infer_only)] for m in modes]
+    bar = Progress(sum(2 * len(cs) + (sum(c.memory is not None for c in cs) if memory else 0) + 1 + iters for cs in per_mode),
+                   enabled=progress)
 
     def say(text: str) -> None:
         bar.clear()
@@ -310,11 +339,11 @@ def bench(
 
     reported = set()  # rows whose failure was printed (once, not once per mode)
 
-    for m in modes:
+    for m, mode_contenders in zip(modes, per_mode):
         train = m == "train"
         steps: Dict[str, Callable[[], object]] = {}
         failures: Dict[str, Exception] = {}
-        for c in contenders:
+        for c in mode_contenders:
 
             def step(model=c.model, backend=c.backend):
                 if backend:
@@ -349,7 +378,7 @@ def bench(
         medians = interleaved_medians(steps, device, iters, lambda i: bar.step(f"{m}: timing, round {i + 1}/{iters}"))
         floor = medians[FLOOR_NAME]
         official_ms = medians.get("official (eager)")
-        for c in contenders:
+        for c in mode_contenders:
             label, model = c.label, c.model
             bar.step(f"{m}: logits error and bytes of {label}")
             if label in failures:
@@ -368,19 +397,62 @@ def bench(
             verdict, moved = forward_figures[label]
             saved = saved_activation_bytes(model, lambda: model.train()(x)) / 1e6 if train and eager else None
             speedup = official_ms / ms if official_ms else None
+            peak, note = None, c.note
+            if memory and c.memory is not None:
+                bar.step(f"{m}: peak memory of {label} (subprocess)")
+                spec = dict(c.memory, model=model_name, input_size=model_kwargs.get("input_size"), batch=batch,
+                            image_shape=list(x.shape[1:]), dtype=str(dtype).replace("torch.", ""), device=str(device), mode=m)
+                try:
+                    peak = peak_mb(spec)
+                except Exception as exc:  # the timing stands; the note says why there is no peak
+                    note = "; ".join(filter(None, [note, failure_note(exc)]))
             rows.append(Row(label, m, ms, batch / ms * 1e3, speedup, ms / floor, verdict.error, verdict.limit, moved, saved,
-                            note=c.note))
+                            note=note, peak_mb=peak))
         rows.append(Row(FLOOR_NAME, m, floor, batch / floor * 1e3, None, 1.0, None))
     say(format_table(rows))
     if profile:
-        fastest = min((r for r in rows if r.name.startswith("hiera_kernels") and r.ms is not None), key=lambda r: r.ms)
-        backend = fastest.name[fastest.name.index("[") + 1 : -1]
+        # Eager rows only: the profile runs the eager model (a compiled row's ops are inductor's).
+        eager_rows = (r for r in rows if r.name.startswith("hiera_kernels") and "torch.compile" not in r.name and r.ms is not None)
+        fastest = min(eager_rows, key=lambda r: r.ms)
+        backend = fastest.name[fastest.name.index("[") + 1 : fastest.name.index("]")]
         print_fn(f"\nWhere the time goes: hiera_kernels [{backend}], one {fastest.mode} step, by op (self CPU time)")
         print_fn(profile_table(ours.set_backend(backend), x, train=fastest.mode == "train"))
     ours.set_backend(None)
     if out_dir:
         save(rows, out_dir, model_name, batch, dtype, device, title, print_fn)
     return rows
+
+
+FREEZING_ROW = "hiera_kernels [auto] + torch.compile (freezing)"
+
+
+def compile_frozen(model: nn.Module) -> nn.Module:
+    """``torch.compile`` with inductor's freezing (weights folded in as constants, Linears
+    packed for oneDNN/MKL with bias and GELU fused: its CPU inference path). ``options``
+    patches the inductor config for this compiled module's compilations only, the global
+    ``torch._inductor.config.freezing`` is left as it was. Inductor freezes only graphs
+    compiled without grad (bench runs inference steps under ``torch.inference_mode``); the
+    row is inference-only, its weights are frozen at the first call."""
+    return torch.compile(model, options={"freezing": True})
+
+
+def model_size_kwargs(model_name: str, input_size: Optional[int]) -> dict:
+    """Factory arguments for ``--input-size N``: N x N images (16 x N x N for the video models)."""
+    if input_size is None:
+        return {}
+    if input_size <= 0:
+        raise ValueError(f"bench: --input-size must be positive, got {input_size}")
+    return {"input_size": (16, input_size, input_size) if "16x" in model_name else (input_size, input_size)}
+
+
+def check_input_size(model: nn.Module, input_size: Optional[int]) -> None:
+    """Hiera needs whole mask units: input_size / patch stride a multiple of the mask unit (32 for the image models)."""
+    if input_size is None:
+        return
+    tokens, unit, stride = model.tokens_spatial_shape[-1], model.mask_unit_size[-1], model.patch_stride[-1]
+    if input_size % stride or tokens % unit:
+        raise ValueError(f"bench: --input-size {input_size} gives {input_size / stride:g} tokens a side; "
+                         f"Hiera needs a multiple of the mask unit ({unit}), i.e. an input size that is a multiple of {stride * unit}")
 
 
 def profile_table(model: nn.Module, x: torch.Tensor, train: bool, rows: int = 15) -> str:
@@ -494,8 +566,12 @@ def bench_patched(
 def format_table(rows: List[Row]) -> str:
     cols = ["row", "mode", "ms/batch", "img/s", "vs official", "vs GEMM floor", "logits err vs float64 (limit)",
             "MB moved outside GEMM (fwd)", "saved activations MB", "note"]
+    with_peak = any(r.peak_mb is not None for r in rows)  # bench --memory: one more column, before the note
+    if with_peak:
+        cols.insert(-1, PEAK_COLUMN)
     lines = []
     for r in rows:
+        peak = [f"{r.peak_mb:.0f}" if r.peak_mb is not None else "-"] if with_peak else []
         lines.append(
             [
                 r.name,
@@ -507,6 +583,7 @@ def format_table(rows: List[Row]) -> str:
                 format_error(r),
                 f"{r.moved_mb:.1f}" if r.moved_mb is not None else "-",
                 f"{r.saved_mb:.1f}" if r.saved_mb is not None else "-",
+                *peak,
                 r.note,
             ]
         )

@@ -6,7 +6,7 @@ import platform
 
 import torch
 
-from .. import __version__, backends
+from .. import __version__, backends, epilogues
 from .._extension import EXTENSION
 
 
@@ -47,3 +47,4 @@ def info(print_fn=print) -> None:
                 status += " by name only (auto skips it)"
             ops = ", ".join(backend.OPS) or "-"
             print_fn(f"  {name:7s} ops [{ops}]  {status}")
+    print_fn(epilogues.status())

@@ -18,6 +18,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from .. import epilogues
+
 aten = torch.ops.aten
 GEMM_AND_CONV = {
     aten.mm.default,
@@ -27,6 +29,9 @@ GEMM_AND_CONV = {
     aten.convolution.default,
     aten.mkldnn_convolution.default,
 }
+# The GEMM with bias/GELU epilogue of hiera_kernels.epilogues (a private op: only where it was probed usable).
+if epilogues.UNAVAILABLE is None:
+    GEMM_AND_CONV.add(torch.ops.mkldnn._linear_pointwise.default)
 # Ops that allocate or relabel memory without reading or writing the elements.
 NO_TRAFFIC = {
     aten.empty.memory_format,

@@ -1,0 +1,168 @@
+"""Linear epilogues inside the GEMM, for CPU inference on the ``"cpu"``/``"auto"`` backends.
+
+``F.linear(x, w, b)`` on CPU is ``aten::addmm``: it first copies the broadcast bias into
+every row of the output ([B*N, out], e.g. [25088, 288] for Hiera-B stage-1 qkv at batch
+8) and then accumulates the GEMM on top, and fc1's GELU is one more full pass over the
+[B*N, 4*dim] output. oneDNN adds the bias and applies the GELU to the accumulator before
+the single store (post-ops). That is what inductor's CPU freezing emits
+(torch/_inductor/fx_passes/mkldnn_fusion.py): the weight reordered once into oneDNN's
+blocked layout by ``torch.ops.mkldnn._reorder_linear_weight``, then
+``torch.ops.mkldnn._linear_pointwise(x, packed_w, b, "none" | "gelu", [], algorithm)``, and
+for a block's skip connection ``torch.ops.mkldnn._linear_pointwise.binary(x, residual,
+packed_w, b, "add")`` (attn.proj and mlp.fc2 with the residual add in their epilogue).
+All are private PyTorch ops, so they are probed once at import (:data:`UNAVAILABLE`
+says why they cannot be used; ``python -m hiera_kernels info`` prints it) and, if
+unusable, the model runs the plain path.
+
+:class:`Linear` is ``nn.Linear`` (same ``weight``/``bias`` keys) that takes the fused
+path only where it is valid: backend ``"cpu"`` or ``"auto"``, CPU tensors, float32 or
+bfloat16, nothing that needs a gradient, no CPU autocast, not while ``torch.compile`` traces (dynamo
+cannot trace the packed-weight cache; with ``freezing``, inductor's own pass fuses the
+plain ops it sees). Everywhere else, ``"torch"`` always, it is ``F.linear``.
+The packed weight is a cache on the module, never a parameter or buffer: it is rebuilt
+when the weight changes (same Parameter object, data pointer, version counter, dtype,
+device and shape); the bias is passed as it is on every call, so nothing of it is cached.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import backends
+
+# Backends whose Linears run the fused path (where it is valid); "torch" is the oracle.
+FUSING_BACKENDS = ("cpu", "auto")
+DTYPES = (torch.float32, torch.bfloat16)
+# Linear.forward's activation -> oneDNN post-op (attr, algorithm); GELU exact or tanh, as nn.GELU's approximate.
+POST_OPS = {"none": ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
+
+
+def _probe() -> Optional[str]:
+    """None where the private ops exist and agree with F.linear (+GELU, +residual) on a
+    small case in every dtype of DTYPES, else why not (one failing dtype turns the whole
+    path off: simple, and on this project's CPUs both run)."""
+    try:
+        mkldnn = torch.ops.mkldnn
+        if not torch.backends.mkldnn.is_available():
+            return "this torch build has no oneDNN (torch.backends.mkldnn.is_available() is False)"
+        if not torch.backends.mkldnn.enabled:
+            return "oneDNN is disabled (torch.backends.mkldnn.enabled is False)"
+        linear, reorder = mkldnn._linear_pointwise.default, mkldnn._reorder_linear_weight.default
+        mkldnn._linear_pointwise.binary  # noqa: B018 (the residual add's overload: must exist too)
+        gen = torch.Generator().manual_seed(0)
+        # [2, 3, 16] @ [16, 8]^T: 3-D input like the model's [B, N, C].
+        x, w, b = (torch.randn(s, generator=gen) for s in ((2, 3, 16), (8, 16), (8,)))
+        for dtype in DTYPES:
+            xd, wd, bd = x.to(dtype), w.to(dtype), b.to(dtype)
+            with torch.no_grad():
+                packed = reorder(wd, None)
+                for attr, algorithm, want in (("none", "", F.linear(x, w, b)),
+                                              ("gelu", "none", F.gelu(F.linear(x, w, b))),
+                                              ("gelu", "tanh", F.gelu(F.linear(x, w, b), approximate="tanh"))):
+                    got = linear(xd, packed, bd, attr, [], algorithm)
+                    tol = 1e-4 if dtype == torch.float32 else 5e-2
+                    if got.shape != want.shape or got.dtype != dtype or not torch.allclose(got.float(), want, atol=tol, rtol=tol):
+                        return (f"probe mismatch: mkldnn._linear_pointwise(attr={attr!r}, algorithm={algorithm!r}) in "
+                                f"{dtype} differs from F.linear by {(got.float() - want).abs().max().item():.3g}")
+                r = torch.randn(2, 3, 8, generator=gen)
+                got = mkldnn._linear_pointwise.binary(xd, r.to(dtype), packed, bd, "add")
+                want = F.linear(x, w, b) + r
+                if not torch.allclose(got.float(), want, atol=tol, rtol=tol):
+                    return (f"probe mismatch: mkldnn._linear_pointwise.binary(attr='add') in {dtype} differs from "
+                            f"F.linear + residual by {(got.float() - want).abs().max().item():.3g}")
+    except Exception as exc:  # a missing private op is AttributeError/RuntimeError; any failure means: do not use it
+        return f"torch.ops.mkldnn._linear_pointwise/_reorder_linear_weight unusable ({type(exc).__name__}: {exc})"
+    return None
+
+
+UNAVAILABLE: Optional[str] = _probe()
+
+
+def status() -> str:
+    """One line for ``info``: whether the fused Linear epilogues run, and why not."""
+    where = f"backends {'/'.join(FUSING_BACKENDS)}, CPU inference, {'/'.join(str(d).replace('torch.', '') for d in DTYPES)}"
+    if UNAVAILABLE:
+        return f"Linear epilogues in the GEMM ({where}): unavailable, plain F.linear instead: {UNAVAILABLE}"
+    return f"Linear epilogues in the GEMM ({where}): available (bias, GELU and skip-connection add as oneDNN post-ops, weights packed once)"
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose forward can apply an activation (``"gelu"``, ``"gelu_tanh"``)
+    and, where :meth:`fuses` says so, runs bias and activation inside the GEMM.
+    ``backend`` is set by the owning model's ``set_backend`` (None: the global default)."""
+
+    backend: Optional[str] = None
+    _packed = None  # (the weight Parameter, (data_ptr, _version, dtype, device, shape), packed weight)
+
+    def fuses(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> bool:
+        """Whether a forward on ``x`` (and ``residual``) takes the fused path (see the module docstring)."""
+        # Under CPU autocast F.linear computes in the autocast dtype; the private op would not.
+        if UNAVAILABLE is not None or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
+            return False
+        name = self.backend or backends.get_backend()
+        if name not in FUSING_BACKENDS or x.device.type != "cpu" or x.dtype not in DTYPES:
+            return False
+        w, b = self.weight, self.bias
+        if w.dtype != x.dtype or w.device.type != "cpu" or (b is not None and b.dtype != x.dtype):
+            return False
+        if residual is not None and (residual.dtype != x.dtype or residual.device.type != "cpu"):
+            return False
+        needs_grad = any(t is not None and t.requires_grad for t in (x, w, b, residual))
+        return not (torch.is_grad_enabled() and needs_grad)
+
+    def packed_weight(self) -> torch.Tensor:
+        """The weight in oneDNN's layout, reordered once per weight value."""
+        w = self.weight
+        key = (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
+        if self._packed is None or self._packed[0] is not w or self._packed[1] != key:
+            with torch.no_grad():
+                # batch_size=None: a layout for any number of rows (the batch varies);
+                # inductor passes its static row count, which made no measurable
+                # difference here (Hiera-B stage-1 and stage-3 shapes, bf16 and fp32).
+                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
+            self._packed = (w, key, packed)
+        return self._packed[2]
+
+    def forward(self, x: torch.Tensor, activation: str = "none", residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``activation(x @ W^T + b)``, or with ``residual`` (a block's skip connection, the
+        output's shape) ``x @ W^T + b + residual``."""
+        if activation not in POST_OPS:
+            raise ValueError(f"Linear.forward: activation must be one of {', '.join(POST_OPS)}, got {activation!r}")
+        if residual is not None and activation != "none":
+            raise ValueError(f"Linear.forward: a residual goes with activation 'none', got {activation!r}")
+        if self.fuses(x, residual):
+            bias = None if self.bias is None else self.bias.detach()
+            x, packed = x.detach().contiguous(), self.packed_weight()
+            if residual is not None:
+                # oneDNN binary post-op: the skip connection added to the accumulator before
+                # the one store (no separate [B, N, C] read-read-write pass, one rounding).
+                return torch.ops.mkldnn._linear_pointwise.binary(x, residual.detach().contiguous(), packed, bias, "add")
+            attr, algorithm = POST_OPS[activation]
+            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, attr, [], algorithm)
+        y = F.linear(x, self.weight, self.bias)
+        if residual is not None:
+            return residual + y  # the official block's order (the sum is the same either way)
+        if activation == "none":
+            return y
+        return F.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+    def _apply(self, fn, recurse=True):
+        self._packed = None  # .to()/.half()/.cuda(): a new weight tensor; drop the old packed copy now
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_packed": None}  # copy/deepcopy/pickle: an opaque oneDNN tensor, rebuilt on use
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", backend={self.backend!r}" if self.backend else "")
+
+
+def activation_name(act: nn.Module) -> Optional[str]:
+    """The :class:`Linear` activation equal to module ``act``, or None if it has none."""
+    if type(act) is nn.GELU:
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate)
+    return None

@@ -1,0 +1,169 @@
+"""Linear epilogues in the GEMM (hiera_kernels.epilogues): where they run, what they
+compute (the shared error rule against float64), the packed-weight cache, the probe."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import hiera_kernels as hk
+from hiera_kernels import epilogues, error_rule
+
+pytestmark = pytest.mark.skipif(epilogues.UNAVAILABLE is not None, reason=f"fused path unavailable: {epilogues.UNAVAILABLE}")
+
+DTYPES = [torch.float32, torch.bfloat16]
+ACTS = {"none": lambda y: y, "gelu": F.gelu, "gelu_tanh": lambda y: F.gelu(y, approximate="tanh")}
+
+
+def linear(in_features=96, out_features=288, backend="cpu", dtype=torch.float32):
+    m = epilogues.Linear(in_features, out_features).to(dtype)
+    nn.init.normal_(m.bias, std=0.5)  # a bias large enough that a dropped or doubled bias shows
+    m.backend = backend
+    return m
+
+
+def plain(m, x, activation):
+    """The "torch" path in x's dtype: F.linear, then the activation, rounded in between."""
+    return ACTS[activation](F.linear(x, m.weight.to(x.dtype), m.bias.to(x.dtype)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", list(ACTS))
+def test_fused_linear_passes_the_error_rule(dtype, activation):
+    m = linear(dtype=dtype)
+    x = torch.randn(2, 200, 96).to(dtype)  # [B, N, C] as in the model; 200 rows: not a multiple of any block
+    with torch.no_grad():
+        assert m.fuses(x)
+        fused = m(x, activation)
+        assert m._packed is not None  # it took the fused path
+        reference = ACTS[activation](F.linear(x.double(), m.weight.double(), m.bias.double()))
+        verdict = error_rule.judge(fused, plain(m, x, activation), reference)
+    assert fused.dtype == dtype and verdict.passed, verdict.describe()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_residual_add_passes_the_error_rule(dtype):
+    m = linear(dtype=dtype)
+    x, skip = torch.randn(2, 200, 96).to(dtype), torch.randn(2, 200, 288).to(dtype)
+    with torch.no_grad():
+        assert m.fuses(x, skip)
+        fused = m(x, residual=skip)
+        reference = F.linear(x.double(), m.weight.double(), m.bias.double()) + skip.double()
+        verdict = error_rule.judge(fused, skip + plain(m, x, "none"), reference)
+    assert m._packed is not None and verdict.passed, verdict.describe()
+    with pytest.raises(ValueError, match="a residual goes with activation 'none', got 'gelu'"):
+        m(x, "gelu", residual=skip)
+    assert not m.fuses(x, skip.requires_grad_())  # the skip connection needs a gradient: autograd's path
+    assert not m.fuses(x, skip.detach().double())
+
+
+def test_packed_weight_follows_in_place_updates_and_dtype_changes():
+    m = linear()
+    x = torch.randn(3, 17, 96)
+    with torch.no_grad():
+        first = m(x)
+        packed = m._packed[2]
+        m(x)
+        assert m._packed[2] is packed  # packed once, reused
+        m.weight.mul_(-2)  # in place: same pointer, new version
+        torch.testing.assert_close(m(x), plain(m, x, "none"), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(m(x), first)
+        m.bias.add_(1)  # the bias is read on every call
+        torch.testing.assert_close(m(x), plain(m, x, "none"), atol=1e-5, rtol=1e-5)
+        m.weight.data = torch.randn(288, 96)  # a new tensor under the same Parameter
+        torch.testing.assert_close(m(x), plain(m, x, "none"), atol=1e-5, rtol=1e-5)
+        m.load_state_dict(linear().state_dict())
+        torch.testing.assert_close(m(x), plain(m, x, "none"), atol=1e-5, rtol=1e-5)
+        m.to(torch.bfloat16)
+        assert m._packed is None
+        xb = x.bfloat16()
+        out = m(xb)
+        assert out.dtype == torch.bfloat16 and m._packed[2].dtype == torch.bfloat16
+        verdict = error_rule.judge(out, plain(m, xb, "none"), F.linear(x.double(), m.weight.double(), m.bias.double()))
+        assert verdict.passed, verdict.describe()
+    assert set(m.state_dict()) == {"weight", "bias"}  # the cache is no parameter or buffer
+    clone = copy.deepcopy(m)  # the opaque oneDNN tensor is not copied but rebuilt on use
+    assert clone._packed is None
+
+
+def test_plain_path_where_fusing_is_not_valid():
+    x = torch.randn(2, 5, 96)
+    for m, inputs in [
+        (linear(backend="torch"), x),  # the oracle never fuses
+        (linear(backend="cuda"), x),
+        (linear(dtype=torch.float64), x.double()),  # oneDNN has no float64 GEMM
+        (linear(dtype=torch.float16), x.half()),
+    ]:
+        with torch.no_grad():
+            assert not m.fuses(inputs)
+            torch.testing.assert_close(m(inputs, "gelu"), plain(m, inputs, "gelu"), atol=0, rtol=0)
+        assert m._packed is None
+    m = linear()
+    assert not m.fuses(x)  # grad enabled and the weight requires grad: training keeps autograd's path
+    y = m(x, "gelu")
+    y.sum().backward()
+    assert m.weight.grad is not None and m._packed is None
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's dtype rules stay F.linear's
+        assert not m.fuses(x)
+        assert m(x).dtype == torch.bfloat16
+    with hk.use_backend("torch"):  # backend None follows the global default
+        m.backend = None
+        with torch.no_grad():
+            assert not m.fuses(x)
+    with torch.no_grad(), pytest.raises(ValueError, match="activation must be one of none, gelu, gelu_tanh, got 'relu'"):
+        m(x, "relu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", ["cpu", "auto"])
+def test_whole_model_inference_passes_the_error_rule(dtype, backend):
+    model = hk.hiera_tiny_224(num_classes=10).train()  # logits: the eval softmax would hide errors
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        reference = copy.deepcopy(model).double().set_backend("torch")(x.double())
+        model.to(dtype)
+        torch_path = model.set_backend("torch")(x.to(dtype))
+        fused = model.set_backend(backend)(x.to(dtype))
+    linears = [m for m in model.modules() if isinstance(m, epilogues.Linear)]
+    assert len(linears) == 12 * 4 + 3 + 1 and all(m._packed is not None for m in linears)  # 12 blocks x 4, 3 transition projs, the head: all fused
+    verdict = error_rule.judge(fused, torch_path, reference)
+    assert verdict.passed, verdict.describe()
+
+
+def test_state_dict_keys_are_the_official_ones():
+    from helpers import official
+
+    ours, theirs = hk.hiera_tiny_224(), official.hiera_tiny_224()
+    with torch.no_grad():
+        ours(torch.randn(1, 3, 224, 224))  # fills the caches
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+
+
+def test_compiled_inference_bypasses_the_fused_path():
+    """Under torch.compile the plain ops are traced (no graph break); eager runs fuse."""
+    model = hk.hiera_tiny_224(num_classes=10, backend="auto").train()
+    x = torch.randn(1, 3, 224, 224)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.inference_mode():
+        got = compiled(x)
+        assert all(m._packed is None for m in model.modules() if isinstance(m, epilogues.Linear))
+        torch.testing.assert_close(got, model(x), atol=1e-5, rtol=1e-4)
+
+
+def test_unavailable_says_why_and_runs_the_plain_path(monkeypatch, capsys):
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    reason = epilogues._probe()
+    assert reason == "oneDNN is disabled (torch.backends.mkldnn.enabled is False)"
+    monkeypatch.setattr(epilogues, "UNAVAILABLE", reason)
+    m = linear()
+    x = torch.randn(2, 5, 96)
+    with torch.no_grad():
+        assert not m.fuses(x)
+        torch.testing.assert_close(m(x, "gelu"), plain(m, x, "gelu"), atol=0, rtol=0)
+    from hiera_kernels.tools.info import info
+
+    info()
+    assert f"unavailable, plain F.linear instead: {reason}" in capsys.readouterr().out
