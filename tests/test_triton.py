@@ -1,6 +1,6 @@
-"""The "triton" backend, run in Triton's interpreter on CPU tensors (conftest.py sets
-TRITON_INTERPRET=1), against the "torch" path; and its ahead-of-time compile for sm_80
-and sm_90. The interpreter is slow, so shapes are small but cover every block type:
+"""The "triton" backend against the "torch" path: compiled, on CUDA tensors, where a GPU
+is; elsewhere in Triton's interpreter on CPU tensors (conftest.py sets TRITON_INTERPRET=1
+when no GPU is there). And its ahead-of-time compile for sm_80 and sm_90. The interpreter is slow, so shapes are small but cover every block type:
 windowed with and without q pooling, global with and without, video, masked MAE
 token sets, Hiera's head dims 56/64/72/96 and odd batch sizes."""
 
@@ -17,7 +17,11 @@ from hiera_kernels import library, ops
 from helpers import DTYPES, mu_size, without_interpreter
 
 triton_kernels = pytest.importorskip("hiera_kernels.triton")
-pytestmark = pytest.mark.skipif(not triton_kernels.INTERPRETED, reason="hiera_kernels was imported before conftest.py set TRITON_INTERPRET=1")
+# Chosen once: the interpreter runs CPU tensors, compiled kernels need CUDA ones.
+DEVICE = "cpu" if triton_kernels.INTERPRETED else "cuda"
+pytestmark = pytest.mark.skipif(
+    DEVICE == "cuda" and not torch.cuda.is_available(),
+    reason="the Triton kernels are compiled (TRITON_INTERPRET was not set when hiera_kernels was imported) but no GPU is here")
 
 # (size, schedule): image stages (windowed and not), video, odd strides.
 GEOMETRIES = [
@@ -38,8 +42,8 @@ def test_unroll_and_reroll_are_exact_forward_and_backward(size, schedule):
     B, N, C = 3, 1, 5
     for s in size:
         N *= s
-    x = torch.randn(B, N, C, dtype=torch.bfloat16, requires_grad=True)
-    grad = torch.randn(B, N, C, dtype=torch.bfloat16)
+    x = torch.randn(B, N, C, dtype=torch.bfloat16, requires_grad=True, device=DEVICE)
+    grad = torch.randn(B, N, C, dtype=torch.bfloat16, device=DEVICE)
     results = {}
     for backend in ("torch", "triton"):
         xi = x.detach().requires_grad_()
@@ -57,10 +61,10 @@ def test_reroll_with_a_mask_is_exact(size, schedule):
     units = 1
     for s, u in zip(size, hk.reference.mask_unit_shape(schedule, len(size))):
         units *= s // u
-    mask = torch.zeros(2, units, dtype=torch.bool)
+    mask = torch.zeros(2, units, dtype=torch.bool, device=DEVICE)
     mask[:, :kept] = True
-    x = torch.randn(2, kept * mu_size(schedule, len(size)), C, requires_grad=True)
-    grad = torch.randn(2, kept * mu_size(schedule, len(size)), C)
+    x = torch.randn(2, kept * mu_size(schedule, len(size)), C, requires_grad=True, device=DEVICE)
+    grad = torch.randn(2, kept * mu_size(schedule, len(size)), C, device=DEVICE)
     outs = []
     for backend in ("torch", "triton"):
         xi = x.detach().requires_grad_()
@@ -72,12 +76,12 @@ def test_reroll_with_a_mask_is_exact(size, schedule):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_query_pool_is_exact_with_ties_and_nan(dtype):
-    x = torch.randn(3, 4 * 10, 7).to(dtype)
+    x = torch.randn(3, 4 * 10, 7, device=DEVICE).to(dtype)
     x[0, 10:20] = x[0, :10]  # ties: the first maximum wins
     x[1, 25, 2] = float("nan")
     x[2, 5, 1] = x[2, 15, 1] = float("nan")  # the first NaN wins
     x[2, :, 3] = float("-inf")
-    grad = torch.randn(3, 10, 7).to(dtype)
+    grad = torch.randn(3, 10, 7, device=DEVICE).to(dtype)
     results = []
     for backend in ("torch", "triton"):
         xi = x.detach().requires_grad_()
@@ -109,8 +113,8 @@ def attention_forward_backward(qkv, grad, args, backend):
 
 def interpreter_allowance(reference: torch.Tensor, dtype: torch.dtype) -> float:
     """One step of the dtype at the reference's magnitude: the interpreter's fp32 -> bf16
-    cast truncates where GPUs round to nearest."""
-    if dtype == torch.float32:
+    cast truncates where GPUs round to nearest (compiled on a GPU: none)."""
+    if dtype == torch.float32 or DEVICE == "cuda":
         return 0.0
     top = reference.abs().max().item()
     return torch.finfo(dtype).eps * 2.0 ** max(0, torch.tensor(top).log2().ceil().item())
@@ -123,8 +127,8 @@ def test_attention_within_the_error_rule(block, dtype):
     one dtype step for the interpreter's truncating casts)."""
     dim_out, heads, q_stride, window_size, use_mu, N, batch = ATTENTION_BLOCKS[block]
     args = (heads, q_stride, window_size, use_mu)
-    qkv = torch.randn(batch, N, 3 * dim_out)
-    grad = torch.randn(batch, N // q_stride, dim_out)
+    qkv = torch.randn(batch, N, 3 * dim_out, device=DEVICE)
+    grad = torch.randn(batch, N // q_stride, dim_out, device=DEVICE)
     reference = attention_forward_backward(qkv.double(), grad.double(), args, "torch")
     torch_low = attention_forward_backward(qkv.to(dtype), grad.to(dtype), args, "torch")
     triton_low = attention_forward_backward(qkv.to(dtype), grad.to(dtype), args, "triton")
@@ -136,7 +140,7 @@ def test_attention_within_the_error_rule(block, dtype):
 
 
 def test_attention_pooling_routes_the_query_gradient_like_pytorch():
-    qkv = torch.randn(1, 32, 3 * 8)
+    qkv = torch.randn(1, 32, 3 * 8, device=DEVICE)
     qkv[:, 8:16, :8] = qkv[:, 0:8, :8]  # ties between the q_stride candidates
     grads = []
     for backend in ("torch", "triton"):
@@ -148,30 +152,30 @@ def test_attention_pooling_routes_the_query_gradient_like_pytorch():
 
 
 def test_empty_batch_and_non_contiguous_inputs():
-    empty = torch.randn(0, 64, 3 * 16)
+    empty = torch.randn(0, 64, 3 * 16, device=DEVICE)
     assert ops.mask_unit_attention(empty, 2, 1, 16, True, backend="triton").shape == (0, 64, 16)
-    assert ops.unroll(torch.randn(0, 64, 4), [8, 8], [(2, 2)], backend="triton").shape == (0, 64, 4)
-    assert ops.query_pool(torch.randn(0, 64, 4), 4, backend="triton").shape == (0, 16, 4)
-    qkv = torch.randn(2, 3 * 16, 64).transpose(1, 2)  # [2, 64, 48], not contiguous
+    assert ops.unroll(torch.randn(0, 64, 4, device=DEVICE), [8, 8], [(2, 2)], backend="triton").shape == (0, 64, 4)
+    assert ops.query_pool(torch.randn(0, 64, 4, device=DEVICE), 4, backend="triton").shape == (0, 16, 4)
+    qkv = torch.randn(2, 3 * 16, 64, device=DEVICE).transpose(1, 2)  # [2, 64, 48], not contiguous
     exact(ops.mask_unit_attention(qkv, 2, 4, 4, True, backend="triton"),
           ops.mask_unit_attention(qkv.contiguous(), 2, 4, 4, True, backend="triton"))
-    x = torch.randn(2, 6, 64).transpose(1, 2)
+    x = torch.randn(2, 6, 64, device=DEVICE).transpose(1, 2)
     exact(ops.unroll(x, [8, 8], [(2, 2)], backend="triton"), ops.unroll(x, [8, 8], [(2, 2)], backend="torch"))
     for offset in (1, 2, 3):  # inputs starting 2, 4 and 6 bytes past an 8-byte boundary
-        x = torch.randn(2 * 16 * 8 + offset, dtype=torch.float16)[offset:].view(2, 16, 8)
+        x = torch.randn(2 * 16 * 8 + offset, dtype=torch.float16, device=DEVICE)[offset:].view(2, 16, 8)
         for op in (ops.unroll, ops.reroll):
             exact(op(x, [4, 4], [(2, 2)], backend="triton"), op(x, [4, 4], [(2, 2)], backend="torch"))
 
 
 def test_opcheck_every_triton_op():
     ops_ = library.TRITON_OPS
-    x = torch.randn(2, 16, 3, requires_grad=True)
+    x = torch.randn(2, 16, 3, requires_grad=True, device=DEVICE)
     torch.library.opcheck(ops_["unroll"], (x, [4, 4], [2, 2], False))
     torch.library.opcheck(ops_["reroll"], (x, [4, 4], [2, 2], True))
     torch.library.opcheck(ops_["query_pool"], (x, 4))
     out, argmax = ops_["query_pool"](x.detach(), 4)
     torch.library.opcheck(ops_["query_pool_backward"], (torch.randn_like(out), argmax, 4))
-    qkv = torch.randn(1, 16, 3 * 8, requires_grad=True)
+    qkv = torch.randn(1, 16, 3 * 8, requires_grad=True, device=DEVICE)
     torch.library.opcheck(ops_["mask_unit_attention"], (qkv, 2, 2, 2))
     out, lse, q_argmax = ops_["mask_unit_attention"](qkv.detach(), 2, 2, 2)
     torch.library.opcheck(ops_["mask_unit_attention_backward"],
@@ -183,7 +187,7 @@ def test_compiles_without_graph_breaks():
         y = ops.unroll(x, [4, 4], [(2, 2)], backend="triton")
         return ops.query_pool(y, 4, backend="triton"), ops.mask_unit_attention(qkv, 2, 2, 4, True, backend="triton")
 
-    x, qkv = torch.randn(1, 16, 4), torch.randn(1, 16, 3 * 8)
+    x, qkv = torch.randn(1, 16, 4, device=DEVICE), torch.randn(1, 16, 3 * 8, device=DEVICE)
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     for ours, theirs in zip(compiled(x, qkv), f(x, qkv)):
         exact(ours, theirs)
@@ -191,19 +195,20 @@ def test_compiles_without_graph_breaks():
 
 def test_direct_op_calls_get_clear_errors():
     with pytest.raises(ValueError, match=r"unroll_triton: x has N=10 tokens, size \[4, 4\] holds 16"):
-        library.TRITON_OPS["unroll"](torch.randn(1, 10, 2), [4, 4], [2, 2], False)
+        library.TRITON_OPS["unroll"](torch.randn(1, 10, 2, device=DEVICE), [4, 4], [2, 2], False)
     with pytest.raises(ValueError, match=r"query_pool_triton: stride must be in \[1, 256\]"):
-        library.TRITON_OPS["query_pool"](torch.randn(1, 300, 2), 300)
+        library.TRITON_OPS["query_pool"](torch.randn(1, 300, 2, device=DEVICE), 300)
     with pytest.raises(ValueError, match=r"mask_unit_attention_triton: head_dim 160 exceeds the Triton kernels' 128"):
-        library.TRITON_OPS["mask_unit_attention"](torch.randn(1, 4, 3 * 160), 1, 1, 1)
+        library.TRITON_OPS["mask_unit_attention"](torch.randn(1, 4, 3 * 160, device=DEVICE), 1, 1, 1)
     with pytest.raises(TypeError, match=r"query_pool_triton: dtype torch.float64 is not supported"):
-        library.TRITON_OPS["query_pool"](torch.randn(1, 4, 2, dtype=torch.float64), 2)
-    reasons = hk.backend_reasons("cpu", "mask_unit_attention", torch.float64)["triton"]
+        library.TRITON_OPS["query_pool"](torch.randn(1, 4, 2, dtype=torch.float64, device=DEVICE), 2)
+    reasons = hk.backend_reasons(DEVICE, "mask_unit_attention", torch.float64)["triton"]
     assert any("dtype float64 is not supported" in r for r in reasons)
     with pytest.raises(hk.BackendError, match=r"head_dim=160 exceeds the attention kernel's 128"):
-        ops.mask_unit_attention(torch.randn(1, 4, 3 * 160), 1, 1, 4, True, backend="triton")
+        ops.mask_unit_attention(torch.randn(1, 4, 3 * 160, device=DEVICE), 1, 1, 4, True, backend="triton")
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="about the interpreter on CPU tensors; compiled here")
 def test_auto_never_picks_the_interpreter_and_lists_it_by_name_only():
     assert hk.available_backends("cpu") == ["cpu", "torch"]
     assert hk.backends.choose("unroll", torch.randn(1, 4, 1)).NAME == "cpu"
@@ -212,8 +217,8 @@ def test_auto_never_picks_the_interpreter_and_lists_it_by_name_only():
 def test_tiny_model_training_step_matches_the_torch_path():
     """Hiera-T's configuration at 64x64 (every stage, pooling and global attention) on
     "triton" against "torch": logits, intermediates and every gradient, float32."""
-    model = hk.Hiera(input_size=(64, 64), embed_dim=96, num_heads=1, stages=(1, 1, 2, 1), num_classes=10)
-    x = torch.randn(1, 3, 64, 64)
+    model = hk.Hiera(input_size=(64, 64), embed_dim=96, num_heads=1, stages=(1, 1, 2, 1), num_classes=10).to(DEVICE)
+    x = torch.randn(1, 3, 64, 64, device=DEVICE)
 
     def step(backend):
         m = copy.deepcopy(model).set_backend(backend)
