@@ -35,8 +35,8 @@ def main(argv=None) -> int:
     sub.add_parser("info", help="versions, build, and why each backend is or is not available")
     r = sub.add_parser("report", help="every step (env, check, tests, microbenchmarks, bench, compile metadata) in one time-boxed run")
     r.add_argument("--device", choices=["cuda", "cpu"], required=True)
-    r.add_argument("--quick", action="store_true", help="fewer configurations: ~2-3 min on 2 CPU cores")
-    r.add_argument("--budget", type=float, default=10.0, metavar="MINUTES", help="the whole run's time (default 10)")
+    r.add_argument("--quick", action="store_true", help="fewer configurations (on a CPU: ~2-3 min on 2 cores)")
+    r.add_argument("--budget", type=float, metavar="MINUTES", help="the whole run's time (default 10; 5 with --quick)")
     r.add_argument("--out", required=True, metavar="DIR", help="directory for report.md, report.json and the logs")
     args = parser.parse_args(argv)
 

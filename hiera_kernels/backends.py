@@ -206,7 +206,7 @@ def _import_triton_kernels():
     """(hiera_kernels.triton, None), or (None, why it cannot be imported)."""
     try:
         from . import triton as kernels
-    except ImportError as exc:
+    except Exception as exc:  # not only ImportError: a Triton that fails while decorating the kernels must cost this backend, not the package
         return None, f"{type(exc).__name__}: {exc}"
     return kernels, None
 
@@ -235,6 +235,12 @@ class TritonBackend(KernelOpsBackend):
         return super().device_reasons(device)
 
     MAX_ATTENTION_HEAD_DIM = TRITON_KERNELS.mask_unit_attention.MAX_HEAD_DIM if TRITON_KERNELS else None
+
+    def not_supported_reasons(self, op, device, dtype, **limits):
+        reasons = super().not_supported_reasons(op, device, dtype, **limits)
+        if op in ("unroll", "reroll") and TRITON_KERNELS is not None and not TRITON_KERNELS.common.TUPLE_ARGUMENTS:
+            reasons.append(TRITON_KERNELS.common.NO_TUPLE_ARGUMENTS)
+        return reasons
 
     def by_name_only(self, device):
         return device.type == "cpu"  # the interpreter: for tests, far too slow for use

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import inspect
 import os
 import re
 import subprocess
@@ -30,9 +31,30 @@ from typing import Dict, Iterable, List, NamedTuple, Tuple
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.compiler import ASTSource
 from triton.runtime.autotuner import Autotuner
+
+# Triton's compile API moved between 3.2 (the oldest Triton that torch>=2.6 pins) and
+# today's: both are spelled out here rather than dropping the older one.
+try:
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+except ImportError:  # Triton 3.2: the backend's own ptxas lookup; sm_90 compiles as sm_90a
+    from triton.backends.nvidia.compiler import _path_to_binary
+
+    def _ptxas_path(capability: int) -> str:
+        return _path_to_binary("ptxas")[0]
+
+    def _gpu_name(capability: int) -> str:
+        return "sm_90a" if capability == 90 else f"sm_{capability}"
+else:
+    def _ptxas_path(capability: int) -> str:
+        return get_ptxas(capability).path
+
+    _gpu_name = sm_arch_from_capability
+# Triton >= 3.3: every argument in the signature ("constexpr" for constexprs), the
+# constexprs by name and attributes per argument index; 3.2: runtime arguments only,
+# the constexprs as "constants" and an AttrsDescriptor.
+_NEW_AST_SOURCE = "constexprs" in inspect.signature(ASTSource.__init__).parameters
 
 from . import common, mask_unit_attention, query_pool, token_order
 
@@ -157,22 +179,31 @@ def compile_one(spec: Specialization, arch: int, ptxas_report: bool = False) -> 
     """Compile one specialization for ``sm_<arch>``; return its metadata (registers and
     spills only with ``ptxas_report``: they take a second ptxas run)."""
     fn = _KERNELS[spec.kernel]
-    signature = dict(spec.signature)
-    constexprs = dict(spec.constexprs)
-    signature.update({name: "constexpr" for name in constexprs})
-    signature = {name: signature[name] for name in fn.arg_names}
-    # Pointers are 16-byte aligned, as the JIT specializes them for torch's allocations.
-    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-               if isinstance(signature[name], str) and signature[name].startswith("*")}
     start = time.perf_counter()
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned),
+    compiled = triton.compile(_source(fn, dict(spec.signature), dict(spec.constexprs)),
                               target=GPUTarget("cuda", arch, 32), options=dict(spec.options))
     seconds = time.perf_counter() - start
     registers, spills = _ptxas_usage(compiled.asm["ptx"], arch) if ptxas_report else (None, None)
-    return {"kernel": spec.kernel, "arch": f"sm_{arch}", "constexprs": constexprs,
+    return {"kernel": spec.kernel, "arch": f"sm_{arch}", "constexprs": dict(spec.constexprs),
             "dtypes": sorted({t for _, t in spec.signature if isinstance(t, str) and t.startswith("*")}),
             **dict(spec.options), "shared_bytes": compiled.metadata.shared, "registers": registers,
             "spill_bytes": spills, "cubin_bytes": len(compiled.asm["cubin"]), "seconds": round(seconds, 2)}
+
+
+def _source(fn, runtime: Dict, constexprs: Dict) -> ASTSource:
+    """What the JIT would compile for these argument types and constexprs, with every
+    pointer 16-byte aligned, as the JIT specializes them for torch's allocations."""
+    pointers = [i for i, name in enumerate(fn.arg_names)
+                if isinstance(runtime.get(name), str) and runtime[name].startswith("*")]
+    if _NEW_AST_SOURCE:
+        signature = {name: runtime[name] if name in runtime else "constexpr" for name in fn.arg_names}
+        return ASTSource(fn=fn, signature=signature, constexprs=constexprs,
+                         attrs={(i,): [["tt.divisibility", 16]] for i in pointers})
+    from triton.backends.compiler import AttrsDescriptor
+
+    signature = {name: runtime[name] for name in fn.arg_names if name in runtime}
+    return ASTSource(fn=fn, signature=signature, constants=constexprs,
+                     attrs=AttrsDescriptor.from_hints({i: 16 for i in pointers}))
 
 
 def _ptxas_usage(ptx: str, capability: int):
@@ -182,7 +213,7 @@ def _ptxas_usage(ptx: str, capability: int):
         path = os.path.join(tmp, "kernel.ptx")
         with open(path, "w") as f:
             f.write(ptx)
-        result = subprocess.run([get_ptxas(capability).path, "-v", f"--gpu-name={sm_arch_from_capability(capability)}",
+        result = subprocess.run([_ptxas_path(capability), "-v", f"--gpu-name={_gpu_name(capability)}",
                                  path, "-o", os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True)
     text = result.stdout + result.stderr
     registers = re.search(r"Used (\d+) registers", text)
@@ -204,6 +235,10 @@ def main(argv=None) -> int:
         print("error: TRITON_INTERPRET=1 is set: interpreted kernels cannot be compiled; unset it", file=sys.stderr)
         return 2
     specs = all_specializations()
+    if not common.TUPLE_ARGUMENTS:
+        skipped = [s for s in specs if s.kernel == "_move_rows_kernel"]
+        specs = [s for s in specs if s.kernel != "_move_rows_kernel"]
+        print(f"skipping {len(skipped)} _move_rows_kernel specializations: {common.NO_TUPLE_ARGUMENTS}")
     jobs = [(s, arch, args.ptxas_report) for arch in args.arch for s in specs]
     print(f"compiling {len(specs)} specializations x {len(args.arch)} targets = {len(jobs)} kernels, {args.jobs} jobs")
     start, failures = time.perf_counter(), 0
