@@ -17,6 +17,9 @@ from hiera_kernels import library, ops
 from helpers import DTYPES, mu_size, without_interpreter
 
 triton_kernels = pytest.importorskip("hiera_kernels.triton")
+# unroll/reroll need tuple kernel arguments (Triton 3.3+); older Triton refuses them.
+needs_tuple_arguments = pytest.mark.skipif(not triton_kernels.common.TUPLE_ARGUMENTS,
+                                           reason=triton_kernels.common.NO_TUPLE_ARGUMENTS)
 # Chosen once: the interpreter runs CPU tensors, compiled kernels need CUDA ones.
 DEVICE = "cpu" if triton_kernels.INTERPRETED else "cuda"
 pytestmark = pytest.mark.skipif(
@@ -38,6 +41,7 @@ def exact(a, b):
 
 
 @pytest.mark.parametrize("size, schedule", GEOMETRIES)
+@needs_tuple_arguments
 def test_unroll_and_reroll_are_exact_forward_and_backward(size, schedule):
     B, N, C = 3, 1, 5
     for s in size:
@@ -56,6 +60,7 @@ def test_unroll_and_reroll_are_exact_forward_and_backward(size, schedule):
 
 
 @pytest.mark.parametrize("size, schedule", GEOMETRIES[:4])
+@needs_tuple_arguments
 def test_reroll_with_a_mask_is_exact(size, schedule):
     kept, C = 3, 6
     units = 1
@@ -151,6 +156,7 @@ def test_attention_pooling_routes_the_query_gradient_like_pytorch():
     assert torch.equal(grads[0] != 0, grads[1] != 0)  # the same candidate gets the gradient
 
 
+@needs_tuple_arguments
 def test_empty_batch_and_non_contiguous_inputs():
     empty = torch.randn(0, 64, 3 * 16, device=DEVICE)
     assert ops.mask_unit_attention(empty, 2, 1, 16, True, backend="triton").shape == (0, 64, 16)
@@ -167,6 +173,7 @@ def test_empty_batch_and_non_contiguous_inputs():
             exact(op(x, [4, 4], [(2, 2)], backend="triton"), op(x, [4, 4], [(2, 2)], backend="torch"))
 
 
+@needs_tuple_arguments
 def test_opcheck_every_triton_op():
     ops_ = library.TRITON_OPS
     x = torch.randn(2, 16, 3, requires_grad=True, device=DEVICE)
@@ -182,6 +189,7 @@ def test_opcheck_every_triton_op():
                           (torch.randn_like(out), qkv.detach(), out, lse, q_argmax, 2, 2, 2))
 
 
+@needs_tuple_arguments
 def test_compiles_without_graph_breaks():
     def f(x, qkv):
         y = ops.unroll(x, [4, 4], [(2, 2)], backend="triton")
@@ -214,6 +222,7 @@ def test_auto_never_picks_the_interpreter_and_lists_it_by_name_only():
     assert hk.backends.choose("unroll", torch.randn(1, 4, 1)).NAME == "cpu"
 
 
+@needs_tuple_arguments
 def test_tiny_model_training_step_matches_the_torch_path():
     """Hiera-T's configuration at 64x64 (every stage, pooling and global attention) on
     "triton" against "torch": logits, intermediates and every gradient, float32."""
@@ -269,3 +278,13 @@ def test_every_specialization_compiles_for_sm80_and_sm90(tmp_path):
                           capture_output=True, text=True, env=env, timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert " 0 failed" in done.stdout
+
+
+def test_unroll_and_reroll_are_refused_without_tuple_arguments(monkeypatch):
+    """Under a Triton without tuple kernel arguments (3.2) the backend says why instead of failing to compile."""
+    monkeypatch.setattr(triton_kernels.common, "TUPLE_ARGUMENTS", False)
+    for op in ("unroll", "reroll"):
+        assert triton_kernels.common.NO_TUPLE_ARGUMENTS in hk.backend_reasons(DEVICE, op)["triton"]
+    assert triton_kernels.common.NO_TUPLE_ARGUMENTS not in hk.backend_reasons(DEVICE, "query_pool")["triton"]
+    with pytest.raises(hk.BackendError, match="cannot pass tuples to kernels"):
+        ops.unroll(torch.randn(1, 16, 2, device=DEVICE), [4, 4], [(2, 2)], backend="triton")

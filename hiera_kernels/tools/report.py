@@ -283,7 +283,11 @@ PYTEST_SUMMARY = re.compile(r"\b\d+ (passed|failed|skipped|errors?|deselected|xf
 
 
 def summarize(group: str, lines: List[str]) -> str:
-    """One line on what a step found, from its output."""
+    """One line on what a step found, from its output (the in-process parts print it as
+    their last ``summary: `` line)."""
+    own = [line[len("summary: "):] for line in lines if line.startswith("summary: ")]
+    if own:
+        return own[-1]
     if group == "check":
         passed = sum(1 for line in lines if line.lstrip().startswith("PASS"))
         failed = sum(1 for line in lines if line.lstrip().startswith("FAIL"))
@@ -505,6 +509,7 @@ def env_part(device: str) -> int:
     for k, v in summary.items():
         print(f"{k}: {v}")
     save_data({"summary": summary})
+    print(f"summary: GPU {summary['GPU']}; extension CUDA archs: {summary.get('extension CUDA archs', 'none compiled in')}")
     if device == "cuda" and not torch.cuda.is_available():
         return 1
     return 0
@@ -656,7 +661,11 @@ def triton_cache_kernels(cache_dir: Path) -> List[dict]:
     def one(item):
         meta, ptx, arch = item
         registers, spills = aot._ptxas_usage(ptx.read_text(), arch)
+        # The metadata has no argument types or constexprs; the pointer types are in the TTIR.
+        ttir = ptx.with_suffix(".ttir")
+        dtypes = sorted(set(re.findall(r"!tt\.ptr<(\w+)>", ttir.read_text()))) if ttir.exists() else []
         return {"kernel": meta.get("name", ptx.stem), "ours": meta.get("name") in aot._KERNELS, "arch": f"sm_{arch}",
+                "pointer_dtypes": ",".join(dtypes),
                 "num_warps": meta.get("num_warps"), "num_stages": meta.get("num_stages"),
                 "shared_bytes": meta.get("shared"), "registers": registers, "spill_bytes": spills}
 
@@ -681,10 +690,10 @@ def metadata_part(device: str, out: Path) -> int:
         ours = [k for k in kernels if k["ours"]]
         print(f"Triton: {len(kernels)} GPU kernels compiled by this report's steps ({cache}), {len(ours)} of them hiera_kernels'; "
               f"{len(kernels) - len(ours)} others (torch.compile's), of which {sum(1 for k in kernels if not k['ours'] and k['spill_bytes'])} spill")
-        print(f"{'arch':6} {'kernel':32} {'warps':>5} {'stages':>6} {'smem B':>7} {'regs':>5} {'spill B':>7}")
-        for k in sorted(ours, key=lambda k: (k["kernel"], k["num_warps"], k["num_stages"], k["registers"] or 0)):
-            print(f"{k['arch']:6} {k['kernel']:32} {k['num_warps']:>5} {k['num_stages']:>6} {k['shared_bytes']!s:>7} "
-                  f"{k['registers']!s:>5} {k['spill_bytes']!s:>7}")
+        print(f"{'arch':6} {'kernel':32} {'pointers':16} {'warps':>5} {'stages':>6} {'smem B':>7} {'regs':>5} {'spill B':>7}")
+        for k in sorted(ours, key=lambda k: (k["kernel"], k["pointer_dtypes"], k["num_warps"], k["num_stages"], k["registers"] or 0)):
+            print(f"{k['arch']:6} {k['kernel']:32} {k['pointer_dtypes']:16} {k['num_warps']:>5} {k['num_stages']:>6} "
+                  f"{k['shared_bytes']!s:>7} {k['registers']!s:>5} {k['spill_bytes']!s:>7}")
     else:
         print("No GPU kernel ran on cpu: there are no Triton compile metadata to read (the Triton backend runs on CUDA "
               "tensors only; on a CPU it needs the interpreter, which compiles nothing). Instead: the static resource "
@@ -703,7 +712,7 @@ def metadata_part(device: str, out: Path) -> int:
             rows = []
         data["cuda"] = rows
         archs = sorted({r["arch"] for r in rows})
-        if device == "cuda":
+        if torch.cuda.is_available():  # the GPU's own arch: what ran
             major, minor = torch.cuda.get_device_capability()
             show = f"sm_{major}{minor}"
         else:
@@ -721,6 +730,17 @@ def metadata_part(device: str, out: Path) -> int:
                 kernel = r["kernel"] if len(r["kernel"]) <= 90 else r["kernel"][:87] + "..."
                 print(f"  {r['registers']:>4} {r['shared_bytes']:>6} {r['stack_bytes']:>7} {r['local_bytes']:>7}  {r['source'] or '?':32} {kernel}")
     save_data(data)
+    found = []
+    if "triton" in data:
+        triton_rows = data["triton"]
+        found.append(f"Triton: {len(triton_rows)} kernels compiled, {sum(1 for k in triton_rows if k['ours'])} ours, "
+                     f"{sum(1 for k in triton_rows if k['spill_bytes'])} spilling")
+    if data.get("cuda"):
+        cuda_rows = data["cuda"]
+        found.append(f"CUDA C++: {len(cuda_rows)} kernels ({' '.join(sorted({r['arch'] for r in cuda_rows}))}), "
+                     f"up to {max(r['registers'] for r in cuda_rows)} registers, "
+                     f"{sum(1 for r in cuda_rows if r['local_bytes'] or r['stack_bytes'])} with local memory or stack")
+    print("summary: " + ("; ".join(found) or "no kernel metadata"))
     return 0 if ok else 1
 
 
