@@ -321,6 +321,7 @@ def report(device: str = "cpu", quick: bool = False, budget_min: Optional[float]
                  "On this machine run `python -m hiera_kernels report --device cpu`.")
         return 2
     out = Path(out_dir).resolve()
+    shutil.rmtree(out / "triton_cache", ignore_errors=True)  # the metadata step lists this run's kernels only
     for sub in ("logs", "results"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     steps = plan(device, quick, out)
