@@ -28,7 +28,7 @@ def test_bench_quick_prints_the_table_and_writes_files(tmp_path, capsys):
         assert row in out
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     timed = [r for r in rows if r["name"].startswith("hiera_kernels")]
-    assert timed and all(r["ms"] > 0 and r["max_abs_err"] <= 1e-5 for r in timed)
+    assert timed and all(r["ms"] > 0 and r["max_abs_err"] <= r["err_limit"] for r in timed)  # the error rule
     assert all(r["moved_mb"] > 0 and r["saved_mb"] is None for r in timed)  # inference: nothing saved
     assert "MB moved outside GEMM (fwd)" in out
     assert (tmp_path / "bench.csv").read_text().startswith("name,mode,ms")
@@ -47,7 +47,7 @@ def test_bench_compile_rows(capsys):
         line = next(line for line in out.splitlines() if line.startswith(f"| {row}"))
         assert "failed" not in line, line
         cells = [c.strip() for c in line.split("|")]
-        assert float(cells[3]) > 0 and float(cells[7]) <= 1e-5  # ms/batch, logits error
+        assert float(cells[3]) > 0 and "(<=" in cells[7], line  # ms/batch; logits error within the rule
 
 
 def test_bench_profile_prints_the_op_table(capsys):

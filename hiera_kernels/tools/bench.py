@@ -34,7 +34,7 @@ from typing import Callable, Dict, List, Optional, TextIO
 import torch
 import torch.nn as nn
 
-from .. import backends, models
+from .. import backends, error_rule, models
 from .chart import write_chart
 from .traffic import bytes_moved, saved_activation_bytes
 
@@ -49,7 +49,8 @@ class Row:
     images_per_s: Optional[float]
     speedup: Optional[float]  # against the official eager row
     vs_gemm_floor: Optional[float]
-    max_abs_err: Optional[float]  # logits against hiera_kernels on "torch"
+    max_abs_err: Optional[float]  # logits against hiera_kernels on "torch" in float64
+    err_limit: Optional[float] = None  # the error rule's limit for max_abs_err (hiera_kernels.error_rule)
     moved_mb: Optional[float] = None  # bytes read + written outside GEMM/conv, one forward
     saved_mb: Optional[float] = None  # activations saved for the backward, one training forward
     note: str = ""
@@ -262,9 +263,12 @@ def bench(
     rows: List[Row] = []
     # Errors on the logits (train-mode head, no dropout here): the eval softmax of a
     # randomly initialised head is nearly uniform and would hide them.
+    # Judged by the shared error rule: against the "torch" path in float64, with the
+    # "torch" path in the run's dtype as the yardstick.
     with torch.no_grad():
-        reference = ours.set_backend("torch").train()(x).float()
-    forward_figures: Dict[str, tuple] = {}  # label -> (logits error, MB moved): the same in every mode
+        torch_logits = ours.set_backend("torch").train()(x)
+        float64_logits = copy.deepcopy(ours).double().train()(x.double())
+    forward_figures: Dict[str, tuple] = {}  # label -> (error verdict, MB moved): the same in every mode
     # Steps shown: per mode, each row's warm-up, the floor's, the timed rounds, each row's figures.
     bar = Progress(len(modes) * (2 * len(contenders) + 1 + iters), enabled=progress)
 
@@ -325,14 +329,14 @@ def bench(
             eager = not isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
             if label not in forward_figures:
                 with torch.no_grad():
-                    err = (model.train()(x).float() - reference).abs().max().item()
+                    verdict = error_rule.judge(model.train()(x), torch_logits, float64_logits)
                 # Traffic and saved tensors are counted on eager runs: compiled code bypasses the dispatcher.
                 moved = bytes_moved(lambda: model.eval()(x)).total / 1e6 if eager else None
-                forward_figures[label] = (err, moved)
-            err, moved = forward_figures[label]
+                forward_figures[label] = (verdict, moved)
+            verdict, moved = forward_figures[label]
             saved = saved_activation_bytes(model, lambda: model.train()(x)) / 1e6 if train and eager else None
             speedup = official_ms / ms if official_ms else None
-            rows.append(Row(label, m, ms, batch / ms * 1e3, speedup, ms / floor, err, moved, saved))
+            rows.append(Row(label, m, ms, batch / ms * 1e3, speedup, ms / floor, verdict.error, verdict.limit, moved, saved))
         rows.append(Row(FLOOR_NAME, m, floor, batch / floor * 1e3, None, 1.0, None))
     say(format_table(rows))
     if profile:
@@ -379,8 +383,15 @@ def header(model_name, batch, dtype, device, mode) -> str:
     )
 
 
+def format_error(row: Row) -> str:
+    if row.max_abs_err is None:
+        return "-"
+    verdict = "<=" if row.max_abs_err <= row.err_limit else "> FAIL"
+    return f"{row.max_abs_err:.2e} ({verdict} {row.err_limit:.1e})"
+
+
 def format_table(rows: List[Row]) -> str:
-    cols = ["row", "mode", "ms/batch", "img/s", "vs official", "vs GEMM floor", "logits max err",
+    cols = ["row", "mode", "ms/batch", "img/s", "vs official", "vs GEMM floor", "logits err vs float64 (limit)",
             "MB moved outside GEMM (fwd)", "saved activations MB", "note"]
     lines = []
     for r in rows:
@@ -392,7 +403,7 @@ def format_table(rows: List[Row]) -> str:
                 f"{r.images_per_s:.1f}" if r.images_per_s is not None else "-",
                 f"{r.speedup:.2f}x" if r.speedup else "-",
                 f"{r.vs_gemm_floor:.2f}x" if r.vs_gemm_floor else "-",
-                f"{r.max_abs_err:.2e}" if r.max_abs_err is not None else "-",
+                format_error(r),
                 f"{r.moved_mb:.1f}" if r.moved_mb is not None else "-",
                 f"{r.saved_mb:.1f}" if r.saved_mb is not None else "-",
                 r.note,

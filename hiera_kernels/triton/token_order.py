@@ -65,7 +65,10 @@ def as_words(x: torch.Tensor, out: torch.Tensor) -> Tuple[torch.Tensor, torch.Te
         size = word.itemsize
         aligned = x.device.type == "meta" or (x.data_ptr() % size == 0 and out.data_ptr() % size == 0)
         if row_bytes % size == 0 and aligned:
-            return x.view(word), out.view(word)
+            # Through the flat view: a contiguous x may still carry any stride on a
+            # size-1 dim (e.g. [B, 1, C] from a transpose), which view(word) rejects.
+            B, N = x.shape[:2]
+            return x.reshape(-1).view(word).view(B, N, -1), out.reshape(-1).view(word).view(B, N, -1)
     raise TypeError(f"unroll/reroll: {x.dtype} rows cannot be moved as 2-byte words")
 
 
