@@ -241,18 +241,35 @@ def main(argv=None) -> int:
         print(f"skipping {len(skipped)} _move_rows_kernel specializations: {common.NO_TUPLE_ARGUMENTS}")
     jobs = [(s, arch, args.ptxas_report) for arch in args.arch for s in specs]
     print(f"compiling {len(specs)} specializations x {len(args.arch)} targets = {len(jobs)} kernels, {args.jobs} jobs")
-    start, failures = time.perf_counter(), 0
+    start = time.perf_counter()
+    results: List[Dict] = []
+    failed: List = []   # (job, exception)
+    crashed: List = []  # jobs of a pool that a dying compiler process broke
     with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
         futures = {pool.submit(_compile_job, job): job for job in jobs}
-        results = []
         for future in concurrent.futures.as_completed(futures):
-            spec, arch, _ = futures[future]
             try:
                 results.append(future.result())
+            except concurrent.futures.process.BrokenProcessPool:
+                crashed.append(futures[future])
             except Exception as exc:  # report every failure, then fail
-                failures += 1
-                print(f"FAILED {spec.kernel} sm_{arch} {dict(spec.constexprs)} {dict(spec.options)}: "
-                      f"{type(exc).__name__}: {exc}", file=sys.stderr)
+                failed.append((futures[future], exc))
+    # A compiler that aborts (an assertion in Triton's C++) kills its process and breaks
+    # the whole pool, failing every job still pending: rerun those one process each, so
+    # that the ones that crash the compiler are named and the others still compile.
+    if crashed:
+        print(f"a compiler process died; compiling the {len(crashed)} jobs it left one process each", file=sys.stderr)
+    for job in crashed:
+        with concurrent.futures.ProcessPoolExecutor(1) as one:
+            try:
+                results.append(one.submit(_compile_job, job).result())
+            except Exception as exc:
+                failed.append((job, exc))
+    for (spec, arch, _), exc in failed:
+        dtypes = sorted({t for _, t in spec.signature if isinstance(t, str) and t.startswith("*")})
+        what = "the compiler process died (its message is above)" if isinstance(exc, concurrent.futures.process.BrokenProcessPool) else f"{type(exc).__name__}: {exc}"
+        print(f"FAILED {spec.kernel} sm_{arch} {','.join(dtypes)} {dict(spec.constexprs)} {dict(spec.options)}: {what}", file=sys.stderr)
+    failures = len(failed)
     results.sort(key=lambda r: (r["arch"], r["kernel"], sorted(r["constexprs"].items()).__repr__(), r["dtypes"], r["num_warps"]))
     print(f"{'arch':6} {'kernel':32} {'dtypes':18} {'constexprs':60} {'warps':>5} {'stages':>6} "
           f"{'smem B':>7} {'regs':>5} {'spill B':>7}")
