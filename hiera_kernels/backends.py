@@ -238,8 +238,14 @@ class TritonBackend(KernelOpsBackend):
 
     def not_supported_reasons(self, op, device, dtype, **limits):
         reasons = super().not_supported_reasons(op, device, dtype, **limits)
-        if op in ("unroll", "reroll") and TRITON_KERNELS is not None and not TRITON_KERNELS.common.TUPLE_ARGUMENTS:
-            reasons.append(TRITON_KERNELS.common.NO_TUPLE_ARGUMENTS)
+        common = TRITON_KERNELS.common if TRITON_KERNELS is not None else None
+        if common is None:
+            return reasons
+        if op in ("unroll", "reroll") and not common.TUPLE_ARGUMENTS:
+            reasons.append(common.NO_TUPLE_ARGUMENTS)
+        if (op == "mask_unit_attention" and dtype in (torch.float16, torch.bfloat16) and common.SM90_HALF_BACKWARD_ABORTS
+                and device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] == 9):
+            reasons.append(common.SM90_HALF_BACKWARD_ABORTS_REASON)
         return reasons
 
     def by_name_only(self, device):

@@ -282,3 +282,20 @@ def test_unroll_and_reroll_are_refused_without_tuple_arguments(monkeypatch):
     assert triton_kernels.common.NO_TUPLE_ARGUMENTS not in hk.backend_reasons(DEVICE, "query_pool")["triton"]
     with pytest.raises(hk.BackendError, match="cannot pass tuples to kernels"):
         ops.unroll(torch.randn(1, 16, 2, device=DEVICE), [4, 4], [(2, 2)], backend="triton")
+
+
+def test_half_attention_is_refused_on_sm90_where_triton_3_2_aborts(monkeypatch):
+    """Triton 3.2 aborts compiling the fp16/bf16 attention backward for sm_90: the backend
+    refuses those cases there (an abort would kill the process), and only those."""
+    common = triton_kernels.common
+    monkeypatch.setattr(common, "SM90_HALF_BACKWARD_ABORTS", True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    reasons = lambda dtype, op="mask_unit_attention": hk.backend_reasons("cuda", op, dtype)["triton"]  # noqa: E731
+    assert common.SM90_HALF_BACKWARD_ABORTS_REASON in reasons(torch.float16)
+    assert common.SM90_HALF_BACKWARD_ABORTS_REASON in reasons(torch.bfloat16)
+    assert common.SM90_HALF_BACKWARD_ABORTS_REASON not in reasons(torch.float32)
+    assert common.SM90_HALF_BACKWARD_ABORTS_REASON not in reasons(torch.float16, "query_pool")
+    capability[0] = (8, 0)
+    assert common.SM90_HALF_BACKWARD_ABORTS_REASON not in reasons(torch.float16)

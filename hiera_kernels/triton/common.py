@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from typing import Callable, List, Optional
 
 import torch
@@ -27,6 +28,14 @@ INTERPRETER = tl.constexpr(INTERPRETED)
 TUPLE_ARGUMENTS: bool = hasattr(tl, "tuple")
 NO_TUPLE_ARGUMENTS = (f"Triton {triton.__version__} cannot pass tuples to kernels (needs 3.3+, "
                       "with triton.language.tuple), which the unroll/reroll kernel takes")
+# Triton 3.2's compiler aborts the process (an assertion in LinearLayout::reshapeOuts)
+# compiling the attention backward kv kernel in fp16/bf16 for sm_90, every head dim
+# (found by the AOT check; fp32, sm_80 and the other kernels compile). An abort cannot
+# be caught, so the backend refuses those cases there and the AOT check skips them.
+TRITON_VERSION = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
+SM90_HALF_BACKWARD_ABORTS: bool = TRITON_VERSION < (3, 3)
+SM90_HALF_BACKWARD_ABORTS_REASON = (f"Triton {triton.__version__}'s compiler aborts on the fp16/bf16 attention "
+                                    "backward for sm_90 (fixed from 3.3)")
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
