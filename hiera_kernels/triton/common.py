@@ -32,10 +32,11 @@ NO_TUPLE_ARGUMENTS = (f"Triton {triton.__version__} cannot pass tuples to kernel
 # compiling the attention backward kv kernel in fp16/bf16 for sm_90, every head dim
 # (found by the AOT check; fp32, sm_80 and the other kernels compile). An abort cannot
 # be caught, so the backend refuses those cases there and the AOT check skips them.
+# Triton 3.8 compiles them; 3.3-3.7 are untested, and torch >= 2.6 pins nothing older than 3.2.
 TRITON_VERSION = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
 SM90_HALF_BACKWARD_ABORTS: bool = TRITON_VERSION < (3, 3)
 SM90_HALF_BACKWARD_ABORTS_REASON = (f"Triton {triton.__version__}'s compiler aborts on the fp16/bf16 attention "
-                                    "backward for sm_90 (fixed from 3.3)")
+                                    "backward for sm_90 (Triton 3.8 compiles it)")
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
