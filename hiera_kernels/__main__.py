@@ -1,4 +1,4 @@
-"""``python -m hiera_kernels {bench,check,info}`` (also the ``hiera-kernels`` command)."""
+"""``python -m hiera_kernels {bench,check,info,report}`` (also the ``hiera-kernels`` command)."""
 
 from __future__ import annotations
 
@@ -36,6 +36,11 @@ def main(argv=None) -> int:
     c.add_argument("--dtype", choices=list(DTYPES), default="float32")
     c.add_argument("--batch", type=int, default=2)
     sub.add_parser("info", help="versions, build, and why each backend is or is not available")
+    r = sub.add_parser("report", help="every step (env, check, tests, microbenchmarks, bench, compile metadata) in one time-boxed run")
+    r.add_argument("--device", choices=["cuda", "cpu"], required=True)
+    r.add_argument("--quick", action="store_true", help="fewer configurations (on a CPU: ~2-3 min on 2 cores)")
+    r.add_argument("--budget", type=float, metavar="MINUTES", help="the whole run's time (default 10; 5 with --quick)")
+    r.add_argument("--out", required=True, metavar="DIR", help="directory for report.md, report.json and the logs")
     args = parser.parse_args(argv)
 
     if args.command in (None, "bench"):
@@ -74,6 +79,10 @@ def main(argv=None) -> int:
         from .tools.check import check
 
         return 0 if check(args.model, args.device, DTYPES[args.dtype], args.batch) else 1
+    if args.command == "report":
+        from .tools.report import report
+
+        return report(args.device, args.quick, args.budget, args.out)
     from .tools.info import info
 
     info()

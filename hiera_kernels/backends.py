@@ -206,7 +206,7 @@ def _import_triton_kernels():
     """(hiera_kernels.triton, None), or (None, why it cannot be imported)."""
     try:
         from . import triton as kernels
-    except ImportError as exc:
+    except Exception as exc:  # not only ImportError: a Triton that fails while decorating the kernels must cost this backend, not the package
         return None, f"{type(exc).__name__}: {exc}"
     return kernels, None
 
@@ -235,6 +235,18 @@ class TritonBackend(KernelOpsBackend):
         return super().device_reasons(device)
 
     MAX_ATTENTION_HEAD_DIM = TRITON_KERNELS.mask_unit_attention.MAX_HEAD_DIM if TRITON_KERNELS else None
+
+    def not_supported_reasons(self, op, device, dtype, **limits):
+        reasons = super().not_supported_reasons(op, device, dtype, **limits)
+        common = TRITON_KERNELS.common if TRITON_KERNELS is not None else None
+        if common is None:
+            return reasons
+        if op in ("unroll", "reroll") and not common.TUPLE_ARGUMENTS:
+            reasons.append(common.NO_TUPLE_ARGUMENTS)
+        if (op == "mask_unit_attention" and dtype in (torch.float16, torch.bfloat16) and common.SM90_HALF_BACKWARD_ABORTS
+                and device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] == 9):
+            reasons.append(common.SM90_HALF_BACKWARD_ABORTS_REASON)
+        return reasons
 
     def by_name_only(self, device):
         return device.type == "cpu"  # the interpreter: for tests, far too slow for use

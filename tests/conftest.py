@@ -1,15 +1,18 @@
 import os
 import random
 
-# No GPU here: the Triton kernels run in Triton's interpreter on CPU tensors. triton.jit
+import pytest
+import torch  # only torch: hiera_kernels must not be imported before the line below
+
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. triton.jit
 # reads this when the kernels are decorated, so it must be set before anything imports
 # hiera_kernels. The "triton" backend then runs CPU tensors when asked for by name
 # ("auto" never picks it on CPU); tests of the non-interpreted behaviour run in
-# subprocesses without it (helpers.without_interpreter).
-os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest
-import torch
+# subprocesses without it (helpers.without_interpreter). With a GPU the kernels are
+# compiled and the Triton tests run on CUDA tensors (test_triton.DEVICE). A
+# TRITON_INTERPRET already set is left as it is.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 def pytest_addoption(parser):

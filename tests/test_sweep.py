@@ -321,8 +321,8 @@ def _triton_ready() -> Optional[str]:
     kernels = hk.backends.TRITON_KERNELS
     if kernels is None:
         return f"the Triton kernels cannot be imported ({hk.backends.TRITON_IMPORT_ERROR})"
-    if not kernels.INTERPRETED:
-        return "hiera_kernels was imported before conftest.py set TRITON_INTERPRET=1"
+    if not kernels.INTERPRETED:  # a GPU is here (conftest.py interprets only without one), or it was imported first
+        return "the Triton kernels are compiled, not interpreted: this sweep runs them on CPU tensors in the interpreter"
     return None
 
 

@@ -1,6 +1,6 @@
-"""The "triton" backend, run in Triton's interpreter on CPU tensors (conftest.py sets
-TRITON_INTERPRET=1), against the "torch" path; and its ahead-of-time compile for sm_80
-and sm_90. The interpreter is slow, so shapes are small but cover every block type:
+"""The "triton" backend against the "torch" path: compiled, on CUDA tensors, where a GPU
+is; elsewhere in Triton's interpreter on CPU tensors (conftest.py sets TRITON_INTERPRET=1
+when no GPU is there). And its ahead-of-time compile for sm_80 and sm_90. The interpreter is slow, so shapes are small but cover every block type:
 windowed with and without q pooling, global with and without, video, masked MAE
 token sets, Hiera's head dims 56/64/72/96 and odd batch sizes."""
 
@@ -18,7 +18,14 @@ from helpers import (DTYPES, NONFINITE_BLOCKS, NONFINITE_PARTS, NONFINITE_VALUES
                      mu_size, without_interpreter)
 
 triton_kernels = pytest.importorskip("hiera_kernels.triton")
-pytestmark = pytest.mark.skipif(not triton_kernels.INTERPRETED, reason="hiera_kernels was imported before conftest.py set TRITON_INTERPRET=1")
+# unroll/reroll need tuple kernel arguments (Triton 3.3+); older Triton refuses them.
+needs_tuple_arguments = pytest.mark.skipif(not triton_kernels.common.TUPLE_ARGUMENTS,
+                                           reason=triton_kernels.common.NO_TUPLE_ARGUMENTS)
+# Chosen once: the interpreter runs CPU tensors, compiled kernels need CUDA ones.
+DEVICE = "cpu" if triton_kernels.INTERPRETED else "cuda"
+pytestmark = pytest.mark.skipif(
+    DEVICE == "cuda" and not torch.cuda.is_available(),
+    reason="the Triton kernels are compiled (TRITON_INTERPRET was not set when hiera_kernels was imported) but no GPU is here")
 
 # (size, schedule): image stages (windowed and not), video, odd strides.
 GEOMETRIES = [
@@ -35,12 +42,13 @@ def exact(a, b):
 
 
 @pytest.mark.parametrize("size, schedule", GEOMETRIES)
+@needs_tuple_arguments
 def test_unroll_and_reroll_are_exact_forward_and_backward(size, schedule):
     B, N, C = 3, 1, 5
     for s in size:
         N *= s
-    x = torch.randn(B, N, C, dtype=torch.bfloat16, requires_grad=True)
-    grad = torch.randn(B, N, C, dtype=torch.bfloat16)
+    x = torch.randn(B, N, C, dtype=torch.bfloat16, requires_grad=True, device=DEVICE)
+    grad = torch.randn(B, N, C, dtype=torch.bfloat16, device=DEVICE)
     results = {}
     for backend in ("torch", "triton"):
         xi = x.detach().requires_grad_()
@@ -53,15 +61,16 @@ def test_unroll_and_reroll_are_exact_forward_and_backward(size, schedule):
 
 
 @pytest.mark.parametrize("size, schedule", GEOMETRIES[:4])
+@needs_tuple_arguments
 def test_reroll_with_a_mask_is_exact(size, schedule):
     kept, C = 3, 6
     units = 1
     for s, u in zip(size, hk.reference.mask_unit_shape(schedule, len(size))):
         units *= s // u
-    mask = torch.zeros(2, units, dtype=torch.bool)
+    mask = torch.zeros(2, units, dtype=torch.bool, device=DEVICE)
     mask[:, :kept] = True
-    x = torch.randn(2, kept * mu_size(schedule, len(size)), C, requires_grad=True)
-    grad = torch.randn(2, kept * mu_size(schedule, len(size)), C)
+    x = torch.randn(2, kept * mu_size(schedule, len(size)), C, requires_grad=True, device=DEVICE)
+    grad = torch.randn(2, kept * mu_size(schedule, len(size)), C, device=DEVICE)
     outs = []
     for backend in ("torch", "triton"):
         xi = x.detach().requires_grad_()
@@ -73,12 +82,12 @@ def test_reroll_with_a_mask_is_exact(size, schedule):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_query_pool_is_exact_with_ties_and_nan(dtype):
-    x = torch.randn(3, 4 * 10, 7).to(dtype)
+    x = torch.randn(3, 4 * 10, 7, device=DEVICE).to(dtype)
     x[0, 10:20] = x[0, :10]  # ties: the first maximum wins
     x[1, 25, 2] = float("nan")
     x[2, 5, 1] = x[2, 15, 1] = float("nan")  # the first NaN wins
     x[2, :, 3] = float("-inf")
-    grad = torch.randn(3, 10, 7).to(dtype)
+    grad = torch.randn(3, 10, 7, device=DEVICE).to(dtype)
     results = []
     for backend in ("torch", "triton"):
         xi = x.detach().requires_grad_()
@@ -114,8 +123,8 @@ def test_attention_within_the_error_rule(block, dtype):
     """Output and dqkv pass the shared error rule against the float64 "torch" path."""
     dim_out, heads, q_stride, window_size, use_mu, N, batch = ATTENTION_BLOCKS[block]
     args = (heads, q_stride, window_size, use_mu)
-    qkv = torch.randn(batch, N, 3 * dim_out)
-    grad = torch.randn(batch, N // q_stride, dim_out)
+    qkv = torch.randn(batch, N, 3 * dim_out, device=DEVICE)
+    grad = torch.randn(batch, N // q_stride, dim_out, device=DEVICE)
     reference = attention_forward_backward(qkv.double(), grad.double(), args, "torch")
     torch_low = attention_forward_backward(qkv.to(dtype), grad.to(dtype), args, "torch")
     triton_low = attention_forward_backward(qkv.to(dtype), grad.to(dtype), args, "triton")
@@ -136,7 +145,7 @@ def test_attention_keeps_non_finite_values_in_their_window(block, part, value, d
 
 
 def test_attention_pooling_routes_the_query_gradient_like_pytorch():
-    qkv = torch.randn(1, 32, 3 * 8)
+    qkv = torch.randn(1, 32, 3 * 8, device=DEVICE)
     qkv[:, 8:16, :8] = qkv[:, 0:8, :8]  # ties between the q_stride candidates
     grads = []
     for backend in ("torch", "triton"):
@@ -147,48 +156,51 @@ def test_attention_pooling_routes_the_query_gradient_like_pytorch():
     assert torch.equal(grads[0] != 0, grads[1] != 0)  # the same candidate gets the gradient
 
 
+@needs_tuple_arguments
 def test_empty_batch_and_non_contiguous_inputs():
-    empty = torch.randn(0, 64, 3 * 16)
+    empty = torch.randn(0, 64, 3 * 16, device=DEVICE)
     assert ops.mask_unit_attention(empty, 2, 1, 16, True, backend="triton").shape == (0, 64, 16)
-    assert ops.unroll(torch.randn(0, 64, 4), [8, 8], [(2, 2)], backend="triton").shape == (0, 64, 4)
-    assert ops.query_pool(torch.randn(0, 64, 4), 4, backend="triton").shape == (0, 16, 4)
-    qkv = torch.randn(2, 3 * 16, 64).transpose(1, 2)  # [2, 64, 48], not contiguous
+    assert ops.unroll(torch.randn(0, 64, 4, device=DEVICE), [8, 8], [(2, 2)], backend="triton").shape == (0, 64, 4)
+    assert ops.query_pool(torch.randn(0, 64, 4, device=DEVICE), 4, backend="triton").shape == (0, 16, 4)
+    qkv = torch.randn(2, 3 * 16, 64, device=DEVICE).transpose(1, 2)  # [2, 64, 48], not contiguous
     exact(ops.mask_unit_attention(qkv, 2, 4, 4, True, backend="triton"),
           ops.mask_unit_attention(qkv.contiguous(), 2, 4, 4, True, backend="triton"))
-    x = torch.randn(2, 6, 64).transpose(1, 2)
+    x = torch.randn(2, 6, 64, device=DEVICE).transpose(1, 2)
     exact(ops.unroll(x, [8, 8], [(2, 2)], backend="triton"), ops.unroll(x, [8, 8], [(2, 2)], backend="torch"))
     for offset in (1, 2, 3):  # inputs starting 2, 4 and 6 bytes past an 8-byte boundary
-        x = torch.randn(2 * 16 * 8 + offset, dtype=torch.float16)[offset:].view(2, 16, 8)
+        x = torch.randn(2 * 16 * 8 + offset, dtype=torch.float16, device=DEVICE)[offset:].view(2, 16, 8)
         for op in (ops.unroll, ops.reroll):
             exact(op(x, [4, 4], [(2, 2)], backend="triton"), op(x, [4, 4], [(2, 2)], backend="torch"))
     # One token, token stride 4 != C = 1 x 4 (a transpose): contiguous by torch's rule,
     # so .contiguous() keeps the stride (sweep case triton seed 236 crashed on it).
-    x = torch.randn(1, 4, 1, dtype=torch.float16).transpose(1, 2)
+    x = torch.randn(1, 4, 1, dtype=torch.float16, device=DEVICE).transpose(1, 2)
     for op in (ops.unroll, ops.reroll):
         exact(op(x, [1], [], backend="triton"), x)
 
 
+@needs_tuple_arguments
 def test_opcheck_every_triton_op():
     ops_ = library.TRITON_OPS
-    x = torch.randn(2, 16, 3, requires_grad=True)
+    x = torch.randn(2, 16, 3, requires_grad=True, device=DEVICE)
     torch.library.opcheck(ops_["unroll"], (x, [4, 4], [2, 2], False))
     torch.library.opcheck(ops_["reroll"], (x, [4, 4], [2, 2], True))
     torch.library.opcheck(ops_["query_pool"], (x, 4))
     out, argmax = ops_["query_pool"](x.detach(), 4)
     torch.library.opcheck(ops_["query_pool_backward"], (torch.randn_like(out), argmax, 4))
-    qkv = torch.randn(1, 16, 3 * 8, requires_grad=True)
+    qkv = torch.randn(1, 16, 3 * 8, requires_grad=True, device=DEVICE)
     torch.library.opcheck(ops_["mask_unit_attention"], (qkv, 2, 2, 2))
     out, lse, q_argmax = ops_["mask_unit_attention"](qkv.detach(), 2, 2, 2)
     torch.library.opcheck(ops_["mask_unit_attention_backward"],
                           (torch.randn_like(out), qkv.detach(), out, lse, q_argmax, 2, 2, 2))
 
 
+@needs_tuple_arguments
 def test_compiles_without_graph_breaks():
     def f(x, qkv):
         y = ops.unroll(x, [4, 4], [(2, 2)], backend="triton")
         return ops.query_pool(y, 4, backend="triton"), ops.mask_unit_attention(qkv, 2, 2, 4, True, backend="triton")
 
-    x, qkv = torch.randn(1, 16, 4), torch.randn(1, 16, 3 * 8)
+    x, qkv = torch.randn(1, 16, 4, device=DEVICE), torch.randn(1, 16, 3 * 8, device=DEVICE)
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     for ours, theirs in zip(compiled(x, qkv), f(x, qkv)):
         exact(ours, theirs)
@@ -196,23 +208,23 @@ def test_compiles_without_graph_breaks():
 
 def test_direct_op_calls_get_clear_errors():
     with pytest.raises(ValueError, match=r"unroll_triton: x has N=10 tokens, size \[4, 4\] holds 16"):
-        library.TRITON_OPS["unroll"](torch.randn(1, 10, 2), [4, 4], [2, 2], False)
+        library.TRITON_OPS["unroll"](torch.randn(1, 10, 2, device=DEVICE), [4, 4], [2, 2], False)
     with pytest.raises(ValueError, match=r"query_pool_triton: stride must be in \[1, 256\]"):
-        library.TRITON_OPS["query_pool"](torch.randn(1, 300, 2), 300)
+        library.TRITON_OPS["query_pool"](torch.randn(1, 300, 2, device=DEVICE), 300)
     with pytest.raises(ValueError, match=r"mask_unit_attention_triton: head_dim 160 exceeds the Triton kernels' 128"):
-        library.TRITON_OPS["mask_unit_attention"](torch.randn(1, 4, 3 * 160), 1, 1, 1)
+        library.TRITON_OPS["mask_unit_attention"](torch.randn(1, 4, 3 * 160, device=DEVICE), 1, 1, 1)
     with pytest.raises(TypeError, match=r"query_pool_triton: dtype float64 is not supported"):
-        library.TRITON_OPS["query_pool"](torch.randn(1, 4, 2, dtype=torch.float64), 2)
-    reasons = hk.backend_reasons("cpu", "mask_unit_attention", torch.float64)["triton"]
+        library.TRITON_OPS["query_pool"](torch.randn(1, 4, 2, dtype=torch.float64, device=DEVICE), 2)
+    reasons = hk.backend_reasons(DEVICE, "mask_unit_attention", torch.float64)["triton"]
     assert any("dtype float64 is not supported" in r for r in reasons)
     with pytest.raises(hk.BackendError, match=r"head_dim=160 exceeds the attention kernel's 128"):
-        ops.mask_unit_attention(torch.randn(1, 4, 3 * 160), 1, 1, 4, True, backend="triton")
+        ops.mask_unit_attention(torch.randn(1, 4, 3 * 160, device=DEVICE), 1, 1, 4, True, backend="triton")
 
 
 def _attention_saved(q_stride):
     """qkv [2, 64, 48] (2 heads of 8, 4 windows) and what the forward saves from it:
     out [2, 64 / q_stride, 16], lse [2, 2, 4, 16 / q_stride], q_argmax."""
-    qkv = torch.randn(2, 64, 48)
+    qkv = torch.randn(2, 64, 48, device=DEVICE)
     out, lse, q_argmax = library.TRITON_OPS["mask_unit_attention"](qkv, 2, q_stride, 4)
     return torch.randn_like(out), qkv, out, lse, q_argmax
 
@@ -227,18 +239,18 @@ BAD_BACKWARD_ARGS = {
     "grad_out_dtype": (0, lambda t: t.half(), 4, TypeError, r"grad_out must be float32 like qkv, got float16"),
     "grad_out_shape": (0, lambda t: t[:, :15], 4, ValueError,
                        r"grad_out must be \[B, queries \* windows, dim_out\] = \[2, 16, 16\], got \[2, 15, 16\]"),
-    "grad_out_device": (0, _meta_like, 4, ValueError, r"grad_out must be on cpu like qkv, got meta"),
+    "grad_out_device": (0, _meta_like, 4, ValueError, rf"grad_out must be on {DEVICE} like qkv, got meta"),
     "out_dtype": (2, lambda t: t.bfloat16(), 1, TypeError, r"out must be float32 like qkv, got bfloat16"),
     "out_shape": (2, lambda t: t.reshape(2, 16, 64), 1, ValueError, r"out must be .* = \[2, 64, 16\], got \[2, 16, 64\]"),
-    "out_device": (2, _meta_like, 1, ValueError, r"out must be on cpu like qkv, got meta"),
+    "out_device": (2, _meta_like, 1, ValueError, rf"out must be on {DEVICE} like qkv, got meta"),
     "lse_dtype": (3, lambda t: t.double(), 4, TypeError, r"lse must be float32, got float64"),
     "lse_shape": (3, lambda t: t.reshape(2, 2, 16), 4, ValueError,
                   r"lse must be \[B, heads, windows, queries\] = \[2, 2, 4, 4\], got \[2, 2, 16\]"),
-    "lse_device": (3, _meta_like, 4, ValueError, r"lse must be on cpu like qkv, got meta"),
+    "lse_device": (3, _meta_like, 4, ValueError, rf"lse must be on {DEVICE} like qkv, got meta"),
     "q_argmax_dtype": (4, lambda t: t.long(), 4, TypeError, r"q_argmax must be uint8, got int64"),
     "q_argmax_shape": (4, lambda t: t[:, :8], 4, ValueError, r"q_argmax must be .* = \[2, 16, 16\], got \[2, 8, 16\]"),
-    "q_argmax_device": (4, _meta_like, 4, ValueError, r"q_argmax must be on cpu like qkv, got meta"),
-    "q_argmax_not_empty_without_pooling": (4, lambda t: torch.zeros(2, 64, 16, dtype=torch.uint8), 1, ValueError,
+    "q_argmax_device": (4, _meta_like, 4, ValueError, rf"q_argmax must be on {DEVICE} like qkv, got meta"),
+    "q_argmax_not_empty_without_pooling": (4, lambda t: torch.zeros(2, 64, 16, dtype=torch.uint8, device=DEVICE), 1, ValueError,
                                            r"q_argmax must be \[0 \(q_stride 1\)\] = \[0\], got \[2, 64, 16\]"),
     "qkv_dtype": (1, lambda t: t.double(), 4, TypeError, r"qkv dtype float64 is not supported"),
 }
@@ -261,31 +273,33 @@ def test_direct_backward_calls_check_every_saved_tensor(case):
 
 def test_direct_query_pool_backward_checks_argmax():
     op = torch.ops.hiera_kernels.query_pool_backward_triton.default
-    grad = torch.randn(2, 4, 3)
-    argmax = torch.zeros(2, 4, 3, dtype=torch.uint8)
+    grad = torch.randn(2, 4, 3, device=DEVICE)
+    argmax = torch.zeros(2, 4, 3, dtype=torch.uint8, device=DEVICE)
     with pytest.raises(TypeError, match=r"query_pool_backward_triton: argmax must be uint8, got int64"):
         op(grad, argmax.long(), 4)
     with pytest.raises(ValueError, match=r"query_pool_backward_triton: argmax must be \[B, N / stride, C of grad_out\] = "
                                          r"\[2, 4, 3\], got \[2, 4, 2\]"):
         op(grad, argmax[..., :2], 4)
-    with pytest.raises(ValueError, match=r"query_pool_backward_triton: argmax must be on cpu like grad_out, got meta"):
+    with pytest.raises(ValueError, match=rf"query_pool_backward_triton: argmax must be on {DEVICE} like grad_out, got meta"):
         triton_kernels.IMPLEMENTATIONS["query_pool_backward"](grad, _meta_like(argmax), 4)
     with pytest.raises(TypeError, match=r"query_pool_backward_triton: dtype int64 is not supported"):
         op(grad.long(), argmax, 4)
     with pytest.raises(TypeError, match=r"unroll_triton: x rows of 3 x uint8 cannot be moved as 2-byte words"):
-        torch.ops.hiera_kernels.unroll_triton.default(torch.zeros(1, 16, 3, dtype=torch.uint8), [4, 4], [2, 2], False)
+        torch.ops.hiera_kernels.unroll_triton.default(torch.zeros(1, 16, 3, dtype=torch.uint8, device=DEVICE), [4, 4], [2, 2], False)
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="about the interpreter on CPU tensors; compiled here")
 def test_auto_never_picks_the_interpreter_and_lists_it_by_name_only():
     assert hk.available_backends("cpu") == ["cpu", "torch"]
     assert hk.backends.choose("unroll", torch.randn(1, 4, 1)).NAME == "cpu"
 
 
+@needs_tuple_arguments
 def test_tiny_model_training_step_matches_the_torch_path():
     """Hiera-T's configuration at 64x64 (every stage, pooling and global attention) on
     "triton" against "torch": logits, intermediates and every gradient, float32."""
-    model = hk.Hiera(input_size=(64, 64), embed_dim=96, num_heads=1, stages=(1, 1, 2, 1), num_classes=10)
-    x = torch.randn(1, 3, 64, 64)
+    model = hk.Hiera(input_size=(64, 64), embed_dim=96, num_heads=1, stages=(1, 1, 2, 1), num_classes=10).to(DEVICE)
+    x = torch.randn(1, 3, 64, 64, device=DEVICE)
 
     def step(backend):
         m = copy.deepcopy(model).set_backend(backend)
@@ -336,3 +350,30 @@ def test_every_specialization_compiles_for_sm80_and_sm90(tmp_path):
                           capture_output=True, text=True, env=env, timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert " 0 failed" in done.stdout
+
+
+def test_unroll_and_reroll_are_refused_without_tuple_arguments(monkeypatch):
+    """Under a Triton without tuple kernel arguments (3.2) the backend says why instead of failing to compile."""
+    monkeypatch.setattr(triton_kernels.common, "TUPLE_ARGUMENTS", False)
+    for op in ("unroll", "reroll"):
+        assert triton_kernels.common.NO_TUPLE_ARGUMENTS in hk.backend_reasons(DEVICE, op)["triton"]
+    assert triton_kernels.common.NO_TUPLE_ARGUMENTS not in hk.backend_reasons(DEVICE, "query_pool")["triton"]
+    with pytest.raises(hk.BackendError, match="cannot pass tuples to kernels"):
+        ops.unroll(torch.randn(1, 16, 2, device=DEVICE), [4, 4], [(2, 2)], backend="triton")
+
+
+def test_half_attention_is_refused_on_sm90_where_triton_3_2_aborts(monkeypatch):
+    """Triton 3.2 aborts compiling the fp16/bf16 attention backward for sm_90: the backend
+    refuses those cases there (an abort would kill the process), and only those."""
+    common = triton_kernels.common
+    monkeypatch.setattr(common, "SM90_HALF_BACKWARD_ABORTS", True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    reasons = lambda dtype, op="mask_unit_attention": hk.backend_reasons("cuda", op, dtype)["triton"]  # noqa: E731
+    assert common.SM90_HALF_BACKWARD_ABORTS_REASON in reasons(torch.float16)
+    assert common.SM90_HALF_BACKWARD_ABORTS_REASON in reasons(torch.bfloat16)
+    assert common.SM90_HALF_BACKWARD_ABORTS_REASON not in reasons(torch.float32)
+    assert common.SM90_HALF_BACKWARD_ABORTS_REASON not in reasons(torch.float16, "query_pool")
+    capability[0] = (8, 0)
+    assert common.SM90_HALF_BACKWARD_ABORTS_REASON not in reasons(torch.float16)

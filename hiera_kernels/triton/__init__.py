@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..library import NAMESPACE, TRITON_SUFFIX
-from . import mask_unit_attention, query_pool, token_order
+from . import common, mask_unit_attention, query_pool, token_order
 from .common import INTERPRETED
 
 IMPLEMENTATIONS = {

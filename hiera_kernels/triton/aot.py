@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import inspect
 import os
 import re
 import subprocess
@@ -30,9 +31,30 @@ from typing import Dict, Iterable, List, NamedTuple, Tuple
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.compiler import ASTSource
 from triton.runtime.autotuner import Autotuner
+
+# Triton's compile API moved between 3.2 (the oldest Triton that torch>=2.6 pins) and
+# today's: both are spelled out here rather than dropping the older one.
+try:
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+except ImportError:  # Triton 3.2: the backend's own ptxas lookup; sm_90 compiles as sm_90a
+    from triton.backends.nvidia.compiler import _path_to_binary
+
+    def _ptxas_path(capability: int) -> str:
+        return _path_to_binary("ptxas")[0]
+
+    def _gpu_name(capability: int) -> str:
+        return "sm_90a" if capability == 90 else f"sm_{capability}"
+else:
+    def _ptxas_path(capability: int) -> str:
+        return get_ptxas(capability).path
+
+    _gpu_name = sm_arch_from_capability
+# Triton >= 3.3: every argument in the signature ("constexpr" for constexprs), the
+# constexprs by name and attributes per argument index; 3.2: runtime arguments only,
+# the constexprs as "constants" and an AttrsDescriptor.
+_NEW_AST_SOURCE = "constexprs" in inspect.signature(ASTSource.__init__).parameters
 
 from . import common, mask_unit_attention, query_pool, token_order
 
@@ -157,22 +179,31 @@ def compile_one(spec: Specialization, arch: int, ptxas_report: bool = False) -> 
     """Compile one specialization for ``sm_<arch>``; return its metadata (registers and
     spills only with ``ptxas_report``: they take a second ptxas run)."""
     fn = _KERNELS[spec.kernel]
-    signature = dict(spec.signature)
-    constexprs = dict(spec.constexprs)
-    signature.update({name: "constexpr" for name in constexprs})
-    signature = {name: signature[name] for name in fn.arg_names}
-    # Pointers are 16-byte aligned, as the JIT specializes them for torch's allocations.
-    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-               if isinstance(signature[name], str) and signature[name].startswith("*")}
     start = time.perf_counter()
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned),
+    compiled = triton.compile(_source(fn, dict(spec.signature), dict(spec.constexprs)),
                               target=GPUTarget("cuda", arch, 32), options=dict(spec.options))
     seconds = time.perf_counter() - start
     registers, spills = _ptxas_usage(compiled.asm["ptx"], arch) if ptxas_report else (None, None)
-    return {"kernel": spec.kernel, "arch": f"sm_{arch}", "constexprs": constexprs,
+    return {"kernel": spec.kernel, "arch": f"sm_{arch}", "constexprs": dict(spec.constexprs),
             "dtypes": sorted({t for _, t in spec.signature if isinstance(t, str) and t.startswith("*")}),
             **dict(spec.options), "shared_bytes": compiled.metadata.shared, "registers": registers,
             "spill_bytes": spills, "cubin_bytes": len(compiled.asm["cubin"]), "seconds": round(seconds, 2)}
+
+
+def _source(fn, runtime: Dict, constexprs: Dict) -> ASTSource:
+    """What the JIT would compile for these argument types and constexprs, with every
+    pointer 16-byte aligned, as the JIT specializes them for torch's allocations."""
+    pointers = [i for i, name in enumerate(fn.arg_names)
+                if isinstance(runtime.get(name), str) and runtime[name].startswith("*")]
+    if _NEW_AST_SOURCE:
+        signature = {name: runtime[name] if name in runtime else "constexpr" for name in fn.arg_names}
+        return ASTSource(fn=fn, signature=signature, constexprs=constexprs,
+                         attrs={(i,): [["tt.divisibility", 16]] for i in pointers})
+    from triton.backends.compiler import AttrsDescriptor
+
+    signature = {name: runtime[name] for name in fn.arg_names if name in runtime}
+    return ASTSource(fn=fn, signature=signature, constants=constexprs,
+                     attrs=AttrsDescriptor.from_hints({i: 16 for i in pointers}))
 
 
 def _ptxas_usage(ptx: str, capability: int):
@@ -182,12 +213,18 @@ def _ptxas_usage(ptx: str, capability: int):
         path = os.path.join(tmp, "kernel.ptx")
         with open(path, "w") as f:
             f.write(ptx)
-        result = subprocess.run([get_ptxas(capability).path, "-v", f"--gpu-name={sm_arch_from_capability(capability)}",
+        result = subprocess.run([_ptxas_path(capability), "-v", f"--gpu-name={_gpu_name(capability)}",
                                  path, "-o", os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True)
     text = result.stdout + result.stderr
     registers = re.search(r"Used (\d+) registers", text)
     spills = re.search(r"(\d+) bytes spill stores", text)
     return (int(registers.group(1)) if registers else None, int(spills.group(1)) if spills else None)
+
+
+def _aborts(spec: Specialization, arch: int) -> bool:
+    """Whether this Triton's compiler is known to abort on ``spec`` for ``sm_<arch>``."""
+    half = any(t in ("*fp16", "*bf16") for _, t in spec.signature if isinstance(t, str))
+    return common.SM90_HALF_BACKWARD_ABORTS and arch // 10 == 9 and half and spec.kernel == "_attention_backward_kv_kernel"
 
 
 def _compile_job(job):
@@ -204,20 +241,44 @@ def main(argv=None) -> int:
         print("error: TRITON_INTERPRET=1 is set: interpreted kernels cannot be compiled; unset it", file=sys.stderr)
         return 2
     specs = all_specializations()
-    jobs = [(s, arch, args.ptxas_report) for arch in args.arch for s in specs]
-    print(f"compiling {len(specs)} specializations x {len(args.arch)} targets = {len(jobs)} kernels, {args.jobs} jobs")
-    start, failures = time.perf_counter(), 0
+    if not common.TUPLE_ARGUMENTS:
+        skipped = [s for s in specs if s.kernel == "_move_rows_kernel"]
+        specs = [s for s in specs if s.kernel != "_move_rows_kernel"]
+        print(f"skipping {len(skipped)} _move_rows_kernel specializations: {common.NO_TUPLE_ARGUMENTS}")
+    jobs = [(s, arch, args.ptxas_report) for arch in args.arch for s in specs if not _aborts(s, arch)]
+    aborting = [(s, arch) for arch in args.arch for s in specs if _aborts(s, arch)]
+    if aborting:
+        print(f"skipping {len(aborting)} attention backward kv specializations: {common.SM90_HALF_BACKWARD_ABORTS_REASON}")
+    print(f"compiling {len(specs)} specializations x {len(args.arch)} targets, {len(jobs)} kernels, {args.jobs} jobs")
+    start = time.perf_counter()
+    results: List[Dict] = []
+    failed: List = []   # (job, exception)
+    crashed: List = []  # jobs of a pool that a dying compiler process broke
     with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
         futures = {pool.submit(_compile_job, job): job for job in jobs}
-        results = []
         for future in concurrent.futures.as_completed(futures):
-            spec, arch, _ = futures[future]
             try:
                 results.append(future.result())
+            except concurrent.futures.process.BrokenProcessPool:
+                crashed.append(futures[future])
             except Exception as exc:  # report every failure, then fail
-                failures += 1
-                print(f"FAILED {spec.kernel} sm_{arch} {dict(spec.constexprs)} {dict(spec.options)}: "
-                      f"{type(exc).__name__}: {exc}", file=sys.stderr)
+                failed.append((futures[future], exc))
+    # A compiler that aborts (an assertion in Triton's C++) kills its process and breaks
+    # the whole pool, failing every job still pending: rerun those one process each, so
+    # that the ones that crash the compiler are named and the others still compile.
+    if crashed:
+        print(f"a compiler process died; compiling the {len(crashed)} jobs it left one process each", file=sys.stderr)
+    for job in crashed:
+        with concurrent.futures.ProcessPoolExecutor(1) as one:
+            try:
+                results.append(one.submit(_compile_job, job).result())
+            except Exception as exc:
+                failed.append((job, exc))
+    for (spec, arch, _), exc in failed:
+        dtypes = sorted({t for _, t in spec.signature if isinstance(t, str) and t.startswith("*")})
+        what = "the compiler process died (its message is above)" if isinstance(exc, concurrent.futures.process.BrokenProcessPool) else f"{type(exc).__name__}: {exc}"
+        print(f"FAILED {spec.kernel} sm_{arch} {','.join(dtypes)} {dict(spec.constexprs)} {dict(spec.options)}: {what}", file=sys.stderr)
+    failures = len(failed)
     results.sort(key=lambda r: (r["arch"], r["kernel"], sorted(r["constexprs"].items()).__repr__(), r["dtypes"], r["num_warps"]))
     print(f"{'arch':6} {'kernel':32} {'dtypes':18} {'constexprs':60} {'warps':>5} {'stages':>6} "
           f"{'smem B':>7} {'regs':>5} {'spill B':>7}")

@@ -4,18 +4,39 @@ MMA-operand rule, and the launch hook that the AOT compile check records through
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 from typing import Callable, List, Optional
 
 import torch
 import triton
 import triton.language as tl
-from triton import knobs
 
 # Read once, when the kernels are decorated: triton.jit itself decides at decoration
 # time whether a kernel is compiled or interpreted, so later changes to
 # TRITON_INTERPRET do not switch these kernels.
-INTERPRETED: bool = bool(knobs.runtime.interpret)
+try:
+    from triton import knobs
+except ImportError:  # triton < 3.4 has no knobs: its triton.jit reads the variable as "1"
+    INTERPRETED: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+else:
+    INTERPRETED = bool(knobs.runtime.interpret)
 INTERPRETER = tl.constexpr(INTERPRETED)
+# Tuples as kernel arguments (unroll/reroll pass their digit tables so) came with
+# triton.language.tuple in Triton 3.3; Triton 3.2 (torch 2.6's) cannot compile them, so
+# the backend refuses unroll/reroll there, saying so, and the AOT check skips them.
+TUPLE_ARGUMENTS: bool = hasattr(tl, "tuple")
+NO_TUPLE_ARGUMENTS = (f"Triton {triton.__version__} cannot pass tuples to kernels (needs 3.3+, "
+                      "with triton.language.tuple), which the unroll/reroll kernel takes")
+# Triton 3.2's compiler aborts the process (an assertion in LinearLayout::reshapeOuts)
+# compiling the attention backward kv kernel in fp16/bf16 for sm_90, every head dim
+# (found by the AOT check; fp32, sm_80 and the other kernels compile). An abort cannot
+# be caught, so the backend refuses those cases there and the AOT check skips them.
+# Triton 3.8 compiles them; 3.3-3.7 are untested, and torch >= 2.6 pins nothing older than 3.2.
+TRITON_VERSION = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
+SM90_HALF_BACKWARD_ABORTS: bool = TRITON_VERSION < (3, 3)
+SM90_HALF_BACKWARD_ABORTS_REASON = (f"Triton {triton.__version__}'s compiler aborts on the fp16/bf16 attention "
+                                    "backward for sm_90 (Triton 3.8 compiles it)")
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 

@@ -49,6 +49,7 @@ from typing import Tuple
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.autotuner import Autotuner
 
 from .common import INTERPRETED, TL_DTYPES, check_tensor, dtype_name, launch, mma_operand, next_power_of_2
 from .query_pool import MAX_STRIDE, pool_takes
@@ -402,12 +403,26 @@ def _attention_backward_q_kernel(
     _store_routed_dq(grad_qkv, dq, arg, b, w, i, row_ok, h_col, d_ok, tokens, windows, queries, q_stride, 3 * dim)
 
 
+def _benchmark(kernel_call, quantiles):
+    """The active driver's benchmarker, looked up when autotuning first runs, as recent
+    Triton does by default. Triton 3.2 looks it up when the kernel is decorated, which
+    fails without a GPU driver: importing these kernels failed there (the CPU tests and
+    the AOT compile check import them with no GPU)."""
+    return triton.runtime.driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
+
+
+def _autotune(configs, kernel):
+    """``triton.autotune(configs, key=_KEY)(kernel)`` with the lazy benchmarker; built
+    through ``Autotuner`` because Triton 3.2's ``triton.autotune`` drops ``do_bench``."""
+    return Autotuner(kernel, kernel.arg_names, configs, _KEY, None, None, do_bench=_benchmark)
+
+
 _KEY = ["head_dim", "queries", "keys", "windows"]
-_forward = triton.autotune(_configs(FORWARD_CONFIGS), key=_KEY)(_attention_forward_kernel)
+_forward = _autotune(_configs(FORWARD_CONFIGS), _attention_forward_kernel)
 # The backward kernels write every element of grad_qkv exactly once, so re-running
 # them while autotuning is harmless.
-_backward_kv = triton.autotune(_configs(BACKWARD_CONFIGS), key=_KEY)(_attention_backward_kv_kernel)
-_backward_q = triton.autotune(_configs(BACKWARD_CONFIGS), key=_KEY)(_attention_backward_q_kernel)
+_backward_kv = _autotune(_configs(BACKWARD_CONFIGS), _attention_backward_kv_kernel)
+_backward_q = _autotune(_configs(BACKWARD_CONFIGS), _attention_backward_q_kernel)
 KERNELS = (_forward, _backward_kv, _backward_q)
 
 
