@@ -40,6 +40,7 @@ import torch.nn as nn
 
 from .. import backends, epilogues, error_rule, models
 from .chart import write_chart
+from .steps import run_step
 from .peak_memory import peak_mb
 from .traffic import bytes_moved, saved_activation_bytes
 
@@ -348,13 +349,7 @@ def bench(
             def step(model=c.model, backend=c.backend):
                 if backend:
                     model.set_backend(backend)
-                model.train(train)
-                if train:
-                    model.zero_grad(set_to_none=True)
-                    model(x).float().square().mean().backward()
-                else:
-                    with torch.inference_mode():
-                        model(x)
+                run_step(model, x, train)
 
             bar.step(f"{m}: warm-up {c.label}")
             error = c.error
@@ -538,18 +533,7 @@ def bench_patched(
     for m in (["infer", "train"] if mode == "both" else [mode]):
         train = m == "train"
 
-        def make_step(model):
-            def step():
-                model.train(train)
-                if train:
-                    model.zero_grad(set_to_none=True)
-                    model(x).float().square().mean().backward()
-                else:
-                    with torch.inference_mode():
-                        model(x)
-            return step
-
-        steps = {label: make_step(model) for label, model in models.items()}
+        steps = {label: (lambda model=model: run_step(model, x, train)) for label, model in models.items()}
         for step in steps.values():  # warm-up, compiling the compiled rows
             for _ in range(warmup):
                 step()

@@ -28,6 +28,8 @@ from typing import Optional
 
 import torch
 
+from .steps import run_step
+
 STATUS = "/proc/self/status"
 
 
@@ -80,30 +82,20 @@ def build(spec: dict):
     return model, x
 
 
-def step(model, x: torch.Tensor, train: bool) -> None:
-    """One bench step: a training forward and backward, or an inference forward."""
-    if train:
-        model.zero_grad(set_to_none=True)
-        model(x).float().square().mean().backward()
-    else:
-        with torch.inference_mode():
-            model(x)
-
-
 def measure(spec: dict) -> float:
     """Peak MB of one step of the row described by ``spec`` (in this process: call it in a fresh one)."""
     model, x = build(spec)
     train = spec["mode"] == "train"
     model.train(train)
     cuda = x.device.type == "cuda"
-    step(model, x, train)  # warm-up, as bench's: one-time code pages, oneDNN kernels, packed-weight caches
+    run_step(model, x, train)  # warm-up, as bench's: one-time code pages, oneDNN kernels, packed-weight caches
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
         before = _reset_cpu_peak() * 1024
-    step(model, x, train)
+    run_step(model, x, train)
     if cuda:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
