@@ -37,7 +37,7 @@ def test_bench_quick_prints_the_table_and_writes_files(tmp_path, capsys):
     if importlib.util.find_spec("hiera_optim"):  # timed, with the two shims it needs on hiera-transformer 0.1.4
         line = next(line for line in out.splitlines() if line.startswith("| hiera-optim "))
         assert float(line.split("|")[3]) > 0 and HIERA_OPTIM_NOTE in line, line
-        assert float(line.split("|")[7]) <= 1e-5  # logits error: same weights, same input
+        assert "(<=" in line.split("|")[7], line  # logits within the error rule: same weights, same input
         assert not hasattr(official, "apply_fusion_head")  # `hiera` left as bench found it
     else:
         assert "(no hiera-optim row: hiera_optim is not importable: No module named 'hiera_optim')" in out
