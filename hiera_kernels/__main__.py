@@ -48,11 +48,17 @@ def main(argv=None) -> int:
 
         if args.command is None:
             args = parser.parse_args(["bench"])
+        batch = args.batch if args.batch is not None else (1 if args.input_size else 8)
         if args.patch:
+            ignored = [flag for flag, value in (("--input-size", args.input_size), ("--memory", args.memory),
+                                                ("--backends", args.backends), ("--compile", args.compile),
+                                                ("--profile", args.profile), ("--out", args.out)) if value]
+            if ignored:
+                parser.error(f"bench --patch runs its own four rows and takes none of {', '.join(ignored)}")
             bench_patched(
                 args.patch,
                 model_name=args.model,
-                batch=args.batch,
+                batch=batch,
                 dtype=DTYPES[args.dtype] if args.dtype else None,
                 device=args.device,
                 mode=args.mode,
@@ -61,7 +67,7 @@ def main(argv=None) -> int:
             return 0
         bench(
             model_name=args.model,
-            batch=args.batch if args.batch is not None else (1 if args.input_size else 8),
+            batch=batch,
             dtype=DTYPES[args.dtype] if args.dtype else None,
             device=args.device,
             backend_names=args.backends.split(",") if args.backends else None,

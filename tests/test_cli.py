@@ -201,6 +201,12 @@ def test_hiera_optim_shim_restores_the_official_module():
     assert not hasattr(official, "apply_fusion_head")
 
 
+def test_bench_patch_refuses_the_options_it_would_ignore(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--patch", "timm", "--input-size", "448"])
+    assert "bench --patch runs its own four rows and takes none of --input-size" in capsys.readouterr().err
+
+
 def test_bench_patch_timm(capsys):
     """bench --patch timm: timm's model against itself patched, eager and compiled."""
     assert main(["bench", "--patch", "timm", "--model", "hiera_tiny_224", "--batch", "1", "--dtype", "float32", "--quick"]) == 0
