@@ -216,3 +216,4 @@ def test_bench_patch_timm(capsys):
         line = next(line for line in out.splitlines() if line.startswith(f"| {row} "))
         cells = [c.strip() for c in line.split("|")]
         assert float(cells[3]) > 0 and "(<=" in cells[7], line  # ms/batch; logits within the rule vs float64 timm
+        assert float(cells[7].split("(<= ")[1].rstrip(")")) > 0, line  # a real limit: the logits are not all zero

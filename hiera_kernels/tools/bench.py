@@ -517,7 +517,12 @@ def bench_patched(
     dtype = dtype or default_dtype(device)
     warmup, iters = (1, 3) if quick else (3, 10)
     torch.manual_seed(0)
-    base = timm.create_model(model_name).to(device=device, dtype=dtype)
+    base = timm.create_model(model_name)
+    with torch.no_grad():  # timm zero-initializes the head: all-zero logits would make the error column vacuous
+        for p in base.parameters():
+            if not p.any():
+                p.normal_(0, 0.02)
+    base = base.to(device=device, dtype=dtype)
     x = torch.randn(batch, *base.pretrained_cfg["input_size"], device=device, dtype=dtype)
     print_fn(header(f"timm {model_name}, patched vs unpatched", batch, dtype, device, mode))
     models = {
