@@ -41,6 +41,14 @@ DTYPES = (torch.float32, torch.bfloat16)
 POST_OPS = {"none": ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
 
 
+def plain_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: str) -> torch.Tensor:
+    """The unfused path: ``activation(x @ W^T + b)`` with ``activation`` a key of POST_OPS."""
+    y = F.linear(x, weight, bias)
+    if activation == "none":
+        return y
+    return F.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
 def _probe() -> Optional[str]:
     """None where the private ops exist and agree with F.linear (+GELU, +residual) on a
     small case in every dtype of DTYPES, else why not (one failing dtype turns the whole
@@ -60,9 +68,8 @@ def _probe() -> Optional[str]:
             xd, wd, bd = x.to(dtype), w.to(dtype), b.to(dtype)
             with torch.no_grad():
                 packed = reorder(wd, None)
-                for attr, algorithm, want in (("none", "", F.linear(x, w, b)),
-                                              ("gelu", "none", F.gelu(F.linear(x, w, b))),
-                                              ("gelu", "tanh", F.gelu(F.linear(x, w, b), approximate="tanh"))):
+                for activation, (attr, algorithm) in POST_OPS.items():
+                    want = plain_linear(x, w, b, activation)
                     got = linear(xd, packed, bd, attr, [], algorithm)
                     tol = 1e-4 if dtype == torch.float32 else 5e-2
                     if got.shape != want.shape or got.dtype != dtype or not torch.allclose(got.float(), want, atol=tol, rtol=tol):
@@ -143,12 +150,9 @@ class Linear(nn.Linear):
                 return torch.ops.mkldnn._linear_pointwise.binary(x, residual.detach().contiguous(), packed, bias, "add")
             attr, algorithm = POST_OPS[activation]
             return torch.ops.mkldnn._linear_pointwise(x, packed, bias, attr, [], algorithm)
-        y = F.linear(x, self.weight, self.bias)
         if residual is not None:
-            return residual + y  # the official block's order (the sum is the same either way)
-        if activation == "none":
-            return y
-        return F.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
+            return residual + F.linear(x, self.weight, self.bias)  # the official block's order (the sum is the same either way)
+        return plain_linear(x, self.weight, self.bias, activation)
 
     def _apply(self, fn, recurse=True):
         self._packed = None  # .to()/.half()/.cuda(): a new weight tensor; drop the old packed copy now
