@@ -34,7 +34,8 @@ if _log_level:
     logging.basicConfig()
     log.setLevel(_log_level)
 
-OP_NAMES = ("unroll", "reroll", "query_pool", "mask_unit_attention")
+MASK_UNIT_OPS = ("unroll", "reroll", "query_pool", "mask_unit_attention")
+OP_NAMES = MASK_UNIT_OPS + ("window_attention",)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 WITH_FLOAT64 = FLOAT_DTYPES + (torch.float64,)
 
@@ -97,6 +98,9 @@ class Backend:
     def mask_unit_attention(self, qkv, heads, q_stride, window_size, use_mask_unit_attn):
         raise NotImplementedError
 
+    def window_attention(self, qkv, pad, heads, window_size, q_stride):
+        raise NotImplementedError
+
 
 class TorchBackend(Backend):
     """Plain PyTorch (:mod:`hiera_kernels.reference`): any device, the oracle."""
@@ -119,6 +123,9 @@ class TorchBackend(Backend):
 
     def mask_unit_attention(self, qkv, heads, q_stride, window_size, use_mask_unit_attn):
         return reference.mask_unit_attention(qkv, heads, q_stride, window_size, use_mask_unit_attn)
+
+    def window_attention(self, qkv, pad, heads, window_size, q_stride):
+        return reference.window_attention(qkv, pad, heads, window_size, q_stride)
 
 
 def _flat(schedule: Sequence[Sequence[int]]) -> List[int]:
@@ -150,7 +157,7 @@ class KernelOpsBackend(Backend):
         if steps > self.MAX_STEPS:
             reasons.append(f"{steps} unroll steps exceed the kernels' {self.MAX_STEPS}")
         head_dim = limits.get("head_dim", 0)
-        if op == "mask_unit_attention" and self.MAX_ATTENTION_HEAD_DIM and head_dim > self.MAX_ATTENTION_HEAD_DIM:
+        if op in ("mask_unit_attention", "window_attention") and self.MAX_ATTENTION_HEAD_DIM and head_dim > self.MAX_ATTENTION_HEAD_DIM:
             reasons.append(f"head_dim={head_dim} exceeds the attention kernel's {self.MAX_ATTENTION_HEAD_DIM}")
         return reasons
 
@@ -172,6 +179,9 @@ class KernelOpsBackend(Backend):
         windows = reference.window_count(qkv.shape[1], q_stride, window_size, use_mask_unit_attn)
         return self.KERNELS["mask_unit_attention"](qkv, heads, q_stride, windows)[0]
 
+    def window_attention(self, qkv, pad, heads, window_size, q_stride):
+        return self.KERNELS["window_attention"](qkv.contiguous(), pad.contiguous(), heads, window_size, q_stride)[0]
+
 
 class CpuBackend(KernelOpsBackend):
     """C++ kernels for CPU tensors (csrc/cpu)."""
@@ -179,7 +189,7 @@ class CpuBackend(KernelOpsBackend):
     NAME = "cpu"
     DEVICES = ("cpu",)
     DTYPES = WITH_FLOAT64
-    OPS = OP_NAMES
+    OPS = MASK_UNIT_OPS
 
 
 class CudaBackend(KernelOpsBackend):
@@ -191,7 +201,7 @@ class CudaBackend(KernelOpsBackend):
 
     NAME = "cuda"
     DEVICES = ("cuda",)
-    OPS = OP_NAMES
+    OPS = MASK_UNIT_OPS
     MAX_ATTENTION_HEAD_DIM = 128  # kMaxHeadDim in csrc/cuda/mask_unit_attention_launch.h
 
     def build_reasons(self):
@@ -220,7 +230,7 @@ class TritonBackend(KernelOpsBackend):
 
     NAME = "triton"
     DEVICES = ("cuda",)
-    OPS = OP_NAMES
+    OPS = MASK_UNIT_OPS
     KERNELS = library.TRITON_OPS
 
     def build_reasons(self):

@@ -26,6 +26,13 @@ views that give reroll its spatial shape.
                               in float32 (float64 for float64 qkv),
                               q_argmax uint8 [B, N / q_stride, C], or [0] when q_stride == 1)
     mask_unit_attention_backward(grad_out, qkv, out, lse, q_argmax, heads, q_stride, windows) -> grad_qkv
+    window_attention(qkv, pad, heads, window_size, q_stride)           SAM 2's windows on the spatial map
+        qkv [B, H, W, 3 * C], pad [3 * C] (a padded token's qkv: the Linear's bias)
+        -> (out [B, H // s, W // s, C], lse [B, heads, windows, queries] as above,
+            q_argmax uint8 [B, H // s, W // s, C] (index dy * s + dx), or [0] when q_stride == 1)
+        window_size 0 is global attention; reference.window_grid gives windows and queries.
+    window_attention_backward(grad_out, qkv, pad, out, lse, q_argmax, heads, window_size, q_stride)
+        -> (grad_qkv, grad_pad)
 
 The backward ops read what their forward returned: ``query_pool_backward``'s
 ``argmax``, and ``mask_unit_attention_backward``'s ``out``, ``lse`` and ``q_argmax``
@@ -47,6 +54,8 @@ from __future__ import annotations
 
 import torch
 
+from .reference import window_grid
+
 NAMESPACE = "hiera_kernels"
 TRITON_SUFFIX = "_triton"
 
@@ -58,6 +67,9 @@ SCHEMAS = {
     "mask_unit_attention": "(Tensor qkv, int heads, int q_stride, int windows) -> (Tensor, Tensor, Tensor)",
     "mask_unit_attention_backward": "(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, Tensor q_argmax, "
     "int heads, int q_stride, int windows) -> Tensor",
+    "window_attention": "(Tensor qkv, Tensor pad, int heads, int window_size, int q_stride) -> (Tensor, Tensor, Tensor)",
+    "window_attention_backward": "(Tensor grad_out, Tensor qkv, Tensor pad, Tensor out, Tensor lse, Tensor q_argmax, "
+    "int heads, int window_size, int q_stride) -> (Tensor, Tensor)",
 }
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
@@ -96,6 +108,21 @@ def _mask_unit_attention_backward_fake(grad_out, qkv, out, lse, q_argmax, heads,
     return torch.empty_like(qkv, memory_format=torch.contiguous_format)
 
 
+def _window_attention_fake(qkv, pad, heads, window_size, q_stride):
+    B, H, W, width = qkv.shape
+    torch._check(width % (3 * heads) == 0, lambda: f"window_attention: qkv width {width} is not divisible by {3 * heads}")
+    grid = window_grid(H, W, window_size, q_stride)
+    out = qkv.new_empty((B, grid.out_h, grid.out_w, width // 3))
+    lse_dtype = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+    lse = qkv.new_empty((B, heads, grid.windows, grid.queries), dtype=lse_dtype)
+    argmax_shape = tuple(out.shape) if q_stride > 1 else (0,)
+    return out, lse, qkv.new_empty(argmax_shape, dtype=torch.uint8)
+
+
+def _window_attention_backward_fake(grad_out, qkv, pad, out, lse, q_argmax, heads, window_size, q_stride):
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format), torch.empty_like(pad)
+
+
 FAKES = {
     "unroll": _permutation_fake,
     "reroll": _permutation_fake,
@@ -103,6 +130,8 @@ FAKES = {
     "query_pool_backward": _query_pool_backward_fake,
     "mask_unit_attention": _mask_unit_attention_fake,
     "mask_unit_attention_backward": _mask_unit_attention_backward_fake,
+    "window_attention": _window_attention_fake,
+    "window_attention_backward": _window_attention_backward_fake,
 }
 
 
@@ -152,6 +181,24 @@ def _attention_backward(ops):
     return backward
 
 
+def _setup_window_attention(ctx, inputs, output):
+    qkv, pad, ctx.heads, ctx.window_size, ctx.q_stride = inputs
+    out, lse, q_argmax = output
+    ctx.mark_non_differentiable(lse, q_argmax)
+    ctx.save_for_backward(qkv, pad, out, lse, q_argmax)
+
+
+def _window_attention_backward(ops):
+    def backward(ctx, grad_out, _grad_lse, _grad_argmax):
+        qkv, pad, out, lse, q_argmax = ctx.saved_tensors
+        grad_qkv, grad_pad = ops["window_attention_backward"](
+            grad_out.contiguous(), qkv, pad, out, lse, q_argmax, ctx.heads, ctx.window_size, ctx.q_stride
+        )
+        return grad_qkv, grad_pad, None, None, None
+
+    return backward
+
+
 def _define_family(suffix: str):
     """Define every op as ``hiera_kernels::<op><suffix>`` with its fake and autograd;
     return ``{op: OpOverload}`` keyed by the unsuffixed name."""
@@ -165,6 +212,7 @@ def _define_family(suffix: str):
         "reroll": (_permutation_backward(ops["unroll"]), _setup_permutation),
         "query_pool": (_query_pool_backward(ops), _setup_query_pool),
         "mask_unit_attention": (_attention_backward(ops), _setup_attention),
+        "window_attention": (_window_attention_backward(ops), _setup_window_attention),
     }
     for name, (backward, setup) in autograd.items():
         torch.library.register_autograd(f"{NAMESPACE}::{name}{suffix}", backward, setup_context=setup, lib=_lib)

@@ -13,6 +13,7 @@ Shapes (B batch, N tokens, C channels, D spatial dims):
                        [B, K * mu, C] -> [B, K, *mu_shape, C] (official ``Reroll``)
 ``query_pool``         [B, N, C] -> [B, N // stride, C], max over the leading digit
 ``mask_unit_attention`` qkv [B, N, 3 * dim_out] -> [B, N // q_stride, dim_out]
+``window_attention``   SAM 2: qkv [B, H, W, 3 * C] -> [B, H // s, W // s, C]
 =====================  ===========================================================
 """
 
@@ -162,4 +163,56 @@ def mask_unit_attention(
     return impl.mask_unit_attention(qkv, heads, q_stride, window_size, bool(use_mask_unit_attn))
 
 
-__all__: List[str] = ["unroll", "reroll", "query_pool", "mask_unit_attention"]
+# Each pooled query's argmax is one byte: s * s candidates must fit it.
+MAX_WINDOW_Q_STRIDE = 16
+
+
+def window_attention(
+    qkv: torch.Tensor,
+    heads: int,
+    window_size: int,
+    q_stride: int = 1,
+    pad: Optional[torch.Tensor] = None,
+    *,
+    backend: Optional[str] = None,
+):
+    """SAM 2's ``MultiScaleBlock`` attention (``sam2.modeling.backbones.hieradet``)
+    between its qkv and proj Linears, on the spatial map: window partition with
+    padding, the s x s query max-pool, attention, window unpartition and crop in one op.
+
+    ``qkv`` is the qkv Linear applied to the *unpadded* normed map, [B, H, W, 3 * C]
+    (features ``[3][heads][hd]``). ``window_size`` is the block's window (0: global
+    attention over the whole map); ``q_stride`` the pooling stride per side (SAM 2's
+    ``q_stride=(2, 2)`` is 2). SAM 2 pads the normed map with zeros before its qkv
+    Linear, so a padded token's q, k and v are that Linear's bias: pass it as ``pad``
+    [3 * C] (``None``: zeros, a Linear without bias). Padded keys take part in the
+    softmax, as in SAM 2. Returns [B, H // s, W // s, C], ready for ``proj``.
+    """
+    op = "window_attention"
+    _check_tensor(op, "qkv", qkv, "[B, H, W, 3 * dim_out]")
+    _check_positive_int(op, "heads", heads)
+    _check_positive_int(op, "q_stride", q_stride)
+    if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 0:
+        raise ValueError(f"{op}: window_size must be an int >= 0 (0: global attention), got {window_size!r}")
+    B, H, W, width = qkv.shape
+    if width % (3 * heads):
+        raise ValueError(f"{op}: qkv width {width} is not divisible by 3 * heads = {3 * heads}")
+    if H == 0 or W == 0:
+        raise ValueError(f"{op}: qkv has an empty token map (H={H}, W={W})")
+    if q_stride > MAX_WINDOW_Q_STRIDE:
+        raise ValueError(f"{op}: q_stride={q_stride} exceeds {MAX_WINDOW_Q_STRIDE} (s * s candidates, one-byte argmax)")
+    if window_size and window_size % q_stride:
+        raise ValueError(f"{op}: window_size={window_size} is not divisible by q_stride={q_stride}")
+    if H < q_stride or W < q_stride:
+        raise ValueError(f"{op}: the {H}x{W} map is smaller than one {q_stride}x{q_stride} pooling window")
+    if pad is None:
+        pad = qkv.new_zeros(width)
+    elif not isinstance(pad, torch.Tensor) or tuple(pad.shape) != (width,):
+        raise ValueError(f"{op}: pad must be a tensor [3 * dim_out] = [{width}], got {getattr(pad, 'shape', pad)!r}")
+    elif pad.device != qkv.device:
+        raise ValueError(f"{op}: pad is on {pad.device} but qkv on {qkv.device}")
+    impl = choose(op, qkv, backend, stride=q_stride * q_stride, head_dim=width // (3 * heads))
+    return impl.window_attention(qkv, pad.to(qkv.dtype), heads, window_size, q_stride)
+
+
+__all__: List[str] = ["unroll", "reroll", "query_pool", "mask_unit_attention", "window_attention"]

@@ -28,7 +28,7 @@ every backend.
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple
+from typing import List, NamedTuple, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -164,3 +164,82 @@ def mask_unit_attention(
     out = F.scaled_dot_product_attention(q, k, v)  # [B*w, h, t', hd]
     out = out.view(B, windows, heads, queries, head_dim).permute(0, 3, 1, 2, 4)  # [B, t', w, h, hd]
     return out.reshape(B, queries * windows, dim_out)
+
+
+# ------------------------------------------------------------------ SAM 2 (HieraDet)
+class WindowGrid(NamedTuple):
+    """The geometry of one SAM 2 attention block over a [B, height, width] token map
+    (``window_size`` 0: global attention; ``q_stride`` s: queries max-pooled s x s).
+
+    Keys come in ``windows_y * windows_x`` windows of ``window_h x window_w`` positions
+    (the whole map when global; the map zero-padded to whole windows otherwise);
+    queries in pooled windows of ``pooled_h x pooled_w``; the output map is
+    ``out_h x out_w`` = the map // s (``MaxPool2d``'s floor, and the crop of
+    ``window_unpartition`` to the pooled shortcut). One copy of these formulas for the
+    fake, the reference and the Triton kernels (csrc's WindowLayout mirrors them)."""
+
+    window_h: int
+    window_w: int
+    windows_y: int
+    windows_x: int
+    pooled_h: int
+    pooled_w: int
+    out_h: int
+    out_w: int
+
+    @property
+    def windows(self) -> int:
+        return self.windows_y * self.windows_x
+
+    @property
+    def queries(self) -> int:
+        return self.pooled_h * self.pooled_w
+
+
+def window_grid(height: int, width: int, window_size: int, q_stride: int) -> WindowGrid:
+    if window_size == 0:
+        wh, ww = height, width
+    else:
+        wh = ww = window_size
+    return WindowGrid(wh, ww, -(-height // wh), -(-width // ww), wh // q_stride, ww // q_stride,
+                      height // q_stride, width // q_stride)
+
+
+def window_attention(qkv: torch.Tensor, pad: torch.Tensor, heads: int, window_size: int, q_stride: int) -> torch.Tensor:
+    """SAM 2's ``MultiScaleBlock`` attention between the qkv and proj Linears, as SAM 2's
+    own sequence of ops (sam2/modeling/backbones/hieradet.py and utils.py).
+
+    qkv: [B, H, W, 3 * C], the qkv Linear of the *unpadded* normed map, features
+    ``[which][head][hd]``; pad: [3 * C], what the qkv Linear makes of a padded (zero)
+    token, i.e. its bias. SAM 2 pads the normed map with zeros to whole windows before
+    the qkv Linear, so its padded tokens' q, k and v are the bias, unmasked: they are
+    keys of every window they fill. Returns [B, H // s, W // s, C], un-partitioned and
+    cropped, ready for proj.
+    """
+    B, H, W, width = qkv.shape
+    C = width // 3
+    grid = window_grid(H, W, window_size, q_stride)
+    if window_size > 0:  # window_partition, with the padded rows the Linear would have made
+        Hp, Wp = grid.windows_y * window_size, grid.windows_x * window_size
+        if (Hp, Wp) != (H, W):
+            full = pad.to(qkv.dtype).expand(B, Hp, Wp, width).clone()
+            full[:, :H, :W] = qkv
+            qkv = full
+        qkv = qkv.view(B, grid.windows_y, window_size, grid.windows_x, window_size, width)
+        qkv = qkv.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, width)
+    nb, wh, ww, _ = qkv.shape
+    # MultiScaleAttention.forward
+    q, k, v = torch.unbind(qkv.reshape(nb, wh * ww, 3, heads, -1), 2)
+    if q_stride > 1:
+        q = F.max_pool2d(q.reshape(nb, wh, ww, -1).permute(0, 3, 1, 2), q_stride, q_stride)
+        q = q.permute(0, 2, 3, 1)
+        wh, ww = q.shape[1:3]
+        q = q.reshape(nb, wh * ww, heads, -1)
+    x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    x = x.transpose(1, 2).reshape(nb, wh, ww, -1)
+    if window_size > 0:  # window_unpartition to the pooled, padded map, then the crop
+        wq = window_size // q_stride
+        x = x.reshape(B, grid.windows_y, grid.windows_x, wq, wq, C)
+        x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, grid.windows_y * wq, grid.windows_x * wq, C)
+        x = x[:, : grid.out_h, : grid.out_w, :]
+    return x
