@@ -12,6 +12,7 @@
 #include "hiera_kernels/attention_layout.h"
 #include "hiera_kernels/tensor_checks.h"
 #include "hiera_kernels/token_order.h"  // kMaxPoolStride
+#include "hiera_kernels/window_layout.h"
 
 namespace hiera_kernels {
 
@@ -47,16 +48,13 @@ inline AttentionLayout check_attention_args(const char* op, const at::Tensor& qk
 }
 
 // The backward reads the forward's outputs, so each must be exactly what the forward
-// made of this qkv: out and grad_out [B, queries * windows, C] in qkv's dtype, lse
-// [B, heads, windows, queries] in the accumulation type, q_argmax uint8 of out's shape
-// ([0] when q_stride == 1), all on qkv's device.
-inline AttentionLayout check_attention_backward_args(const char* op, const at::Tensor& grad_out,
-                                                     const at::Tensor& qkv, const at::Tensor& out,
-                                                     const at::Tensor& lse, const at::Tensor& q_argmax,
-                                                     int64_t heads, int64_t q_stride, int64_t windows) {
-  const AttentionLayout L = check_attention_args(op, qkv, heads, q_stride, windows);
-  const std::vector<int64_t> out_shape = {L.batch, L.queries * L.windows, L.dim};
-  const std::vector<int64_t> lse_shape = {L.batch, L.heads, L.windows, L.queries};
+// made of this qkv: out and grad_out of out_shape in qkv's dtype, lse of lse_shape in the
+// accumulation type, q_argmax uint8 of out's shape ([0] when q_stride == 1), all on qkv's
+// device.
+inline void check_forward_outputs(const char* op, const at::Tensor& qkv, const at::Tensor& grad_out,
+                                  const at::Tensor& out, const at::Tensor& lse, const at::Tensor& q_argmax,
+                                  const std::vector<int64_t>& out_shape, const std::vector<int64_t>& lse_shape,
+                                  int64_t q_stride) {
   const std::vector<int64_t> argmax_shape = q_stride > 1 ? out_shape : std::vector<int64_t>{0};
   const struct {
     const char* name;
@@ -75,6 +73,54 @@ inline AttentionLayout check_attention_backward_args(const char* op, const at::T
     check_shape(op, a.name, a.t, a.shape);
     check_same_device(op, a.name, a.t, "qkv", qkv);
   }
+}
+
+// Mask-unit attention's backward: out and grad_out [B, queries * windows, C], lse
+// [B, heads, windows, queries] (check_forward_outputs).
+inline AttentionLayout check_attention_backward_args(const char* op, const at::Tensor& grad_out,
+                                                     const at::Tensor& qkv, const at::Tensor& out,
+                                                     const at::Tensor& lse, const at::Tensor& q_argmax,
+                                                     int64_t heads, int64_t q_stride, int64_t windows) {
+  const AttentionLayout L = check_attention_args(op, qkv, heads, q_stride, windows);
+  const std::vector<int64_t> out_shape = {L.batch, L.queries * L.windows, L.dim};
+  const std::vector<int64_t> lse_shape = {L.batch, L.heads, L.windows, L.queries};
+  check_forward_outputs(op, qkv, grad_out, out, lse, q_argmax, out_shape, lse_shape, q_stride);
+  return L;
+}
+
+// SAM 2's window attention: qkv [B, H, W, 3 * C] in a float dtype, pad [3 * C] (a padded
+// token's qkv) in qkv's dtype and on its device; window_size 0 (global) or a multiple of
+// q_stride; q_stride * q_stride candidates fit the one-byte argmax; the map holds at
+// least one pooling window.
+inline WindowLayout check_window_attention_args(const char* op, const at::Tensor& qkv, const at::Tensor& pad,
+                                                int64_t heads, int64_t window_size, int64_t q_stride) {
+  check_dims(op, "qkv", qkv, 4, "[B, H, W, 3 * dim_out]");
+  check_float_dtype(op, "qkv", qkv);
+  TORCH_CHECK(heads >= 1 && qkv.size(3) % (3 * heads) == 0, op, ": qkv width ", qkv.size(3),
+              " is not divisible by 3 * heads = ", 3 * heads);
+  TORCH_CHECK(q_stride >= 1 && q_stride * q_stride <= kMaxPoolStride, op, ": q_stride must be in [1, 16], got ",
+              q_stride);
+  TORCH_CHECK(window_size >= 0 && window_size % q_stride == 0, op, ": window_size must be 0 (global) or a multiple of q_stride=",
+              q_stride, ", got ", window_size);
+  TORCH_CHECK(qkv.size(1) >= q_stride && qkv.size(2) >= q_stride, op, ": the ", qkv.size(1), "x", qkv.size(2),
+              " map is smaller than one ", q_stride, "x", q_stride, " pooling window");
+  check_dtype(op, "pad", pad, qkv.scalar_type(), " like qkv");
+  check_shape(op, "pad", pad, {qkv.size(3)});
+  check_same_device(op, "pad", pad, "qkv", qkv);
+  return WindowLayout::make(qkv.size(0), qkv.size(1), qkv.size(2), qkv.size(3) / 3, heads, window_size, q_stride);
+}
+
+// Its backward: out and grad_out [B, out_h, out_w, C], lse [B, heads, windows, queries]
+// (check_forward_outputs).
+inline WindowLayout check_window_attention_backward_args(const char* op, const at::Tensor& grad_out,
+                                                         const at::Tensor& qkv, const at::Tensor& pad,
+                                                         const at::Tensor& out, const at::Tensor& lse,
+                                                         const at::Tensor& q_argmax, int64_t heads,
+                                                         int64_t window_size, int64_t q_stride) {
+  const WindowLayout L = check_window_attention_args(op, qkv, pad, heads, window_size, q_stride);
+  const std::vector<int64_t> out_shape = {L.batch, L.out_h, L.out_w, L.dim};
+  const std::vector<int64_t> lse_shape = {L.batch, L.heads, L.windows, L.queries};
+  check_forward_outputs(op, qkv, grad_out, out, lse, q_argmax, out_shape, lse_shape, q_stride);
   return L;
 }
 
