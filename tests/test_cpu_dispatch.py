@@ -116,14 +116,20 @@ CHECK_SCRIPT = textwrap.dedent(
         exact(f"query_pool {dtype}", o1, o2)
         exact(f"query_pool backward {dtype}", g1, g2)
 
-    # (heads, head_dim, q_stride, window_size, use_mask_unit_attn, N): a pooled mask-unit
-    # block, and global attention over several key blocks with an odd head dim.
+    # A pooled mask-unit block; global attention over several key blocks with an odd head
+    # dim; a SAM 2 pooled window block with padded windows and a crop. (inputs, op)
+    attention_cases = []
     for heads, head_dim, q_stride, window, use_mu, n in [(2, 48, 4, 16, True, 256), (3, 33, 1, 0, False, 300)]:
-        qkv = torch.randn(2, n, 3 * heads * head_dim)
-        grad = torch.randn(2, n // q_stride, heads * head_dim)
+        attention_cases.append((f"mask_unit_attention {heads}x{head_dim} N={n}", torch.randn(2, n, 3 * heads * head_dim),
+                                lambda t, b, a=(heads, q_stride, window, use_mu): ops.mask_unit_attention(t, *a, backend=b)))
+    pad = torch.randn(3 * 2 * 40)
+    attention_cases.append(("window_attention 2x40 13x11 window 8 pooled", torch.randn(2, 13, 11, 3 * 2 * 40),
+                            lambda t, b: ops.window_attention(t, 2, 8, 2, pad=pad.to(t.dtype), backend=b)))
+    for name, qkv, op in attention_cases:
+        grad = torch.randn(op(qkv, "torch").shape)
         def run(dtype, backend):
             t = qkv.to(dtype).requires_grad_()
-            out = ops.mask_unit_attention(t, heads, q_stride, window, use_mu, backend=backend)
+            out = op(t, backend)
             (g,) = torch.autograd.grad(out, t, grad.to(dtype))
             return out.detach(), g
         reference = run(torch.float64, "torch")
@@ -131,7 +137,7 @@ CHECK_SCRIPT = textwrap.dedent(
             for what, result, torch_result, ref in zip(["out", "dqkv"], run(dtype, "cpu"), run(dtype, "torch"), reference):
                 verdict = judge(result, torch_result, ref)
                 if not verdict.passed:
-                    failures.append(f"attention {heads}x{head_dim} N={n} {dtype}: {verdict.describe(what)}")
+                    failures.append(f"{name} {dtype} {what}: {verdict.describe()}")
     print(json.dumps({"dispatch": _C.cpu_dispatch(), "failures": failures}))
     """
 )
