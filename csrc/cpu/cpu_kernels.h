@@ -34,7 +34,8 @@ namespace hiera_kernels {
 #define HIERA_KERNELS_CPU_CAPABILITIES(X)                                        \
   X(default, 0, "")                                                              \
   X(avx2, 1, "avx2,fma,f16c")                                                    \
-  X(avx512, 2, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+  X(avx512, 2, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")                 \
+  X(avx512_bf16, 2, "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")
 
 // Mask-unit attention's blocking: keys go through the softmax kKeyBlock at a time; a
 // window whose keys fit one key block takes all its queries in one task, longer windows

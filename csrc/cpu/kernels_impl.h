@@ -33,6 +33,9 @@
     !defined(HK_CPU_F16C)
 #error "kernels_<name>.cpp defines the build (HK_CPU_CAPABILITY, HK_VECTOR_BYTES, ...) before including kernels_impl.h"
 #endif
+#ifndef HK_CPU_BF16_DOT
+#define HK_CPU_BF16_DOT 0  // bfloat16 attention products on AVX512-BF16 dot products (vdpbf16ps)
+#endif
 
 #if defined(HK_CPU_TARGET)
 #if defined(__clang__) || !defined(__GNUC__)
@@ -55,7 +58,7 @@ HK_GCC_TARGET(HK_CPU_TARGET)
 #include <limits>
 #include <type_traits>
 
-#if HK_CPU_F16C
+#if HK_CPU_F16C || HK_CPU_BF16_DOT
 #include <immintrin.h>
 #endif
 
@@ -261,55 +264,93 @@ static_assert(kQueryBlock % Simd<float>::kLanes == 0, "query blocks must start o
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
+// How a micro-kernel multiplies: C (Acc vectors) += A element (broadcast) x B vector,
+// one k step at a time. FmaProduct: T x T in T (fp32 FMAs; fp64 for float64).
+template <typename T>
+struct FmaProduct {
+  using A = T;     // one element of A
+  using B = T;     // B's element: a vector of B is Simd<T>::kLanes of them
+  using Acc = T;   // C's element
+  using BVec = typename Simd<T>::Vec;
+  static BVec load_b(const B* p) { return Simd<T>::load(p); }
+  static typename Simd<T>::Vec madd(typename Simd<T>::Vec acc, A a, BVec b) { return acc + a * b; }
+};
+
+#if HK_CPU_BF16_DOT
+// Bf16PairProduct: bfloat16 on AVX512-BF16 dot products, fp32 accumulation. A k step is a
+// PAIR of bfloat16 (k = 2p, 2p + 1) packed in 32 bits: A(m, p) holds (A[m, 2p], A[m, 2p + 1])
+// and B's row p holds, per fp32 lane n, (B[2p, n], B[2p + 1, n]) (the "VNNI" layout), so
+// one vdpbf16ps adds A[m, 2p] B[2p, n] + A[m, 2p + 1] B[2p + 1, n] to 16 fp32 lanes: twice
+// the multiply-adds of an fp32 FMA.
+struct Bf16PairProduct {
+  using A = uint32_t;
+  using B = uint32_t;
+  using Acc = float;
+  using BVec = __m512bh;
+  static_assert(kVectorBytes == 64, "the bf16 dot build has 16 fp32 lanes a vector");
+  static BVec load_b(const B* p) { return reinterpret_cast<BVec>(_mm512_loadu_si512(p)); }
+  static Simd<float>::Vec madd(Simd<float>::Vec acc, A a, BVec b) {
+    const __m512 sum = _mm512_dpbf16_ps(reinterpret_cast<__m512>(acc), reinterpret_cast<BVec>(_mm512_set1_epi32(a)), b);
+    return reinterpret_cast<Simd<float>::Vec>(sum);
+  }
+};
+#endif
+
 // C[m, n] += sum_k A(m, k) * B[k, n] for a tile of MR rows and NV vectors of
 // columns, accumulated in registers. A(m, k) = a[m * a_row + k * a_col], so a
 // transposed A costs nothing.
-template <typename T, int MR, int NV>
-void gemm_tile(int64_t K, const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb, T* c, int64_t ldc,
-               bool accumulate) {
-  using S = Simd<T>;
+template <typename P, int MR, int NV>
+void gemm_tile(int64_t K, const typename P::A* a, int64_t a_row, int64_t a_col, const typename P::B* b, int64_t ldb,
+               typename P::Acc* c, int64_t ldc, bool accumulate) {
+  using S = Simd<typename P::Acc>;
   typename S::Vec acc[MR][NV];
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? S::load(c + r * ldc + v * S::kLanes) : typename S::Vec{};
   for (int64_t k = 0; k < K; ++k) {
-    typename S::Vec bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = S::load(b + k * ldb + v * S::kLanes);
+    typename P::BVec bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = P::load_b(b + k * ldb + v * S::kLanes);
     for (int r = 0; r < MR; ++r) {
-      const T av = a[r * a_row + k * a_col];
-      for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
+      const typename P::A av = a[r * a_row + k * a_col];
+      for (int v = 0; v < NV; ++v) acc[r][v] = P::madd(acc[r][v], av, bv[v]);
     }
   }
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) S::store(c + r * ldc + v * S::kLanes, acc[r][v]);
 }
 
-template <typename T, int MR>
-void gemm_row_tile(int64_t K, int64_t nv, const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb, T* c,
-                   int64_t ldc, bool accumulate) {
+template <typename P, int MR>
+void gemm_row_tile(int64_t K, int64_t nv, const typename P::A* a, int64_t a_row, int64_t a_col,
+                   const typename P::B* b, int64_t ldb, typename P::Acc* c, int64_t ldc, bool accumulate) {
   if constexpr (kMaxTileVectors >= 4) {
-    if (nv >= 4) return gemm_tile<T, MR, 4>(K, a, a_row, a_col, b, ldb, c, ldc, accumulate);
-    if (nv == 3) return gemm_tile<T, MR, 3>(K, a, a_row, a_col, b, ldb, c, ldc, accumulate);
+    if (nv >= 4) return gemm_tile<P, MR, 4>(K, a, a_row, a_col, b, ldb, c, ldc, accumulate);
+    if (nv == 3) return gemm_tile<P, MR, 3>(K, a, a_row, a_col, b, ldb, c, ldc, accumulate);
   }
-  if (nv >= 2) return gemm_tile<T, MR, 2>(K, a, a_row, a_col, b, ldb, c, ldc, accumulate);
-  return gemm_tile<T, MR, 1>(K, a, a_row, a_col, b, ldb, c, ldc, accumulate);
+  if (nv >= 2) return gemm_tile<P, MR, 2>(K, a, a_row, a_col, b, ldb, c, ldc, accumulate);
+  return gemm_tile<P, MR, 1>(K, a, a_row, a_col, b, ldb, c, ldc, accumulate);
 }
 
 // C[M, N] (+)= A(M, K) . B[K, N], N a whole number of vectors, row-major; without
-// accumulate, C is overwritten (so it needs no zero fill).
-template <typename T>
-void gemm_rows(int64_t M, int64_t K, int64_t N, const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb,
-               T* c, int64_t ldc, bool accumulate = true) {
-  constexpr int64_t lanes = Simd<T>::kLanes;
+// accumulate, C is overwritten (so it needs no zero fill). P: how elements multiply.
+template <typename P>
+void gemm_rows_with(int64_t M, int64_t K, int64_t N, const typename P::A* a, int64_t a_row, int64_t a_col,
+                    const typename P::B* b, int64_t ldb, typename P::Acc* c, int64_t ldc, bool accumulate) {
+  constexpr int64_t lanes = Simd<typename P::Acc>::kLanes;
   for (int64_t n0 = 0; n0 < N; n0 += kMaxTileVectors * lanes) {
     const int64_t nv = std::min<int64_t>(kMaxTileVectors, (N - n0) / lanes);
     int64_t m0 = 0;
     for (; m0 + 6 <= M; m0 += 6)
-      gemm_row_tile<T, 6>(K, nv, a + m0 * a_row, a_row, a_col, b + n0, ldb, c + m0 * ldc + n0, ldc, accumulate);
+      gemm_row_tile<P, 6>(K, nv, a + m0 * a_row, a_row, a_col, b + n0, ldb, c + m0 * ldc + n0, ldc, accumulate);
     for (; m0 + 4 <= M; m0 += 4)
-      gemm_row_tile<T, 4>(K, nv, a + m0 * a_row, a_row, a_col, b + n0, ldb, c + m0 * ldc + n0, ldc, accumulate);
+      gemm_row_tile<P, 4>(K, nv, a + m0 * a_row, a_row, a_col, b + n0, ldb, c + m0 * ldc + n0, ldc, accumulate);
     for (; m0 < M; ++m0)
-      gemm_row_tile<T, 1>(K, nv, a + m0 * a_row, a_row, a_col, b + n0, ldb, c + m0 * ldc + n0, ldc, accumulate);
+      gemm_row_tile<P, 1>(K, nv, a + m0 * a_row, a_row, a_col, b + n0, ldb, c + m0 * ldc + n0, ldc, accumulate);
   }
+}
+
+template <typename T>
+void gemm_rows(int64_t M, int64_t K, int64_t N, const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb,
+               T* c, int64_t ldc, bool accumulate = true) {
+  gemm_rows_with<FmaProduct<T>>(M, K, N, a, a_row, a_col, b, ldb, c, ldc, accumulate);
 }
 
 using FloatVec = Simd<float>::Vec;
@@ -460,7 +501,7 @@ struct Carver {
 template <typename acc_t>
 struct ForwardTiles {
   int64_t hd_pad, q_pad, elements;
-  acc_t *q_rows, *q_cols, *o, *k_rows, *v_rows, *scores, *col_max, *col_sum, *rescale;
+  acc_t *q_rows, *q_cols, *o, *k_rows, *v_rows, *scores, *col_max, *col_sum, *rescale, *p_pairs;
   template <typename Layout>
   ForwardTiles(const Layout& L, int64_t queries, acc_t* workspace) {
     constexpr int64_t lanes = Simd<acc_t>::kLanes;
@@ -477,9 +518,112 @@ struct ForwardTiles {
     col_max = ws.take(q_pad);
     col_sum = ws.take(q_pad);
     rescale = ws.take(q_pad);
+    p_pairs = ws.take((kb + 1) / 2 * q_pad);  // the bf16 dot path's P (BF16Forward)
     elements = ws.used;
   }
 };
+
+// The forward's two products, scores^T = K . Q^T and o += P . V, in the accumulation
+// type: K and V widened into t.k_rows / t.v_rows, Q^T in t.q_cols.
+template <typename scalar_t, typename acc_t>
+struct WidenedForward {
+  template <typename Layout>
+  static void prepare_queries(const Layout& L, int64_t mq, int64_t mqp, ForwardTiles<acc_t>& t) {
+    transpose_rows(t.q_rows, mq, L.head_dim, t.hd_pad, t.q_cols, mqp);
+  }
+  template <typename Layout>
+  static void scores(const Layout& L, const scalar_t* qkv, const scalar_t* pad, int64_t b, int64_t h, int64_t w,
+                     int64_t j0, int64_t kb, int64_t mqp, ForwardTiles<acc_t>& t) {
+    const int64_t hdp = t.hd_pad;
+    load_rows(L, qkv, pad, kKeyPart, b, h, w, j0, kb, hdp, t.k_rows);
+    load_rows(L, qkv, pad, kValuePart, b, h, w, j0, kb, hdp, t.v_rows);
+    gemm_rows(kb, L.head_dim, mqp, t.k_rows, hdp, 1, t.q_cols, mqp, t.scores, mqp, false);
+  }
+  static void add_pv(int64_t mq, int64_t kb, int64_t mqp, ForwardTiles<acc_t>& t) {
+    gemm_rows(mq, kb, t.hd_pad, t.scores, 1, mqp, t.v_rows, t.hd_pad, t.o, t.hd_pad);
+  }
+};
+
+#if HK_CPU_BF16_DOT
+typedef uint32_t U32Vec __attribute__((vector_size(kVectorBytes), aligned(alignof(uint32_t)), may_alias));
+
+// fp32 lanes rounded to bfloat16 (to nearest even), the bf16 bits in each lane's upper
+// half; NaN stays a (quiet) NaN instead of rounding up into an infinity.
+inline U32Vec bf16_rounded(FloatVec x) {
+  const U32Vec u = (U32Vec)x | ((U32Vec)(x != x) & 0x400000u);  // vector casts keep the bits
+  return (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+}
+
+// The same products for bfloat16 on AVX512-BF16 (Bf16PairProduct), keeping the fp32
+// online softmax between them: K rows are copied as raw bf16 pairs along the head dim
+// (t.k_rows, [kb, hd / 2] pairs), Q^T is rounded to bf16 pairs along the head dim per
+// query lane (t.q_cols, [hd / 2, mqp]), V is interleaved in key pairs per head-dim lane
+// (t.v_rows, [kb / 2, hd_pad]), and P is rounded to bf16 key pairs per query lane
+// (t.p_pairs, [kb / 2, mqp]). Odd counts pad the last pair with a zero. Rounding Q and P
+// to bf16 is what a bf16 flash attention does on any matrix unit.
+template <typename acc_t>
+struct BF16Forward {
+  using bf16 = c10::BFloat16;
+  static uint32_t* pairs(acc_t* tile) { return reinterpret_cast<uint32_t*>(tile); }
+  static uint16_t bits(const bf16* p) { return p->x; }
+
+  template <typename Layout>
+  static void prepare_queries(const Layout& L, int64_t mq, int64_t mqp, ForwardTiles<acc_t>& t) {
+    const int64_t hd_pairs = (L.head_dim + 1) / 2;  // q_rows is zero past head_dim
+    uint32_t* q = pairs(t.q_cols);
+    for (int64_t p = 0; p < hd_pairs; ++p)
+      for (int64_t i = 0; i < mqp; ++i) {
+        const acc_t* row = t.q_rows + i * t.hd_pad + 2 * p;
+        q[p * mqp + i] = i < mq ? (bf16(row[0]).x | uint32_t(bf16(row[1]).x) << 16) : 0u;
+      }
+  }
+  template <typename Layout>
+  static void scores(const Layout& L, const bf16* qkv, const bf16* pad, int64_t b, int64_t h, int64_t w, int64_t j0,
+                     int64_t kb, int64_t mqp, ForwardTiles<acc_t>& t) {
+    const int64_t hd = L.head_dim, hd_pairs = (hd + 1) / 2, hdp = t.hd_pad;
+    uint16_t* k = reinterpret_cast<uint16_t*>(t.k_rows);
+    uint32_t* v = pairs(t.v_rows);
+    const bf16* v_row[2];
+    for (int64_t j = 0; j < kb; ++j) {
+      const bf16* src = row_or_pad(qkv, pad, key_offset(L, b, kKeyPart, h, j0 + j, w), kKeyPart, L.dim, h, hd);
+      std::memcpy(k + j * 2 * hd_pairs, src, hd * sizeof(bf16));
+      if (hd % 2) k[j * 2 * hd_pairs + hd] = 0;
+    }
+    for (int64_t p = 0; p < (kb + 1) / 2; ++p) {
+      for (int64_t r = 0; r < 2; ++r) {
+        const int64_t j = j0 + 2 * p + r;
+        v_row[r] = 2 * p + r < kb ? row_or_pad(qkv, pad, key_offset(L, b, kValuePart, h, j, w), kValuePart, L.dim, h, hd)
+                                  : nullptr;
+      }
+      uint32_t* dst = v + p * hdp;
+      for (int64_t d = 0; d < hd; ++d)
+        dst[d] = bits(v_row[0] + d) | (v_row[1] != nullptr ? uint32_t(bits(v_row[1] + d)) << 16 : 0u);
+      std::fill(dst + hd, dst + hdp, 0u);
+    }
+    gemm_rows_with<Bf16PairProduct>(kb, hd_pairs, mqp, pairs(t.k_rows), hd_pairs, 1, pairs(t.q_cols), mqp, t.scores,
+                                    mqp, false);
+  }
+  static void add_pv(int64_t mq, int64_t kb, int64_t mqp, ForwardTiles<acc_t>& t) {
+    using S = Simd<float>;
+    uint32_t* p_pairs = pairs(t.p_pairs);
+    for (int64_t p = 0; p < (kb + 1) / 2; ++p)
+      for (int64_t c = 0; c < mqp; c += S::kLanes) {
+        const U32Vec lo = bf16_rounded(S::load(t.scores + 2 * p * mqp + c)) >> 16;
+        const U32Vec hi = 2 * p + 1 < kb ? bf16_rounded(S::load(t.scores + (2 * p + 1) * mqp + c)) : U32Vec{};
+        *reinterpret_cast<U32Vec*>(p_pairs + p * mqp + c) = lo | hi;
+      }
+    gemm_rows_with<Bf16PairProduct>(mq, (kb + 1) / 2, t.hd_pad, p_pairs, 1, mqp, pairs(t.v_rows), t.hd_pad, t.o,
+                                    t.hd_pad, true);
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+using ForwardProducts = std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, BF16Forward<acc_t>,
+                                           WidenedForward<scalar_t, acc_t>>;
+#else
+template <typename scalar_t, typename acc_t>
+using ForwardProducts = WidenedForward<scalar_t, acc_t>;
+#endif
 
 template <typename scalar_t, typename acc_t, typename Layout>
 void forward_task(const Layout& L, const scalar_t* qkv, const scalar_t* pad, scalar_t* out, acc_t* lse,
@@ -487,17 +631,16 @@ void forward_task(const Layout& L, const scalar_t* qkv, const scalar_t* pad, sca
   using S = Simd<acc_t>;
   using Vec = typename S::Vec;
   const int64_t hd = L.head_dim, hdp = t.hd_pad, mqp = round_up(mq, S::kLanes);
+  using Products = ForwardProducts<scalar_t, acc_t>;
   load_queries<scalar_t, true, acc_t>(L, qkv, pad, nullptr, argmax, b, h, w, i0, mq, hdp, t.q_rows);
-  transpose_rows(t.q_rows, mq, hd, hdp, t.q_cols, mqp);
+  Products::prepare_queries(L, mq, mqp, t);
   std::fill(t.o, t.o + mq * hdp, acc_t(0));
   std::fill(t.col_max, t.col_max + mqp, -std::numeric_limits<acc_t>::infinity());
   std::fill(t.col_sum, t.col_sum + mqp, acc_t(0));
   acc_t* st = t.scores;
   for (int64_t j0 = 0; j0 < L.per_window; j0 += kKeyBlock) {
     const int64_t kb = std::min(kKeyBlock, L.per_window - j0);
-    load_rows(L, qkv, pad, kKeyPart, b, h, w, j0, kb, hdp, t.k_rows);
-    load_rows(L, qkv, pad, kValuePart, b, h, w, j0, kb, hdp, t.v_rows);
-    gemm_rows(kb, hd, mqp, t.k_rows, hdp, 1, t.q_cols, mqp, st, mqp, false);  // scores^T
+    Products::scores(L, qkv, pad, b, h, w, j0, kb, mqp, t);  // scores^T [kb, mqp] in st
     for (int64_t c = 0; c < mqp; c += S::kLanes) {  // online softmax, S::kLanes queries at a time
       Vec block_max = S::load(st + c);
       for (int64_t j = 1; j < kb; ++j) block_max = vmax(block_max, S::load(st + j * mqp + c));
@@ -517,7 +660,7 @@ void forward_task(const Layout& L, const scalar_t* qkv, const scalar_t* pad, sca
     if (j0 > 0)
       for (int64_t i = 0; i < mq; ++i)
         for (int64_t d = 0; d < hdp; ++d) t.o[i * hdp + d] *= t.rescale[i];
-    gemm_rows(mq, kb, hdp, st, 1, mqp, t.v_rows, hdp, t.o, hdp);  // o += p . v
+    Products::add_pv(mq, kb, mqp, t);  // o += p . v
   }
   for (int64_t i = 0; i < mq; ++i) {
     lse[L.lse_offset(b, h, w, i0 + i)] = t.col_max[i] + std::log(t.col_sum[i]);
