@@ -288,10 +288,11 @@ struct Bf16PairProduct {
   using Acc = float;
   using BVec = __m512bh;
   static_assert(kVectorBytes == 64, "the bf16 dot build has 16 fp32 lanes a vector");
-  static BVec load_b(const B* p) { return reinterpret_cast<BVec>(_mm512_loadu_si512(p)); }
+  // Vector casts, not reinterpret_cast through references: those made GCC keep the
+  // accumulators on the stack (a store and a load around every vdpbf16ps).
+  static BVec load_b(const B* p) { return (BVec)_mm512_loadu_si512(p); }
   static Simd<float>::Vec madd(Simd<float>::Vec acc, A a, BVec b) {
-    const __m512 sum = _mm512_dpbf16_ps(reinterpret_cast<__m512>(acc), reinterpret_cast<BVec>(_mm512_set1_epi32(a)), b);
-    return reinterpret_cast<Simd<float>::Vec>(sum);
+    return (Simd<float>::Vec)_mm512_dpbf16_ps((__m512)acc, (BVec)_mm512_set1_epi32(a), b);
   }
 };
 #endif
