@@ -17,9 +17,10 @@ compiled by the host compiler.
 
 The C++ CPU kernels are compiled for baseline x86-64 plus, in one library, once per
 instruction set they are tuned for (csrc/cpu/kernels_<name>.cpp: default, avx2,
-avx512, each choosing its ISA with `#pragma GCC target`, so no -march flag is passed);
-the library picks one at run time from the CPU's features and ATen's capability
-(ATEN_CPU_CAPABILITY), so a build made on one x86-64 machine runs on any other.
+avx512, avx512_bf16, each choosing its ISA with `#pragma GCC target`, so no -march flag is
+passed); the library picks one at run time from the CPU's features and ATen's capability
+(ATEN_CPU_CAPABILITY; HIERA_KERNELS_CPU_BUILD caps it), so a build made on one x86-64
+machine runs on any other.
 `python -m hiera_kernels info` says which one runs.
 """
 
