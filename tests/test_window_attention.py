@@ -61,7 +61,8 @@ def forward_backward(qkv, pad, grad, args, backend):
     qkv, pad = qkv.detach().requires_grad_(), pad.detach().requires_grad_()
     heads, window_size, q_stride = args
     out = ops.window_attention(qkv, heads, window_size, q_stride, pad=pad, backend=backend)
-    return (out.detach(), *torch.autograd.grad(out, (qkv, pad), grad))
+    # The "torch" path reads pad only where a window is padded: elsewhere dpad is zeros.
+    return (out.detach(), *torch.autograd.grad(out, (qkv, pad), grad, materialize_grads=True))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -115,7 +116,9 @@ def test_a_non_finite_key_stays_in_its_window(backend, value):
     results = [ops.window_attention(qkv, heads, window_size, q_stride, pad=pad, backend=b) for b in ("torch", backend)]
     finite = [r.isfinite().all(-1) for r in results]
     assert torch.equal(finite[0], finite[1])
-    assert not finite[1][0, :4, :4].any() and finite[1][0, 4:].all() and finite[1][1].all()
+    assert finite[1][0, :4, 4:].all() and finite[1][0, 4:].all() and finite[1][1].all()  # the other windows
+    if value != value:  # a NaN key reaches every query of its window; an inf only those it scores +inf with
+        assert not finite[1][0, :4, :4].any()
     assert error_rule.judge(results[1], results[0], results[0].double()).passed
 
 
