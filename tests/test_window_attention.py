@@ -23,6 +23,9 @@ CASES = {
     "hd96_pool_padded": (1, 9, 6, 1, 96, 6, 2),
     "hd56_padded": (1, 5, 7, 2, 56, 4, 1),
     "hd72_pool_global": (1, 6, 5, 1, 72, 0, 2),
+    # Longer than one 64-key block: a loop over key blocks (and the Triton dq kernel).
+    "window14_pool_padded_and_cropped": (1, 14, 15, 1, 8, 14, 2),
+    "global_over_key_blocks": (1, 9, 11, 2, 8, 0, 1),
 }
 
 
