@@ -381,6 +381,7 @@ def test_half_attention_is_refused_on_sm90_where_triton_3_2_aborts(monkeypatch):
     reasons = lambda dtype, op="mask_unit_attention": hk.backend_reasons("cuda", op, dtype)["triton"]  # noqa: E731
     assert common.SM90_HALF_BACKWARD_ABORTS_REASON in reasons(torch.float16)
     assert common.SM90_HALF_BACKWARD_ABORTS_REASON in reasons(torch.bfloat16)
+    assert common.SM90_HALF_BACKWARD_ABORTS_REASON in reasons(torch.float16, "window_attention")
     assert common.SM90_HALF_BACKWARD_ABORTS_REASON not in reasons(torch.float32)
     assert common.SM90_HALF_BACKWARD_ABORTS_REASON not in reasons(torch.float16, "query_pool")
     capability[0] = (8, 0)
