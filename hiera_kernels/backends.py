@@ -230,7 +230,7 @@ class TritonBackend(KernelOpsBackend):
 
     NAME = "triton"
     DEVICES = ("cuda",)
-    OPS = MASK_UNIT_OPS
+    OPS = OP_NAMES
     KERNELS = library.TRITON_OPS
 
     def build_reasons(self):
@@ -253,8 +253,9 @@ class TritonBackend(KernelOpsBackend):
             return reasons
         if op in ("unroll", "reroll") and not common.TUPLE_ARGUMENTS:
             reasons.append(common.NO_TUPLE_ARGUMENTS)
-        if (op == "mask_unit_attention" and dtype in (torch.float16, torch.bfloat16) and common.SM90_HALF_BACKWARD_ABORTS
-                and device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] == 9):
+        if (op in ("mask_unit_attention", "window_attention") and dtype in (torch.float16, torch.bfloat16)
+                and common.SM90_HALF_BACKWARD_ABORTS and device.type == "cuda" and torch.cuda.is_available()
+                and torch.cuda.get_device_capability(device)[0] == 9):
             reasons.append(common.SM90_HALF_BACKWARD_ABORTS_REASON)
         return reasons
 

@@ -313,7 +313,7 @@ def test_tiny_model_training_step_matches_the_torch_path():
 
 
 def test_launchers_only_launch_compiled_specializations():
-    """What the launchers launch for Hiera's shapes is among what the AOT check compiles."""
+    """What the launchers launch for Hiera's and SAM 2's shapes is among what the AOT check compiles."""
     from hiera_kernels.triton import aot, mask_unit_attention, query_pool, token_order
 
     def meta(*shape, dtype=torch.bfloat16):
@@ -336,6 +336,14 @@ def test_launchers_only_launch_compiled_specializations():
                                                           (25088, 192, 2, 1, 1)]:
             cases.append(lambda t=tokens, c=dim_out, h=heads, s=q_stride, w=windows, d=dtype:
                          aot._attention(d, c // h, t, heads=h, q_stride=s, windows=w))
+        # SAM 2 at 1024x1024 (map side, dim_out, heads, window_size, q_stride): Hiera-T/S/B+/L
+        # blocks, with and without query pooling, windows 8/4/14/16/7 and global.
+        for side, dim_out, heads, window_size, q_stride in [(256, 96, 1, 8, 1), (256, 192, 2, 4, 2), (128, 192, 2, 4, 1),
+                                                            (128, 384, 4, 14, 2), (64, 384, 4, 14, 1), (64, 768, 8, 0, 2),
+                                                            (32, 768, 8, 0, 1), (256, 112, 2, 8, 1), (64, 576, 8, 16, 1),
+                                                            (32, 1152, 16, 7, 1)]:
+            cases.append(lambda n=side, c=dim_out, h=heads, w=window_size, s=q_stride, d=dtype:
+                         aot._window_attention(d, c // h, n, w, heads=h, q_stride=s))
     launched = set(aot.launcher_specializations(cases))
     compiled = set(aot.all_specializations())
     missing = launched - compiled
@@ -373,6 +381,7 @@ def test_half_attention_is_refused_on_sm90_where_triton_3_2_aborts(monkeypatch):
     reasons = lambda dtype, op="mask_unit_attention": hk.backend_reasons("cuda", op, dtype)["triton"]  # noqa: E731
     assert common.SM90_HALF_BACKWARD_ABORTS_REASON in reasons(torch.float16)
     assert common.SM90_HALF_BACKWARD_ABORTS_REASON in reasons(torch.bfloat16)
+    assert common.SM90_HALF_BACKWARD_ABORTS_REASON in reasons(torch.float16, "window_attention")
     assert common.SM90_HALF_BACKWARD_ABORTS_REASON not in reasons(torch.float32)
     assert common.SM90_HALF_BACKWARD_ABORTS_REASON not in reasons(torch.float16, "query_pool")
     capability[0] = (8, 0)

@@ -56,7 +56,7 @@ else:
 # the constexprs as "constants" and an AttrsDescriptor.
 _NEW_AST_SOURCE = "constexprs" in inspect.signature(ASTSource.__init__).parameters
 
-from . import common, mask_unit_attention, query_pool, token_order
+from . import common, mask_unit_attention, query_pool, token_order, window_attention
 
 _PTR = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
         torch.int32: "i32", torch.int16: "i16", torch.uint8: "u8"}
@@ -101,8 +101,9 @@ def _expand(kernel, args, constexprs) -> Iterable[Specialization]:
 
 
 def _gpu_configs(kernel):
-    for configs, tuned in ((mask_unit_attention.FORWARD_CONFIGS, mask_unit_attention.KERNELS[:1]),
-                           (mask_unit_attention.BACKWARD_CONFIGS, mask_unit_attention.KERNELS[1:])):
+    attention = (mask_unit_attention.KERNELS, window_attention.KERNELS)  # (forward, backward kv, backward q)
+    for configs, tuned in ((mask_unit_attention.FORWARD_CONFIGS, [k[0] for k in attention]),
+                           (mask_unit_attention.BACKWARD_CONFIGS, [b for k in attention for b in k[1:]])):
         if any(kernel is k for k in tuned):
             return configs
     return [triton.Config({}, num_warps=4, num_stages=3)]  # triton.jit's defaults
@@ -150,6 +151,10 @@ def all_specializations() -> List[Specialization]:
         for head_dim in mask_unit_attention.SPECIALIZED_HEAD_DIMS + generic:
             for tokens in (64, 256):  # 64 keys: one key block (dq fused); 256: a dq kernel too
                 add(lambda: _attention(dtype, head_dim, tokens))
+            # SAM 2 (the same constexprs): 8x8 windows (one key block, dq fused) and a
+            # global 16x16 map (a dq kernel too).
+            for window_size in (8, 0):
+                add(lambda: _window_attention(dtype, head_dim, 16, window_size))
     return list(specs)
 
 
@@ -157,6 +162,13 @@ def _attention(dtype, head_dim, tokens, heads=1, q_stride=1, windows=1):
     qkv = _meta(1, tokens, 3 * heads * head_dim, dtype=dtype)
     out, lse, q_argmax = mask_unit_attention.forward(qkv, heads, q_stride, windows)
     mask_unit_attention.backward(torch.empty_like(out), qkv, out, lse, q_argmax, heads, q_stride, windows)
+
+
+def _window_attention(dtype, head_dim, side, window_size, heads=1, q_stride=1):
+    qkv = _meta(1, side, side, 3 * heads * head_dim, dtype=dtype)
+    pad = _meta(3 * heads * head_dim, dtype=dtype)
+    out, lse, q_argmax = window_attention.forward(qkv, pad, heads, window_size, q_stride)
+    window_attention.backward(torch.empty_like(out), qkv, pad, out, lse, q_argmax, heads, window_size, q_stride)
 
 
 def launcher_specializations(cases: Iterable) -> List[Specialization]:
@@ -172,7 +184,12 @@ _KERNELS = {
     "_attention_forward_kernel": mask_unit_attention._attention_forward_kernel,
     "_attention_backward_kv_kernel": mask_unit_attention._attention_backward_kv_kernel,
     "_attention_backward_q_kernel": mask_unit_attention._attention_backward_q_kernel,
+    "_window_forward_kernel": window_attention._window_forward_kernel,
+    "_window_backward_kv_kernel": window_attention._window_backward_kv_kernel,
+    "_window_backward_q_kernel": window_attention._window_backward_q_kernel,
 }
+# The backward kv kernels common.SM90_HALF_BACKWARD_ABORTS is about.
+_ABORTING_KERNELS = ("_attention_backward_kv_kernel", "_window_backward_kv_kernel")
 
 
 def compile_one(spec: Specialization, arch: int, ptxas_report: bool = False) -> Dict:
@@ -224,7 +241,7 @@ def _ptxas_usage(ptx: str, capability: int):
 def _aborts(spec: Specialization, arch: int) -> bool:
     """Whether this Triton's compiler is known to abort on ``spec`` for ``sm_<arch>``."""
     half = any(t in ("*fp16", "*bf16") for _, t in spec.signature if isinstance(t, str))
-    return common.SM90_HALF_BACKWARD_ABORTS and arch // 10 == 9 and half and spec.kernel == "_attention_backward_kv_kernel"
+    return common.SM90_HALF_BACKWARD_ABORTS and arch // 10 == 9 and half and spec.kernel in _ABORTING_KERNELS
 
 
 def _compile_job(job):

@@ -32,6 +32,8 @@ NO_TUPLE_ARGUMENTS = (f"Triton {triton.__version__} cannot pass tuples to kernel
 # compiling the attention backward kv kernel in fp16/bf16 for sm_90, every head dim
 # (found by the AOT check; fp32, sm_80 and the other kernels compile). An abort cannot
 # be caught, so the backend refuses those cases there and the AOT check skips them.
+# The window attention's backward kv kernel is built from the same tile functions and
+# is refused likewise (not tried on 3.2: assumed to abort the same way).
 # Triton 3.8 compiles them; 3.3-3.7 are untested, and torch >= 2.6 pins nothing older than 3.2.
 TRITON_VERSION = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
 SM90_HALF_BACKWARD_ABORTS: bool = TRITON_VERSION < (3, 3)

@@ -452,10 +452,15 @@ class Geometry:
 
     def scalars(self, block_m: int, block_n: int):
         """The kernels' runtime arguments after the tensors (without fuse_dq)."""
+        return (self.tokens,) + self.tile_scalars(block_m, block_n)
+
+    def tile_scalars(self, block_m: int, block_n: int):
+        """The attention arguments every attention kernel here takes after its layout's
+        own (the window attention kernels share them): sizes, tile plan and scale."""
         packed, q_pad, k_pad, _, _ = tiling(self.queries, self.keys, self.windows, block_m, block_n)
         q_shift, k_shift = (q_pad.bit_length() - 1, k_pad.bit_length() - 1) if packed else (TILED_SHIFT, TILED_SHIFT)
         scale_log2 = self.head_dim ** -0.5 * LOG2E.value
-        return (self.tokens, self.windows, self.queries, self.keys, self.q_stride, self.heads, self.head_dim,
+        return (self.windows, self.queries, self.keys, self.q_stride, self.heads, self.head_dim,
                 packed, q_pad, k_pad, q_shift, k_shift, scale_log2)
 
     def grid(self, tiles_of):
