@@ -61,6 +61,7 @@ def window_backward_args(**replace):
         ("window_attention_backward", lambda: window_backward_args(lse=torch.randn(1, 2, 4, 3)),
          r"hiera_kernels::window_attention_backward: lse must have shape \[1, 2, 4, 4\], got \[1, 2, 4, 3\]"),
     ],
+    ids=["qkv_off_the_gpu", "window_size", "pad_shape", "backward_qkv_off_the_gpu", "backward_lse_shape"],
 )
 def test_window_attention_cuda_entry_points_check_their_arguments(op, make_args, pattern):
     with pytest.raises(RuntimeError, match=pattern):
