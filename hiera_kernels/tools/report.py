@@ -145,7 +145,7 @@ def plan(device: str, quick: bool, out: Path) -> List[Step]:
     no_tests = None if tests_dir.is_dir() else f"no tests/ beside the package ({ROOT}): run from a source checkout"
     pytest = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider"]
     if gpu:
-        files = ["tests/test_cuda_build.py", "tests/test_cuda_attention.py", "tests/test_triton.py"]
+        files = ["tests/test_cuda_build.py", "tests/test_cuda_attention.py", "tests/test_window_attention.py", "tests/test_triton.py"]
         # The AOT compile of every specialization for sm_80/sm_90 is a build check (CI
         # runs it without a GPU): quick leaves it out.
         select = ["-k", "not every_specialization_compiles"] if quick else []
