@@ -201,8 +201,8 @@ class CudaBackend(KernelOpsBackend):
 
     NAME = "cuda"
     DEVICES = ("cuda",)
-    OPS = MASK_UNIT_OPS
-    MAX_ATTENTION_HEAD_DIM = 128  # kMaxHeadDim in csrc/cuda/mask_unit_attention_launch.h
+    OPS = OP_NAMES
+    MAX_ATTENTION_HEAD_DIM = 128  # kMaxHeadDim in csrc/cuda/attention_launch.h
 
     def build_reasons(self):
         if not EXTENSION.loaded:

@@ -1,12 +1,15 @@
 """The CUDA kernels (csrc/cuda) for unroll, reroll and query_pool.
 
 Wherever torch has CUDA and nvcc is installed, GPU or not: the extension was built with
-them, each op has a CUDA kernel registered, and the entry points run their host-side
-checks. On a GPU: the "cuda" backend equals the "torch" backend bit for bit, values and
+them, every kernel source (csrc/cuda/*.cu, attention one layout and head dim per file)
+is compiled in, each op has a CUDA kernel registered, and the entry points run their
+host-side checks (the attention ops': test_cuda_attention.py). On a GPU: the "cuda" backend equals the "torch" backend bit for bit, values and
 gradients, at every Hiera geometry, ties and NaN included.
 """
 
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ import torch
 import hiera_kernels as hk
 from hiera_kernels import library, ops
 from hiera_kernels._extension import EXTENSION
+from hiera_kernels.tools import report
 from hiera_kernels.tools.info import info
 
 from helpers import DTYPES, GEOMETRIES, kernel_for, mu_size, random_geometry, requires_gpu, stage_geometries, token_grid
@@ -23,8 +27,9 @@ pytestmark = pytest.mark.skipif(
     reason="the CUDA kernels are built only where torch has CUDA and nvcc is on PATH",
 )
 
-KERNEL_OPS = ["unroll", "reroll", "query_pool", "query_pool_backward"]
-CUDA_OPS = ("unroll", "reroll", "query_pool")  # the "cuda" backend's share of hk.ops
+KERNEL_OPS = ["unroll", "reroll", "query_pool", "query_pool_backward", "mask_unit_attention",
+              "mask_unit_attention_backward", "window_attention", "window_attention_backward"]
+CUDA_OPS = ("unroll", "reroll", "query_pool", "mask_unit_attention", "window_attention")  # the "cuda" backend's share of hk.ops
 
 
 def test_extension_was_built_with_cuda():
@@ -35,6 +40,23 @@ def test_extension_was_built_with_cuda():
 @pytest.mark.parametrize("op", KERNEL_OPS)
 def test_every_op_has_a_cuda_kernel(op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"hiera_kernels::{op}", "CUDA")
+
+
+@pytest.mark.skipif(report.find_cuobjdump() is None, reason="needs cuobjdump (PATH, CUDA_HOME or Triton's)")
+def test_every_kernel_source_is_compiled_in():
+    """Each csrc/cuda/*.cu put its kernels into the extension, the attention ones for
+    their layout: a source missing from the build (setup.py globs them) or an
+    instantiation missing from its file shows here, without a GPU."""
+    assert EXTENSION.loaded, EXTENSION.error
+    rows = report.cuda_kernel_usage(sys.modules["hiera_kernels._C"].__file__)
+    sources = {p.name for p in (Path(report.ROOT) / "csrc" / "cuda").glob("*.cu")}
+    assert sources <= {r["source"] for r in rows}
+    for source in sources:
+        kernels = {r["kernel"] for r in rows if r["source"] == source}
+        layout = "WindowLayout" if source.startswith("window_attention") else "AttentionLayout" if "attention" in source else None
+        if layout:  # forward, delta, dq, dk/dv (and grad_pad) in three dtypes
+            for kernel in ("forward_kernel", "delta_kernel", "dq_kernel", "dkdv_kernel"):
+                assert sum(kernel in k and layout in k for k in kernels) == 3, (source, kernel, sorted(kernels))
 
 
 # The shared argument checks (geometry.h, pool_args.h, attention_checks.h) run in both

@@ -113,3 +113,22 @@ def test_triton_cache_kernels_reads_what_triton_compiled(tmp_path):
     k = kernels[0]
     assert k["kernel"] == "_query_pool_kernel" and k["ours"] and k["arch"] == "sm_90"
     assert k["registers"] > 0 and k["spill_bytes"] == 0 and k["shared_bytes"] is not None and k["num_warps"] == 4
+
+
+def test_window_attention_check_reports_a_backend_without_the_kernel_as_not_implemented(monkeypatch):
+    """The GPU plan's window_attention step, on a tiny padded and cropped case on CPU
+    tensors: a backend whose OPS lacks the op is "not implemented" (not a failure), one
+    that cannot run here a SKIP with its reasons, and one that runs is judged and timed."""
+    from hiera_kernels.backends import BACKENDS, MASK_UNIT_OPS
+
+    monkeypatch.setattr(BACKENDS["triton"], "OPS", MASK_UNIT_OPS)
+    lines = []
+    ok = report.check_window_attention("cpu", ("float32",), backends=("torch", "triton", "cuda"),
+                                       cases=[("tiny", 1, 9, 7, 2, 8, 4, 2)], reps=1, print_fn=lines.append)
+    assert ok, "\n".join(lines)
+    assert any(line.startswith("  n/a  triton") and "not implemented" in line for line in lines)
+    assert any(line.startswith("  SKIP cuda") and "runs on cuda tensors, not cpu" in line for line in lines)
+    assert sum(line.startswith("  PASS torch") for line in lines) == 3  # out, dqkv, dpad
+    assert any(line.startswith("  time torch") for line in lines)
+    assert lines[-1] == "summary: 3 PASS, 0 FAIL, 1 SKIP, 1 not implemented"
+    assert "check window_attention SAM 2 blocks bfloat16" in [s.name for s in report.plan("cuda", True, Path("r"))]

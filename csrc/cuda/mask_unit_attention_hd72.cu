@@ -1,10 +1,10 @@
 // Mask-unit attention, forward and backward, for head dim 72 (Hiera L):
 // one instantiation per translation unit so ninja compiles them in parallel.
-#include "mask_unit_attention_kernels.cuh"
+#include "attention_kernels.cuh"
 
 namespace hiera_kernels {
 namespace cuda_attention {
-template cudaError_t forward<72>(const ForwardArgs&, Dtype, cudaStream_t);
-template cudaError_t backward<72>(const BackwardArgs&, Dtype, cudaStream_t);
+template cudaError_t forward<AttentionLayout, 72>(const ForwardArgs<AttentionLayout>&, Dtype, cudaStream_t);
+template cudaError_t backward<AttentionLayout, 72>(const BackwardArgs<AttentionLayout>&, Dtype, cudaStream_t);
 }  // namespace cuda_attention
 }  // namespace hiera_kernels

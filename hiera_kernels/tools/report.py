@@ -4,7 +4,7 @@ time-boxed run, and write what happened to ``report.md`` and ``report.json``.
 A GPU may be lent for minutes, with no network and whatever is installed. So the report
 runs a fixed plan of steps in order of value (the environment; ``check`` of every
 backend at Hiera-T, B+, L, a video and a masked-MAE configuration in fp32/bf16/fp16;
-the GPU test files; the per-op microbenchmarks; the whole-model bench; the compile
+on a GPU, SAM 2's window attention blocks on the cuda and triton backends; the GPU test files; the per-op microbenchmarks; the whole-model bench; the compile
 metadata of the kernels that ran), and
 
 * runs every step in its own subprocess (its own process group, killed on timeout), so
@@ -118,6 +118,11 @@ def plan(device: str, quick: bool, out: Path) -> List[Step]:
             weight = {"hiera_tiny_224": 15 if gpu else 12, "hiera_base_plus_224": 25}.get(model, 35)
             steps.append(Step(f"check {model} {dtype}", "check",
                               python_part("check", model, "--device", device, "--dtype", dtype, "--batch", str(batch), "--out", str(out)), weight))
+    # SAM 2's window attention at its 1024x1024 blocks (no model check covers it yet).
+    if gpu:
+        dtypes = ("bfloat16",) if quick else CHECK_DTYPES
+        steps.append(Step("check window_attention SAM 2 blocks " + " ".join(dtypes), "check",
+                          python_part("window", "--device", device, "--dtypes", *dtypes, "--out", str(out)), 30))
     # The masked autoencoder (masked unroll/reroll and attention on kept units only),
     # image and video; check itself covers classifiers only. On a CPU the video MAE runs
     # at 4x64x64 (the full 16x224x224 is minutes there), and the quick plan builds both
@@ -140,7 +145,7 @@ def plan(device: str, quick: bool, out: Path) -> List[Step]:
     no_tests = None if tests_dir.is_dir() else f"no tests/ beside the package ({ROOT}): run from a source checkout"
     pytest = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider"]
     if gpu:
-        files = ["tests/test_cuda_build.py", "tests/test_cuda_attention.py", "tests/test_triton.py"]
+        files = ["tests/test_cuda_build.py", "tests/test_cuda_attention.py", "tests/test_window_attention.py", "tests/test_triton.py"]
         # The AOT compile of every specialization for sm_80/sm_90 is a build check (CI
         # runs it without a GPU): quick leaves it out.
         select = ["-k", "not every_specialization_compiles"] if quick else []
@@ -591,6 +596,103 @@ def mae_part(model: str, device: str, dtype: str, batch: int, input_size: Option
     return 0 if check_autoencoder(model, device, DTYPES[dtype], batch, size, **(small_mae(model) if small else {})) else 1
 
 
+# (name, batch, H, W, heads, head_dim, window_size, q_stride): SAM 2 Hiera-T/S's attention
+# blocks (head dim 96) at 1024x1024 (a 256x256 token map at stage 1).
+SAM2_WINDOW_CASES = (
+    ("stage 1, windowed 8", 1, 256, 256, 1, 96, 8, 1),
+    ("stage 2 pool block, windowed 8, 2x2 q pool", 1, 256, 256, 2, 96, 8, 2),
+    ("stage 3, windowed 14 (padded 64 -> 70)", 1, 64, 64, 4, 96, 14, 1),
+    ("stage 3, global", 1, 64, 64, 4, 96, 0, 1),
+)
+WINDOW_BACKENDS = ("cuda", "triton")
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, reps: int = 10) -> float:
+    """Median wall time of ``fn`` in milliseconds, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def check_window_attention(device: str = "cuda", dtypes=("bfloat16",), backends=WINDOW_BACKENDS, cases=SAM2_WINDOW_CASES,
+                           reps: int = 10, print_fn=print) -> bool:
+    """SAM 2's window attention (ops.window_attention) on each backend against the "torch"
+    path and float64 by :mod:`hiera_kernels.error_rule` (out, dqkv, dpad), with the median
+    forward and forward+backward times next to the torch path's. A backend whose ``OPS``
+    lacks the op is reported "not implemented" (not a failure); one that cannot run here
+    is a SKIP with its reasons."""
+    from .. import ops
+    from ..__main__ import DTYPES
+    from ..backends import BACKENDS
+    from ..error_rule import judge
+
+    device = torch.device(device)
+    ok, counts = True, collections.Counter()
+    for name, batch, H, W, heads, hd, window_size, q_stride in cases:
+        gen = torch.Generator().manual_seed(0)
+        C = heads * hd
+        qkv = torch.randn(batch, H, W, 3 * C, generator=gen).to(device)
+        pad = torch.randn(3 * C, generator=gen).to(device)
+        grad = torch.randn(batch, H // q_stride, W // q_stride, C, generator=gen).to(device)
+        print_fn(f"window_attention {name}: qkv {list(qkv.shape)}, {heads} heads of {hd}, window {window_size or 'global'}, "
+                 f"q_stride {q_stride}, on {device}")
+        # (qkv, pad, grad) per dtype, converted once, outside the timed calls.
+        inputs = {dtype: (qkv.to(dtype), pad.to(dtype), grad.to(dtype)) for dtype in [torch.float64] + [DTYPES[d] for d in dtypes]}
+
+        def run(backend, dtype, backward=True):
+            q, p = inputs[dtype][0].detach().requires_grad_(), inputs[dtype][1].detach().requires_grad_()
+            out = ops.window_attention(q, heads, window_size, q_stride, pad=p, backend=backend)
+            if not backward:
+                return (out,)
+            return (out.detach(), *torch.autograd.grad(out, (q, p), inputs[dtype][2]))
+
+        reference = run("torch", torch.float64)
+        for dtype_name in dtypes:
+            dtype = DTYPES[dtype_name]
+            want = run("torch", dtype)
+            torch_ms = (median_ms(lambda: run("torch", dtype, False), device, reps), median_ms(lambda: run("torch", dtype), device, reps))
+            for backend in backends:
+                label = f"{backend:6s} {dtype_name:8s}"
+                if "window_attention" not in BACKENDS[backend].OPS:
+                    counts["not implemented"] += 1
+                    print_fn(f"  n/a  {label} not implemented (the {backend!r} backend has no window_attention kernel)")
+                    continue
+                reasons = BACKENDS[backend].not_supported_reasons("window_attention", device, dtype, stride=q_stride * q_stride, head_dim=hd)
+                if reasons:
+                    counts["SKIP"] += 1
+                    print_fn(f"  SKIP {label} {'; '.join(reasons)}")
+                    continue
+                try:
+                    got = run(backend, dtype)
+                    ms = (median_ms(lambda: run(backend, dtype, False), device, reps), median_ms(lambda: run(backend, dtype), device, reps))
+                except Exception as exc:  # a backend that fails is a FAIL with its reason, then the next one
+                    ok = False
+                    counts["FAIL"] += 1
+                    print_fn(f"  FAIL {label} {type(exc).__name__}: {exc}")
+                    continue
+                for what, g, t, r in zip(("out", "dqkv", "dpad"), got, want, reference):
+                    verdict = judge(g, t, r)
+                    ok &= verdict.passed
+                    counts["PASS" if verdict.passed else "FAIL"] += 1
+                    print_fn(f"  {'PASS' if verdict.passed else 'FAIL'} {label} {what:4s} {verdict.describe()}")
+                print_fn(f"  time {label} forward {ms[0]:.3f} ms (torch {torch_ms[0]:.3f}), "
+                         f"forward+backward {ms[1]:.3f} ms (torch {torch_ms[1]:.3f})")
+    print_fn("summary: " + ", ".join(f"{counts[k]} {k}" for k in ("PASS", "FAIL", "SKIP", "not implemented") if counts[k] or k in ("PASS", "FAIL")))
+    return ok
+
+
+def window_part(device: str, dtypes: List[str]) -> int:
+    return 0 if check_window_attention(device, tuple(dtypes)) else 1
+
+
 # ------------------------------------------------------------ compile metadata
 def cuda_kernel_usage(so: str) -> List[dict]:
     """Registers, static shared memory, stack and local (spill) bytes of every CUDA
@@ -756,8 +858,10 @@ def part_main(argv: Optional[List[str]] = None) -> int:
     m.add_argument("model")
     m.add_argument("--input-size", help="comma-separated, e.g. 4,64,64")
     m.add_argument("--small", action="store_true", help="fewer blocks (see small_mae)")
+    w = sub.add_parser("window")
+    w.add_argument("--dtypes", nargs="+", default=["bfloat16"], choices=CHECK_DTYPES)
     d = sub.add_parser("metadata")
-    for p in (e, c, m, d):
+    for p in (e, c, m, w, d):
         p.add_argument("--device", default="cpu")
         p.add_argument("--out", default=".")
     for p in (c, m):
@@ -770,6 +874,8 @@ def part_main(argv: Optional[List[str]] = None) -> int:
         return check_part(args.model, args.device, args.dtype, args.batch)
     if args.part == "mae":
         return mae_part(args.model, args.device, args.dtype, args.batch, args.input_size, args.small)
+    if args.part == "window":
+        return window_part(args.device, args.dtypes)
     return metadata_part(args.device, Path(args.out))
 
 

@@ -43,6 +43,19 @@ struct AttentionLayout {
   HK_HOST_DEVICE int64_t lse_offset(int64_t b, int64_t h, int64_t w, int64_t i) const {
     return ((b * heads + h) * windows + w) * queries + i;
   }
+
+  // The interface the CUDA kernels share with WindowLayout (they are generic over the
+  // layout): no key is padding, no query is cropped.
+  static constexpr bool kPadded = false;
+  HK_HOST_DEVICE int64_t candidate_count() const { return q_stride; }
+  // Offset of key (or value) position j of window w.
+  HK_HOST_DEVICE int64_t key_offset(int64_t b, int which, int64_t h, int64_t j, int64_t w) const {
+    return qkv_offset(b, which, h, j, w);
+  }
+  // Offset of candidate c of pooled query i of window w.
+  HK_HOST_DEVICE int64_t candidate_offset(int64_t b, int64_t h, int64_t i, int64_t w, int64_t c) const {
+    return qkv_offset(b, kQuery, h, pooled_position(c, i), w);
+  }
 };
 
 }  // namespace hiera_kernels

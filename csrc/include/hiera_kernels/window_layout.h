@@ -93,6 +93,19 @@ struct WindowLayout {
   HK_HOST_DEVICE int64_t lse_offset(int64_t b, int64_t h, int64_t w, int64_t i) const {
     return ((b * heads + h) * windows + w) * queries + i;
   }
+
+  // The interface the CUDA kernels share with AttentionLayout: key_offset and
+  // candidate_offset may be -1 (read pad), out_offset -1 (cropped).
+  static constexpr bool kPadded = true;
+  HK_HOST_DEVICE int64_t candidate_count() const { return candidates; }
+  // Whether the windows reach past the map, so that some keys read pad.
+  HK_HOST_DEVICE bool has_padding() const { return windows_y * window_h != height || windows_x * window_w != width; }
+  // Whether every map position is a candidate of some pooled query: not so for global
+  // attention over a map that s does not divide (MaxPool2d's floor drops the last rows
+  // or columns), whose q gradient there is 0.
+  HK_HOST_DEVICE bool pools_every_position() const {
+    return windows_y * pooled_h * q_stride >= height && windows_x * pooled_w * q_stride >= width;
+  }
 };
 
 }  // namespace hiera_kernels

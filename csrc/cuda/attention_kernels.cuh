@@ -1,12 +1,19 @@
-// CUDA mask-unit attention with fused query pooling, forward and backward: the CPU
-// kernel's algorithm (csrc/cpu/mask_unit_attention.cpp) on the same index math
-// (attention_layout.h). q, k and v are read straight out of the qkv Linear's output
-// [B, N, 3 * C]; q is max-pooled while it is loaded (pool_takes: first max wins ties,
-// first NaN wins), recording a one-byte argmax; scores are scaled by head_dim^-0.5
-// and soft-maxed online in fp32; the output is written in token order
-// [B, queries * windows, C] with the fp32 log-sum-exp the backward recomputes P from.
+// CUDA windowed attention with fused query pooling, forward and backward: the CPU
+// kernels' algorithm (csrc/cpu) on the same index math, for two ops through one kernel
+// body generic over the layout: Hiera's mask-unit attention (AttentionLayout,
+// attention_layout.h) and SAM 2's window attention (WindowLayout, window_layout.h). q, k
+// and v are read straight out of the qkv Linear's output; q is max-pooled over its
+// candidates while it is loaded (pool_takes: first max wins ties, first NaN wins),
+// recording a one-byte argmax; scores are scaled by head_dim^-0.5 and soft-maxed online
+// in fp32; the output is written where the layout puts it (token order, or the
+// un-partitioned map) with the fp32 log-sum-exp the backward recomputes P from.
 //
-// How the work is cut (rows, columns, CTAs) is described in mask_unit_attention_launch.h.
+// The layout's interface: key_offset and candidate_offset (-1: a padded position, which
+// reads the `pad` row, kPadded layouts only), out_offset (-1: a query the crop drops: it
+// is computed, its lse saved, but not stored, and it has no gradient), lse_offset,
+// candidate_count. The backward sums the gradients of padded keys into grad_pad.
+//
+// How the work is cut (rows, columns, CTAs) is described in attention_launch.h.
 // Each warp owns 16 rows and, per column block, multiplies only the 16-column slices
 // that hold its rows' windows; a score whose column belongs to another window is
 // masked. fp16/bf16 multiply with WMMA 16x16x16 on tensor cores, fp32 with one lane
@@ -26,13 +33,14 @@
 // row over each row's own window's columns (warp_accumulate_own_window, SIMT). Finite
 // blocks keep the WMMA/SIMT product unchanged: 0 * finite = 0 exactly.
 //
-// Backward: three kernels, deterministic and without atomics.
+// Backward: three kernels (four with padding), deterministic and without atomics.
 //   delta:  D = rowsum(dO * O) per pooled query, into a [B, heads, windows, queries] scratch.
 //   dq:     per query tile, stream the keys: P = exp(s - lse), dP = dO V^T,
 //           dS = P (dP - D), dq = scale * dS K; the epilogue routes dq through the
 //           pooling argmax (every q candidate gets its gradient or 0).
 //   dk, dv: per key tile, stream the pooled queries (re-gathered through the argmax):
-//           dv = P^T dO, dk = scale * dS^T q.
+//           dv = P^T dO, dk = scale * dS^T q; a padded key's go into its CTA's sums.
+//   grad_pad (kPadded layouts): the CTAs' sums added up per head in a fixed order.
 // Splitting dq from dk/dv recomputes S and dP once more (FlashAttention-2 instead adds
 // dq with fp32 atomics into a [B, N / q_stride, C] scratch). Hiera's attention is
 // memory-bound (windows of 4 to 64 queries), so the extra products are cheap, while
@@ -48,12 +56,13 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "attention_launch.h"
 #include "hiera_kernels/attention_layout.h"
 #include "hiera_kernels/token_order.h"  // pool_takes
-#include "mask_unit_attention_launch.h"
+#include "hiera_kernels/window_layout.h"
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-#error "mask-unit attention needs sm_80 or newer (bf16 tensor cores); set HIERA_KERNELS_CUDA_ARCHS"
+#error "the attention kernels need sm_80 or newer (bf16 tensor cores); set HIERA_KERNELS_CUDA_ARCHS"
 #endif
 
 namespace hiera_kernels {
@@ -89,7 +98,8 @@ struct Config {
   static constexpr int kPad = kT.pad, kLd = kT.ld, kScoreLd = kT.score_ld, kProbLd = kT.prob_ld, kAccLd = kT.acc_ld;
   using prob_t = typename std::conditional<kTC, scalar_t, float>::type;
   // The head dim: the instantiation's, or the layout's for the generic one.
-  static __device__ __forceinline__ int head_dim(const AttentionLayout& L) {
+  template <typename Layout>
+  static __device__ __forceinline__ int head_dim(const Layout& L) {
     return kHeadDim != 0 ? kHeadDim : static_cast<int>(L.head_dim);
   }
 };
@@ -111,8 +121,8 @@ struct Span {
   __device__ int64_t first_col_of_row(int r) const { return (window_of_row(r) - w_lo) * cols_per_window; }
 };
 
-__device__ inline Span make_span(const AttentionLayout& L, int64_t rows_per_window, int64_t cols_per_window,
-                                 int cta_rows) {
+template <typename Layout>
+__device__ inline Span make_span(const Layout& L, int64_t rows_per_window, int64_t cols_per_window, int cta_rows) {
   const int64_t total_rows = L.windows * rows_per_window;
   const int64_t tiles = (total_rows + cta_rows - 1) / cta_rows;
   const int64_t cta = blockIdx.x;
@@ -168,60 +178,93 @@ __device__ inline bool load_rows(T* tile, int capacity, int hd, RowPtr row_ptr) 
   return nonfinite;
 }
 
+// The row of (which, head h) at qkv offset `offset`, or pad's where the offset is -1 (a
+// padded position; only kPadded layouts have them).
+template <typename Layout, typename T>
+__device__ __forceinline__ const T* row_or_pad(const Layout& L, const T* qkv, const T* pad, int64_t offset, int which,
+                                               int64_t h) {
+  if constexpr (Layout::kPadded) {
+    if (offset < 0) return pad + L.pad_offset(which, h);
+  }
+  return qkv + offset;
+}
+
 // Keys and values of the span's column block [c0, c0 + kCols) into k and v [kCols][kLd]
 // (columns past the span are zero-filled). Returns which of them this thread found an
 // inf or NaN in.
 struct NonFinite {
   bool k, v;
 };
-template <typename C, typename T>
-__device__ inline NonFinite load_key_block(T* k, T* v, const T* qkv, const AttentionLayout& L, const Span& span,
+template <typename C, typename Layout, typename T>
+__device__ inline NonFinite load_key_block(T* k, T* v, const T* qkv, const T* pad, const Layout& L, const Span& span,
                                            int64_t c0, int hd) {
   const auto key_row = [&](int which) {
     return [&, which](int c) -> const T* {
       if (c0 + c >= span.cols) return nullptr;
-      return qkv + L.qkv_offset(span.b, which, span.h, span.position_of_col(c0 + c), span.window_of_col(c0 + c));
+      const int64_t j = span.position_of_col(c0 + c), w = span.window_of_col(c0 + c);
+      return row_or_pad(L, qkv, pad, L.key_offset(span.b, which, span.h, j, w), which, span.h);
     };
   };
-  const bool k_nonfinite = load_rows<C>(k, C::kCols, hd, key_row(AttentionLayout::kKey));
-  return {k_nonfinite, load_rows<C>(v, C::kCols, hd, key_row(AttentionLayout::kValue))};
+  const bool k_nonfinite = load_rows<C>(k, C::kCols, hd, key_row(Layout::kKey));
+  return {k_nonfinite, load_rows<C>(v, C::kCols, hd, key_row(Layout::kValue))};
 }
 
-// Pooled query rows into tile [capacity][kLd]: row r is pooled query `position` of
-// `window`. kPool takes the max over the q_stride candidates and records the argmax
-// (forward); otherwise the candidate the argmax names is gathered (backward).
+// Pooled query rows into tile [capacity][kLd]: row r is pooled query i of window w, as
+// source(r, w, i) says, or zeros where it returns false. kPool takes the max over the
+// candidates and records the argmax where the query is stored (forward; a cropped
+// query's candidates may be padding); otherwise the candidate the argmax names is
+// gathered (backward: stored queries only, whose candidates are all in qkv). Each lane
+// holds channels lane + 32 * k, so a candidate's offset is computed once per row.
 // Returns whether this thread loaded an inf or NaN.
-template <typename C, bool kPool, typename T, typename RowSource>
-__device__ inline bool load_queries(T* tile, int capacity, const AttentionLayout& L, const T* qkv, int64_t b,
+template <typename C, bool kPool, typename Layout, typename T, typename RowSource>
+__device__ inline bool load_queries(T* tile, int capacity, const Layout& L, const T* qkv, const T* pad, int64_t b,
                                     int64_t h, RowSource source, uint8_t* argmax_out, const uint8_t* argmax_in) {
+  constexpr int kPerLane = (C::kPad + 31) / 32;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, hd = C::head_dim(L);
+  const int64_t candidates = L.candidate_count();
   bool nonfinite = false;
-  const int64_t s_stride = L.queries * L.qkv_position_stride();  // from candidate s to s + 1
   for (int r = warp; r < capacity; r += C::kWarps) {
     int64_t w, i;
     const bool exists = source(r, w, i);
-    const T* first = exists ? qkv + L.qkv_offset(b, AttentionLayout::kQuery, h, L.pooled_position(0, i), w) : nullptr;
-    const int64_t arg = exists ? L.out_offset(b, h, i, w) : 0;
-    for (int d = lane; d < C::kPad; d += 32) {
-      T value = from_float<T>(0.f);
-      if (exists && d < hd) {
-        if (L.q_stride == 1) {
-          value = first[d];
-        } else if (kPool) {
-          float best = to_float(first[d]);
-          int best_s = 0;
-          for (int s = 1; s < L.q_stride; ++s) {
-            const float candidate = to_float(first[s * s_stride + d]);
-            if (pool_takes(candidate, best)) best = candidate, best_s = s;
-          }
-          value = first[best_s * s_stride + d];
-          argmax_out[arg + d] = static_cast<uint8_t>(best_s);
-        } else {
-          value = first[argmax_in[arg + d] * s_stride + d];
+    T value[kPerLane];
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) value[k] = from_float<T>(0.f);
+    if (exists && kPool) {
+      float best[kPerLane] = {};
+      uint8_t best_c[kPerLane] = {};
+      for (int64_t c = 0; c < candidates; ++c) {
+        const T* src = row_or_pad(L, qkv, pad, L.candidate_offset(b, h, i, w, c), Layout::kQuery, h);
+#pragma unroll
+        for (int k = 0; k < kPerLane; ++k) {
+          const int d = lane + 32 * k;
+          if (d >= hd) continue;
+          const T x = src[d];
+          const float f = to_float(x);
+          if (c == 0 || pool_takes(f, best[k])) best[k] = f, best_c[k] = static_cast<uint8_t>(c), value[k] = x;
         }
       }
-      nonfinite |= is_nonfinite(to_float(value));
-      tile[r * C::kLd + d] = value;
+      const int64_t out = L.out_offset(b, h, i, w);
+      if (candidates > 1 && out >= 0) {
+#pragma unroll
+        for (int k = 0; k < kPerLane; ++k)
+          if (lane + 32 * k < hd) argmax_out[out + lane + 32 * k] = best_c[k];
+      }
+    } else if (exists) {
+      const int64_t out = L.out_offset(b, h, i, w);
+#pragma unroll
+      for (int k = 0; k < kPerLane; ++k) {
+        const int d = lane + 32 * k;
+        if (d >= hd) continue;
+        const int64_t c = candidates > 1 ? argmax_in[out + d] : 0;
+        value[k] = qkv[L.candidate_offset(b, h, i, w, c) + d];
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) {
+      const int d = lane + 32 * k;
+      if (d >= C::kPad) continue;
+      nonfinite |= is_nonfinite(to_float(value[k]));
+      tile[r * C::kLd + d] = value[k];
     }
   }
   return nonfinite;
@@ -341,10 +384,10 @@ __device__ __forceinline__ float softmax_scale(int hd) { return 1.f / sqrtf(stat
 // ---------------------------------------------------------------------------- forward
 // One CTA: 16 * kWarps pooled queries of one (image, head), against the keys of their
 // windows, in blocks of kCols keys.
-template <typename scalar_t, int kHeadDim>
+template <typename Layout, typename scalar_t, int kHeadDim>
 __global__ void __launch_bounds__(Config<scalar_t, kHeadDim, Pass::kForward>::kThreads, 1)
-    forward_kernel(const AttentionLayout L, const scalar_t* __restrict__ qkv, scalar_t* __restrict__ out,
-                   float* __restrict__ lse, uint8_t* __restrict__ argmax) {
+    forward_kernel(const Layout L, const scalar_t* __restrict__ qkv, const scalar_t* __restrict__ pad,
+                   scalar_t* __restrict__ out, float* __restrict__ lse, uint8_t* __restrict__ argmax) {
   using C = Config<scalar_t, kHeadDim, Pass::kForward>;
   using prob_t = typename C::prob_t;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -361,7 +404,7 @@ __global__ void __launch_bounds__(Config<scalar_t, kHeadDim, Pass::kForward>::kT
   const int hd = C::head_dim(L), warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const float scale = softmax_scale(hd);
   const Span span = make_span(L, L.queries, L.per_window, C::kRows);
-  load_queries<C, true>(q, C::kRows, L, qkv, span.b, span.h,
+  load_queries<C, true>(q, C::kRows, L, qkv, pad, span.b, span.h,
                         [&](int r, int64_t& w, int64_t& i) {
                           w = span.window_of_row(r), i = span.position_of_row(r);
                           return r < span.rows;
@@ -375,7 +418,7 @@ __global__ void __launch_bounds__(Config<scalar_t, kHeadDim, Pass::kForward>::kT
   const bool row_exists = row < span.rows;
   for (int64_t c0 = 0; c0 < span.cols; c0 += C::kCols) {
     __syncthreads();  // the previous block's k and v are consumed (and q, o, stats are ready)
-    const bool v_nonfinite = __syncthreads_or(load_key_block<C>(k, v, qkv, L, span, c0, hd).v);
+    const bool v_nonfinite = __syncthreads_or(load_key_block<C>(k, v, qkv, pad, L, span, c0, hd).v);
     const WarpRange range = warp_range<C::kCols>(span, warp, c0);
     if (range.lo == range.hi) continue;
     float* s_w = scores + 16 * warp * C::kScoreLd;
@@ -417,15 +460,17 @@ __global__ void __launch_bounds__(Config<scalar_t, kHeadDim, Pass::kForward>::kT
   for (int e = threadIdx.x; e < span.rows * hd; e += C::kThreads) {
     const int rr = e / hd, d = e % hd;
     const int64_t w = span.window_of_row(rr), i = span.position_of_row(rr);
-    out[L.out_offset(span.b, span.h, i, w) + d] = from_float<scalar_t>(o[rr * C::kAccLd + d] / row_sum[rr]);
+    const int64_t offset = L.out_offset(span.b, span.h, i, w);  // -1: cropped, the lse only
+    if (offset >= 0) out[offset + d] = from_float<scalar_t>(o[rr * C::kAccLd + d] / row_sum[rr]);
     if (d == 0) lse[L.lse_offset(span.b, span.h, w, i)] = row_max[rr] + logf(row_sum[rr]);
   }
 }
 
 // --------------------------------------------------------------------------- backward
-// D = rowsum(dO * O) for every pooled query, one warp per query and head.
-template <typename scalar_t>
-__global__ void __launch_bounds__(256) delta_kernel(const AttentionLayout L, const scalar_t* __restrict__ grad_out,
+// D = rowsum(dO * O) for every pooled query, one warp per query and head (0 for a
+// cropped one: it has no gradient, and the passes below skip it).
+template <typename Layout, typename scalar_t>
+__global__ void __launch_bounds__(256) delta_kernel(const Layout L, const scalar_t* __restrict__ grad_out,
                                                     const scalar_t* __restrict__ out, float* __restrict__ delta) {
   const int64_t row = (int64_t{blockIdx.x} * blockDim.x + threadIdx.x) / 32;  // lse layout [B, heads, windows, queries]
   const int lane = threadIdx.x % 32;
@@ -434,17 +479,18 @@ __global__ void __launch_bounds__(256) delta_kernel(const AttentionLayout L, con
   const int64_t b = row / (L.queries * L.windows * L.heads);
   const int64_t offset = L.out_offset(b, h, i, w);
   float acc = 0.f;
-  for (int64_t d = lane; d < L.head_dim; d += 32) acc += to_float(grad_out[offset + d]) * to_float(out[offset + d]);
+  for (int64_t d = lane; offset >= 0 && d < L.head_dim; d += 32) acc += to_float(grad_out[offset + d]) * to_float(out[offset + d]);
   for (int m = 16; m > 0; m /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, m);
   if (lane == 0) delta[row] = acc;
 }
 
 // dq for 16 * kWarps pooled queries of one (image, head), streaming their windows' keys.
-template <typename scalar_t, int kHeadDim>
+// A cropped query is not live: its rows load zeros, its dS is 0, and its candidates get 0.
+template <typename Layout, typename scalar_t, int kHeadDim>
 __global__ void __launch_bounds__(Config<scalar_t, kHeadDim, Pass::kBackwardDq>::kThreads, 1)
-    dq_kernel(const AttentionLayout L, const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ qkv,
-              const float* __restrict__ lse, const float* __restrict__ delta, const uint8_t* __restrict__ argmax,
-              scalar_t* __restrict__ grad_qkv) {
+    dq_kernel(const Layout L, const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ qkv,
+              const scalar_t* __restrict__ pad, const float* __restrict__ lse, const float* __restrict__ delta,
+              const uint8_t* __restrict__ argmax, scalar_t* __restrict__ grad_qkv) {
   using C = Config<scalar_t, kHeadDim, Pass::kBackwardDq>;
   using prob_t = typename C::prob_t;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -458,15 +504,16 @@ __global__ void __launch_bounds__(Config<scalar_t, kHeadDim, Pass::kBackwardDq>:
   float* dq = reinterpret_cast<float*>(smem + C::kS.acc[0]);             // [kRows][kAccLd]
   float* row_lse = reinterpret_cast<float*>(smem + C::kS.stats);         // [kRows]
   float* row_delta = row_lse + C::kRows;                                 // [kRows]
+  int* row_live = reinterpret_cast<int*>(row_delta + C::kRows);          // [kRows]
 
   const int hd = C::head_dim(L), warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const float scale = softmax_scale(hd);
   const Span span = make_span(L, L.queries, L.per_window, C::kRows);
-  const auto query = [&](int r, int64_t& w, int64_t& i) {
+  const auto query = [&](int r, int64_t& w, int64_t& i) {  // whether row r is a live query
     w = span.window_of_row(r), i = span.position_of_row(r);
-    return r < span.rows;
+    return r < span.rows && L.out_offset(span.b, span.h, i, w) >= 0;
   };
-  load_queries<C, false>(q, C::kRows, L, qkv, span.b, span.h, query, nullptr, argmax);
+  load_queries<C, false>(q, C::kRows, L, qkv, pad, span.b, span.h, query, nullptr, argmax);
   load_rows<C>(d_out, C::kRows, hd, [&](int r) -> const scalar_t* {
     int64_t w, i;
     return query(r, w, i) ? grad_out + L.out_offset(span.b, span.h, i, w) : nullptr;
@@ -477,11 +524,12 @@ __global__ void __launch_bounds__(Config<scalar_t, kHeadDim, Pass::kBackwardDq>:
     const bool exists = query(r, w, i);
     row_lse[r] = exists ? lse[L.lse_offset(span.b, span.h, w, i)] : 0.f;
     row_delta[r] = exists ? delta[L.lse_offset(span.b, span.h, w, i)] : 0.f;
+    row_live[r] = exists;
   }
 
   for (int64_t c0 = 0; c0 < span.cols; c0 += C::kCols) {
     __syncthreads();
-    const bool k_nonfinite = __syncthreads_or(load_key_block<C>(k, v, qkv, L, span, c0, hd).k);
+    const bool k_nonfinite = __syncthreads_or(load_key_block<C>(k, v, qkv, pad, L, span, c0, hd).k);
     const WarpRange range = warp_range<C::kCols>(span, warp, c0);
     if (range.lo == range.hi) continue;
     float* s_w = scores + 16 * warp * C::kScoreLd;
@@ -494,7 +542,7 @@ __global__ void __launch_bounds__(Config<scalar_t, kHeadDim, Pass::kBackwardDq>:
     for (int e = lane; e < 16 * (range.hi - range.lo); e += 32) {
       const int r = e / (range.hi - range.lo), c = range.lo + e % (range.hi - range.lo), row = 16 * warp + r;
       float ds = 0.f;
-      if (row < span.rows) {
+      if (row_live[row]) {
         const int64_t own_lo = span.first_col_of_row(row) - c0;
         if (c >= own_lo && c < own_lo + span.cols_per_window) {
           const float p = expf(s_w[r * C::kScoreLd + c] * scale - row_lse[row]);
@@ -507,25 +555,30 @@ __global__ void __launch_bounds__(Config<scalar_t, kHeadDim, Pass::kBackwardDq>:
     warp_accumulate_windows<C>(k_nonfinite, dq + 16 * warp * C::kAccLd, ds_w, k, range, hd, span, warp, c0);
   }
   __syncthreads();
-  // Route dq through the pooling argmax: every q candidate row gets its gradient or 0.
-  const int64_t s_stride = L.queries * L.qkv_position_stride();
+  // Route dq through the pooling argmax: every q candidate in qkv gets its gradient or 0
+  // (all of them 0 for a cropped query).
+  const int64_t candidates = L.candidate_count();
   for (int e = threadIdx.x; e < span.rows * hd; e += C::kThreads) {
     const int r = e / hd, d = e % hd;
     int64_t w, i;
-    query(r, w, i);
+    const bool live = query(r, w, i);
     const float g = dq[r * C::kAccLd + d] * scale;
-    scalar_t* first = grad_qkv + L.qkv_offset(span.b, AttentionLayout::kQuery, span.h, L.pooled_position(0, i), w) + d;
-    const int chosen = L.q_stride > 1 ? argmax[L.out_offset(span.b, span.h, i, w) + d] : 0;
-    for (int s = 0; s < L.q_stride; ++s) first[s * s_stride] = from_float<scalar_t>(s == chosen ? g : 0.f);
+    const int64_t chosen = !live ? -1 : candidates > 1 ? argmax[L.out_offset(span.b, span.h, i, w) + d] : 0;
+    for (int64_t c = 0; c < candidates; ++c) {
+      const int64_t offset = L.candidate_offset(span.b, span.h, i, w, c);
+      if (offset >= 0) grad_qkv[offset + d] = from_float<scalar_t>(c == chosen ? g : 0.f);
+    }
   }
 }
 
-// dk and dv for 16 * kWarps keys of one (image, head), streaming their windows' pooled queries.
-template <typename scalar_t, int kHeadDim>
+// dk and dv for 16 * kWarps keys of one (image, head), streaming their windows' live
+// (stored) pooled queries. A padded key's dk and dv go into the CTA's sum in
+// pad_partials [CTA][2][hd] (kPadded layouts, where pad_partials is not null).
+template <typename Layout, typename scalar_t, int kHeadDim>
 __global__ void __launch_bounds__(Config<scalar_t, kHeadDim, Pass::kBackwardDkDv>::kThreads, 1)
-    dkdv_kernel(const AttentionLayout L, const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ qkv,
-                const float* __restrict__ lse, const float* __restrict__ delta, const uint8_t* __restrict__ argmax,
-                scalar_t* __restrict__ grad_qkv) {
+    dkdv_kernel(const Layout L, const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ qkv,
+                const scalar_t* __restrict__ pad, const float* __restrict__ lse, const float* __restrict__ delta,
+                const uint8_t* __restrict__ argmax, scalar_t* __restrict__ grad_qkv, float* __restrict__ pad_partials) {
   using C = Config<scalar_t, kHeadDim, Pass::kBackwardDkDv>;
   using prob_t = typename C::prob_t;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -540,28 +593,32 @@ __global__ void __launch_bounds__(Config<scalar_t, kHeadDim, Pass::kBackwardDkDv
   float* dv = reinterpret_cast<float*>(smem + C::kS.acc[1]);               // [kRows][kAccLd]
   float* col_lse = reinterpret_cast<float*>(smem + C::kS.stats);           // [kCols]
   float* col_delta = col_lse + C::kCols;                                   // [kCols]
+  int* col_live = reinterpret_cast<int*>(col_delta + C::kCols);            // [kCols]
 
   const int hd = C::head_dim(L), warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const float scale = softmax_scale(hd);
   const Span span = make_span(L, L.per_window, L.queries, C::kRows);
+  const auto key_offset = [&](int which, int r) {  // -1: padding
+    return L.key_offset(span.b, which, span.h, span.position_of_row(r), span.window_of_row(r));
+  };
   const auto key_row = [&](int which) {
     return [&, which](int r) -> const scalar_t* {
-      if (r >= span.rows) return nullptr;
-      return qkv + L.qkv_offset(span.b, which, span.h, span.position_of_row(r), span.window_of_row(r));
+      return r < span.rows ? row_or_pad(L, qkv, pad, key_offset(which, r), which, span.h) : nullptr;
     };
   };
-  load_rows<C>(k, C::kRows, hd, key_row(AttentionLayout::kKey));
-  load_rows<C>(v, C::kRows, hd, key_row(AttentionLayout::kValue));
+  load_rows<C>(k, C::kRows, hd, key_row(Layout::kKey));
+  load_rows<C>(v, C::kRows, hd, key_row(Layout::kValue));
   zero_fill<C>(dk, int64_t{C::kRows} * C::kAccLd);
   zero_fill<C>(dv, int64_t{C::kRows} * C::kAccLd);
 
   for (int64_t c0 = 0; c0 < span.cols; c0 += C::kCols) {
     __syncthreads();
-    const auto query = [&](int c, int64_t& w, int64_t& i) {
+    const auto query = [&](int c, int64_t& w, int64_t& i) {  // whether column c is a live query
       w = span.window_of_col(c0 + c), i = span.position_of_col(c0 + c);
-      return c0 + c < span.cols;
+      return c0 + c < span.cols && L.out_offset(span.b, span.h, i, w) >= 0;
     };
-    const bool q_loaded_nonfinite = load_queries<C, false>(q, C::kCols, L, qkv, span.b, span.h, query, nullptr, argmax);
+    const bool q_loaded_nonfinite =
+        load_queries<C, false>(q, C::kCols, L, qkv, pad, span.b, span.h, query, nullptr, argmax);
     const bool d_out_loaded_nonfinite = load_rows<C>(d_out, C::kCols, hd, [&](int c) -> const scalar_t* {
       int64_t w, i;
       return query(c, w, i) ? grad_out + L.out_offset(span.b, span.h, i, w) : nullptr;
@@ -571,6 +628,7 @@ __global__ void __launch_bounds__(Config<scalar_t, kHeadDim, Pass::kBackwardDkDv
       const bool exists = query(c, w, i);
       col_lse[c] = exists ? lse[L.lse_offset(span.b, span.h, w, i)] : 0.f;
       col_delta[c] = exists ? delta[L.lse_offset(span.b, span.h, w, i)] : 0.f;
+      col_live[c] = exists;
     }
     // One flag for both summed-over operands: one barrier, as before.
     const bool nonfinite = __syncthreads_or(q_loaded_nonfinite || d_out_loaded_nonfinite);
@@ -588,7 +646,7 @@ __global__ void __launch_bounds__(Config<scalar_t, kHeadDim, Pass::kBackwardDkDv
     for (int e = lane; e < 16 * width; e += 32) {  // P^T = exp(scale * s^T - lse), 0 outside the key's window
       const int r = e / width, c = range.lo + e % width, row = 16 * warp + r;
       float p = 0.f;
-      if (row < span.rows) {
+      if (row < span.rows && col_live[c]) {
         const int64_t own_lo = span.first_col_of_row(row) - c0;
         if (c >= own_lo && c < own_lo + span.cols_per_window) p = expf(s_w[r * C::kScoreLd + c] * scale - col_lse[c]);
       }
@@ -601,7 +659,7 @@ __global__ void __launch_bounds__(Config<scalar_t, kHeadDim, Pass::kBackwardDkDv
     for (int e = lane; e < 16 * width; e += 32) {  // dS^T = P^T (dP^T - D), 0 outside the key's window
       const int r = e / width, c = range.lo + e % width, row = 16 * warp + r;
       float ds = 0.f;
-      if (row < span.rows) {
+      if (row < span.rows && col_live[c]) {
         const int64_t own_lo = span.first_col_of_row(row) - c0;
         if (c >= own_lo && c < own_lo + span.cols_per_window) ds = s_w[r * C::kScoreLd + c] * (dp_w[r * C::kScoreLd + c] - col_delta[c]);
       }
@@ -613,10 +671,44 @@ __global__ void __launch_bounds__(Config<scalar_t, kHeadDim, Pass::kBackwardDkDv
   __syncthreads();
   for (int e = threadIdx.x; e < span.rows * hd; e += C::kThreads) {
     const int r = e / hd, d = e % hd;
-    const int64_t j = span.position_of_row(r), w = span.window_of_row(r);
-    grad_qkv[L.qkv_offset(span.b, AttentionLayout::kKey, span.h, j, w) + d] = from_float<scalar_t>(dk[r * C::kAccLd + d] * scale);
-    grad_qkv[L.qkv_offset(span.b, AttentionLayout::kValue, span.h, j, w) + d] = from_float<scalar_t>(dv[r * C::kAccLd + d]);
+    const int64_t k_offset = key_offset(Layout::kKey, r);
+    if (k_offset < 0) continue;  // padding: summed below
+    grad_qkv[k_offset + d] = from_float<scalar_t>(dk[r * C::kAccLd + d] * scale);
+    grad_qkv[key_offset(Layout::kValue, r) + d] = from_float<scalar_t>(dv[r * C::kAccLd + d]);
   }
+  if constexpr (Layout::kPadded) {
+    if (pad_partials == nullptr) return;
+    // This CTA's padded keys' dk and dv, summed in row order (deterministic).
+    for (int e = threadIdx.x; e < 2 * hd; e += C::kThreads) {
+      const float* acc = e < hd ? dk : dv;
+      const int d = e % hd;
+      float sum = 0.f;
+      for (int r = 0; r < span.rows; ++r)
+        if (key_offset(Layout::kKey, r) < 0) sum += acc[r * C::kAccLd + d];
+      pad_partials[int64_t{blockIdx.x} * 2 * hd + e] = e < hd ? sum * scale : sum;
+    }
+  }
+}
+
+// grad_pad [3 * C], one thread per element: the q part 0 (a stored query's candidates
+// are all in qkv), the k and v parts each head's padded keys' dk and dv, the sum of the
+// dk/dv CTAs' partials over images and key tiles in a fixed order. With no padded key
+// (pad_partials null) all 0.
+template <typename scalar_t>
+__global__ void __launch_bounds__(256) pad_grad_kernel(const WindowLayout L, int64_t tiles_per_head,
+                                                       const float* __restrict__ pad_partials,
+                                                       scalar_t* __restrict__ grad_pad) {
+  const int64_t e = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+  if (e >= 3 * L.dim) return;
+  const int64_t which = e / L.dim, h = e % L.dim / L.head_dim, d = e % L.head_dim;
+  float sum = 0.f;
+  if (which != WindowLayout::kQuery && pad_partials != nullptr) {
+    for (int64_t b = 0; b < L.batch; ++b) {
+      const float* partial = pad_partials + (b * L.heads + h) * tiles_per_head * 2 * L.head_dim + (which - 1) * L.head_dim + d;
+      for (int64_t t = 0; t < tiles_per_head; ++t) sum += partial[t * 2 * L.head_dim];
+    }
+  }
+  grad_pad[e] = from_float<scalar_t>(sum);
 }
 
 // -------------------------------------------------------------------------- launchers
@@ -625,59 +717,67 @@ cudaError_t allow_smem(Kernel kernel, int64_t bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 
-template <typename scalar_t, int kHeadDim>
-cudaError_t launch_forward(const ForwardArgs& a, cudaStream_t stream) {
+template <typename Layout, typename scalar_t, int kHeadDim>
+cudaError_t launch_forward(const ForwardArgs<Layout>& a, cudaStream_t stream) {
   using C = Config<scalar_t, kHeadDim, Pass::kForward>;
-  const auto kernel = forward_kernel<scalar_t, kHeadDim>;
+  const auto kernel = forward_kernel<Layout, scalar_t, kHeadDim>;
   if (const cudaError_t err = allow_smem(kernel, C::kS.bytes); err != cudaSuccess) return err;
   const int64_t grid = grid_size(a.layout, Pass::kForward, dtype_of<scalar_t>());
   kernel<<<static_cast<unsigned>(grid), C::kThreads, C::kS.bytes, stream>>>(
-      a.layout, static_cast<const scalar_t*>(a.qkv), static_cast<scalar_t*>(a.out), a.lse, a.argmax);
+      a.layout, static_cast<const scalar_t*>(a.qkv), static_cast<const scalar_t*>(a.pad), static_cast<scalar_t*>(a.out),
+      a.lse, a.argmax);
   return cudaGetLastError();
 }
 
-template <typename scalar_t, int kHeadDim>
-cudaError_t launch_backward(const BackwardArgs& a, cudaStream_t stream) {
+template <typename Layout, typename scalar_t, int kHeadDim>
+cudaError_t launch_backward(const BackwardArgs<Layout>& a, cudaStream_t stream) {
   using Dq = Config<scalar_t, kHeadDim, Pass::kBackwardDq>;
   using DkDv = Config<scalar_t, kHeadDim, Pass::kBackwardDkDv>;
-  const AttentionLayout& L = a.layout;
+  const Layout& L = a.layout;
   const auto* grad_out = static_cast<const scalar_t*>(a.grad_out);
   const auto* qkv = static_cast<const scalar_t*>(a.qkv);
+  const auto* pad = static_cast<const scalar_t*>(a.pad);
   auto* grad_qkv = static_cast<scalar_t*>(a.grad_qkv);
   const int64_t query_rows = L.batch * L.heads * L.windows * L.queries;
-  delta_kernel<scalar_t><<<static_cast<unsigned>((query_rows + 7) / 8), 256, 0, stream>>>(
+  delta_kernel<Layout, scalar_t><<<static_cast<unsigned>((query_rows + 7) / 8), 256, 0, stream>>>(
       L, grad_out, static_cast<const scalar_t*>(a.out), a.delta);
   if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
 
-  const auto dq = dq_kernel<scalar_t, kHeadDim>;
+  const auto dq = dq_kernel<Layout, scalar_t, kHeadDim>;
   if (const cudaError_t err = allow_smem(dq, Dq::kS.bytes); err != cudaSuccess) return err;
   dq<<<static_cast<unsigned>(grid_size(L, Pass::kBackwardDq, dtype_of<scalar_t>())), Dq::kThreads, Dq::kS.bytes, stream>>>(
-      L, grad_out, qkv, a.lse, a.delta, a.argmax, grad_qkv);
+      L, grad_out, qkv, pad, a.lse, a.delta, a.argmax, grad_qkv);
   if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
 
-  const auto dkdv = dkdv_kernel<scalar_t, kHeadDim>;
+  const auto dkdv = dkdv_kernel<Layout, scalar_t, kHeadDim>;
   if (const cudaError_t err = allow_smem(dkdv, DkDv::kS.bytes); err != cudaSuccess) return err;
-  dkdv<<<static_cast<unsigned>(grid_size(L, Pass::kBackwardDkDv, dtype_of<scalar_t>())), DkDv::kThreads,
-         DkDv::kS.bytes, stream>>>(L, grad_out, qkv, a.lse, a.delta, a.argmax, grad_qkv);
+  const int64_t dkdv_grid = grid_size(L, Pass::kBackwardDkDv, dtype_of<scalar_t>());
+  dkdv<<<static_cast<unsigned>(dkdv_grid), DkDv::kThreads, DkDv::kS.bytes, stream>>>(
+      L, grad_out, qkv, pad, a.lse, a.delta, a.argmax, grad_qkv, a.pad_partials);
+  if constexpr (Layout::kPadded) {
+    if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+    pad_grad_kernel<scalar_t><<<static_cast<unsigned>((3 * L.dim + 255) / 256), 256, 0, stream>>>(
+        L, dkdv_grid / (L.batch * L.heads), a.pad_partials, static_cast<scalar_t*>(a.grad_pad));
+  }
   return cudaGetLastError();
 }
 
-template <int kHeadDim>
-cudaError_t forward(const ForwardArgs& args, Dtype dtype, cudaStream_t stream) {
+template <typename Layout, int kHeadDim>
+cudaError_t forward(const ForwardArgs<Layout>& args, Dtype dtype, cudaStream_t stream) {
   switch (dtype) {
-    case Dtype::kFloat32: return launch_forward<float, kHeadDim>(args, stream);
-    case Dtype::kFloat16: return launch_forward<__half, kHeadDim>(args, stream);
-    case Dtype::kBFloat16: return launch_forward<__nv_bfloat16, kHeadDim>(args, stream);
+    case Dtype::kFloat32: return launch_forward<Layout, float, kHeadDim>(args, stream);
+    case Dtype::kFloat16: return launch_forward<Layout, __half, kHeadDim>(args, stream);
+    case Dtype::kBFloat16: return launch_forward<Layout, __nv_bfloat16, kHeadDim>(args, stream);
   }
   return cudaErrorInvalidValue;
 }
 
-template <int kHeadDim>
-cudaError_t backward(const BackwardArgs& args, Dtype dtype, cudaStream_t stream) {
+template <typename Layout, int kHeadDim>
+cudaError_t backward(const BackwardArgs<Layout>& args, Dtype dtype, cudaStream_t stream) {
   switch (dtype) {
-    case Dtype::kFloat32: return launch_backward<float, kHeadDim>(args, stream);
-    case Dtype::kFloat16: return launch_backward<__half, kHeadDim>(args, stream);
-    case Dtype::kBFloat16: return launch_backward<__nv_bfloat16, kHeadDim>(args, stream);
+    case Dtype::kFloat32: return launch_backward<Layout, float, kHeadDim>(args, stream);
+    case Dtype::kFloat16: return launch_backward<Layout, __half, kHeadDim>(args, stream);
+    case Dtype::kBFloat16: return launch_backward<Layout, __nv_bfloat16, kHeadDim>(args, stream);
   }
   return cudaErrorInvalidValue;
 }

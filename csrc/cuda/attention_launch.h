@@ -1,7 +1,9 @@
-// Launchers of the CUDA mask-unit attention kernels (mask_unit_attention_kernels.cuh),
-// as plain C++ so the torch-facing entry point (mask_unit_attention.cpp) can call them
-// without seeing CUDA device code, plus the tile shapes and shared-memory sizes both
-// sides need: one copy of each formula.
+// Launchers of the CUDA attention kernels (attention_kernels.cuh), as plain C++ so the
+// torch-facing entry points (attention_ops.cpp) can call them without seeing CUDA device
+// code, plus the tile shapes and shared-memory sizes both sides need: one copy of each
+// formula. The kernels are generic over the layout, the index math of one op:
+// AttentionLayout (Hiera's mask-unit attention, attention_layout.h) or WindowLayout
+// (SAM 2's window attention, window_layout.h).
 //
 // Every kernel is one pass over "rows" attending over a stream of "columns": per
 // (image, head), rows R = w * rows_per_window + r and columns c = w * cols_per_window + j
@@ -17,8 +19,10 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <utility>
 
 #include "hiera_kernels/attention_layout.h"
+#include "hiera_kernels/window_layout.h"
 
 namespace hiera_kernels {
 namespace cuda_attention {
@@ -26,12 +30,30 @@ namespace cuda_attention {
 enum class Dtype { kFloat32, kFloat16, kBFloat16 };
 enum class Pass { kForward, kBackwardDq, kBackwardDkDv };
 
-// Head dims with an instantiation of their own (Hiera B+: 56, H: 64, L: 72, T/S/B: 96),
-// each in its own translation unit; any other head dim up to kMaxHeadDim runs the
-// generic instantiation (head dim 0), padded to kMaxHeadDim and masked.
+// Head dims with an instantiation of their own, per layout, each in its own translation
+// unit (mask_unit_attention_hd*.cu: Hiera B+ 56, H 64, L 72, T/S/B 96;
+// window_attention_hd*.cu: SAM 2's B+ 56, L 72, T/S 96); any other head dim up to
+// kMaxHeadDim runs the generic instantiation (head dim 0), padded to kMaxHeadDim and masked.
 constexpr int kMaxHeadDim = 128;
+template <typename Layout>
+struct HeadDims;
+template <>
+struct HeadDims<AttentionLayout> {
+  using type = std::integer_sequence<int, 56, 64, 72, 96>;
+};
+template <>
+struct HeadDims<WindowLayout> {
+  using type = std::integer_sequence<int, 56, 72, 96>;
+};
+template <int... kDims>
+constexpr int pick_head_dim(std::integer_sequence<int, kDims...>, int64_t head_dim) {
+  int picked = 0;
+  ((picked = head_dim == kDims ? kDims : picked), ...);
+  return picked;
+}
+template <typename Layout>
 constexpr int instantiated_head_dim(int64_t head_dim) {
-  return head_dim == 56 || head_dim == 64 || head_dim == 72 || head_dim == 96 ? static_cast<int>(head_dim) : 0;
+  return pick_head_dim(typename HeadDims<Layout>::type{}, head_dim);
 }
 
 constexpr int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
@@ -98,8 +120,9 @@ struct SmemLayout {
 };
 
 constexpr int stat_count(Pass pass, const TileShape& t) {
-  // forward: m, l, alpha per row; dq: lse, delta per row; dk/dv: lse, delta per column
-  return pass == Pass::kForward ? 3 * t.rows() : pass == Pass::kBackwardDq ? 2 * t.rows() : 2 * t.cols;
+  // forward: m, l, alpha per row; dq: lse, delta, live per row; dk/dv: lse, delta, live
+  // per column (live: a stored query, one with a gradient)
+  return pass == Pass::kForward ? 3 * t.rows() : pass == Pass::kBackwardDq ? 3 * t.rows() : 3 * t.cols;
 }
 
 constexpr SmemLayout smem_layout(Pass pass, const TileShape& t) {
@@ -126,43 +149,64 @@ constexpr SmemLayout smem_layout(Pass pass, const TileShape& t) {
 }
 
 // Dynamic shared memory one CTA of `pass` needs for this dtype and head dim.
+template <typename Layout>
 constexpr int64_t smem_bytes(Pass pass, Dtype dtype, int64_t head_dim) {
-  return smem_layout(pass, tile_shape(pass, dtype, instantiated_head_dim(head_dim))).bytes;
+  return smem_layout(pass, tile_shape(pass, dtype, instantiated_head_dim<Layout>(head_dim))).bytes;
 }
 
-// CTAs of a pass: one per kWarps * 16 rows of every (image, head).
-inline int64_t grid_size(const AttentionLayout& L, Pass pass, Dtype dtype) {
+// CTAs of a pass: one per kWarps * 16 rows of every (image, head), rows of one (image,
+// head) on consecutive CTAs (the dk/dv pass's per-CTA sums of padded keys rely on it).
+template <typename Layout>
+int64_t grid_size(const Layout& L, Pass pass, Dtype dtype) {
   const int64_t rows_per_window = pass == Pass::kBackwardDkDv ? L.per_window : L.queries;
-  const int rows = tile_shape(pass, dtype, instantiated_head_dim(L.head_dim)).rows();
+  const int rows = tile_shape(pass, dtype, instantiated_head_dim<Layout>(L.head_dim)).rows();
   return L.batch * L.heads * ((L.windows * rows_per_window + rows - 1) / rows);
 }
 
+// The dk/dv pass's scratch for padded keys (WindowLayout with padding): fp32 [CTAs][2][hd],
+// each CTA's sums of its padded keys' dk and dv, which a last kernel adds up per head in
+// a fixed order into grad_pad (deterministic, no atomics).
+template <typename Layout>
+int64_t pad_partials_size(const Layout& L, Dtype dtype) {
+  return grid_size(L, Pass::kBackwardDkDv, dtype) * 2 * L.head_dim;
+}
+
+// Tensors as in the op schemas: mask-unit attention's qkv [B, N, 3 * C] and out
+// [B, queries * windows, C]; window attention's qkv [B, H, W, 3 * C] and out
+// [B, out_h, out_w, C]. The argmax has out's shape.
+template <typename Layout>
 struct ForwardArgs {
-  AttentionLayout layout;
-  const void* qkv;   // [B, N, 3 * C]
-  void* out;         // [B, queries * windows, C]
+  Layout layout;
+  const void* qkv;
+  const void* pad;   // [3 * C]: a padded token's qkv (WindowLayout), or null
+  void* out;
   float* lse;        // [B, heads, windows, queries]
-  uint8_t* argmax;   // [B, queries * windows, C], or null when q_stride == 1
+  uint8_t* argmax;   // like out, or null with one candidate per query (q_stride 1)
 };
 
+template <typename Layout>
 struct BackwardArgs {
-  AttentionLayout layout;
-  const void* grad_out;    // [B, queries * windows, C]
-  const void* qkv;         // [B, N, 3 * C]
-  const void* out;         // [B, queries * windows, C]
+  Layout layout;
+  const void* grad_out;    // like out
+  const void* qkv;
+  const void* pad;         // [3 * C], or null (AttentionLayout)
+  const void* out;
   const float* lse;        // [B, heads, windows, queries]
-  const uint8_t* argmax;   // [B, queries * windows, C], or null when q_stride == 1
+  const uint8_t* argmax;   // like out, or null with one candidate per query
   float* delta;            // scratch [B, heads, windows, queries]: rowsum(dO * O)
-  void* grad_qkv;          // [B, N, 3 * C], every element written once
+  void* grad_qkv;          // like qkv: every element written once, or zero-filled first by the caller
+                           // where some q is no query's candidate (!pools_every_position())
+  float* pad_partials;     // scratch of pad_partials_size, or null where no key is padding
+  void* grad_pad;          // [3 * C] (WindowLayout; written whole), or null (AttentionLayout)
 };
 
-// Defined for kHeadDim in {56, 64, 72, 96, 0 (generic)} in mask_unit_attention_hd*.cu.
-// They set the kernels' shared-memory limit and launch on `stream`, returning the
-// first CUDA error.
-template <int kHeadDim>
-cudaError_t forward(const ForwardArgs& args, Dtype dtype, cudaStream_t stream);
-template <int kHeadDim>
-cudaError_t backward(const BackwardArgs& args, Dtype dtype, cudaStream_t stream);
+// Defined for each layout's HeadDims and 0 (generic) in mask_unit_attention_hd*.cu and
+// window_attention_hd*.cu. They set the kernels' shared-memory limit and launch on
+// `stream`, returning the first CUDA error.
+template <typename Layout, int kHeadDim>
+cudaError_t forward(const ForwardArgs<Layout>& args, Dtype dtype, cudaStream_t stream);
+template <typename Layout, int kHeadDim>
+cudaError_t backward(const BackwardArgs<Layout>& args, Dtype dtype, cudaStream_t stream);
 
 }  // namespace cuda_attention
 }  // namespace hiera_kernels
