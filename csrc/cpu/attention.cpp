@@ -128,13 +128,14 @@ std::tuple<at::Tensor, at::Tensor> window_attention_backward_cpu(const at::Tenso
   const CpuDtype dtype = cpu_dtype(op, qkv_in.scalar_type());
   const at::Tensor qkv = qkv_in.contiguous(), pad = pad_in.contiguous();
   // Keys and values are written once each; q rows only where a stored query pools
-  // from them, so an odd map's last row or column (no stored query reads it) needs zeros.
+  // from them, so an odd map's last row or column (no stored query reads it: MaxPool2d's
+  // floor, or window_unpartition's crop) needs zeros.
   const bool every_query_row_written = L.out_h * q_stride == L.height && L.out_w * q_stride == L.width;
   at::Tensor grad_qkv = every_query_row_written ? at::empty_like(qkv) : at::zeros_like(qkv);
   // A padded key's dk and dv, summed per (b, window) [B, windows, 2, C] in the
   // accumulation type, then over every window: grad_pad = [0 (q: padded queries are
   // never stored), dk, dv].
-  const bool padded = L.windows_y * L.window_h != L.height || L.windows_x * L.window_w != L.width;
+  const bool padded = L.has_padding();
   at::Tensor partials = at::zeros({padded ? L.batch * L.windows : 0, 2 * L.dim}, lse.options());
   if (grad_qkv.numel() > 0)
     run_backward(cpu_kernels().window_attention, dtype, L, grad_out.contiguous(), qkv, pad.const_data_ptr(),

@@ -393,26 +393,11 @@ inline V vmax(V a, V b) {
 // The two attentions run the kernels below, which take the layout as a template
 // argument: mask-unit attention (AttentionLayout: windows of unrolled tokens) and SAM 2's
 // window attention (WindowLayout: windows of the spatial map, padded with `pad`, the
-// output cropped). These overloads are where they differ: where key row j of window w
-// is (-1: a padded key, whose q, k and v are pad's), where candidate c of pooled query
-// i is, and how many candidates a pooled query has. out_offset is -1 for a query the
-// crop drops: it is computed (its lse is saved) but neither stored nor given gradient.
+// output cropped). Their shared interface (key_offset, candidate_offset,
+// candidate_count, out_offset, lse_offset) is where they differ: key_offset -1 is a
+// padded key, whose q, k and v are pad's; out_offset -1 a query the crop drops: it is
+// computed (its lse is saved) but neither stored nor given gradient.
 constexpr int kQueryPart = 0, kKeyPart = 1, kValuePart = 2;  // [which] in qkv's features
-
-inline int64_t key_offset(const AttentionLayout& L, int64_t b, int which, int64_t h, int64_t j, int64_t w) {
-  return L.qkv_offset(b, which, h, j, w);
-}
-inline int64_t key_offset(const WindowLayout& L, int64_t b, int which, int64_t h, int64_t j, int64_t w) {
-  return L.key_offset(b, which, h, j, w);
-}
-inline int64_t candidate_offset(const AttentionLayout& L, int64_t b, int64_t h, int64_t i, int64_t w, int64_t c) {
-  return L.qkv_offset(b, kQueryPart, h, L.pooled_position(c, i), w);
-}
-inline int64_t candidate_offset(const WindowLayout& L, int64_t b, int64_t h, int64_t i, int64_t w, int64_t c) {
-  return L.candidate_offset(b, h, i, w, c);
-}
-inline int64_t candidate_count(const AttentionLayout& L) { return L.q_stride; }
-inline int64_t candidate_count(const WindowLayout& L) { return L.candidates; }
 
 // Where (which, h) of the qkv row at `offset` starts: in qkv, or in pad for padding.
 template <typename scalar_t>
@@ -428,7 +413,7 @@ void load_rows(const Layout& L, const scalar_t* qkv, const scalar_t* pad, int wh
                int64_t j0, int64_t n, int64_t hd_pad, acc_t* rows) {
   for (int64_t j = 0; j < n; ++j) {
     const scalar_t* src =
-        row_or_pad(qkv, pad, key_offset(L, b, which, h, j0 + j, w), which, L.dim, h, L.head_dim);
+        row_or_pad(qkv, pad, L.key_offset(b, which, h, j0 + j, w), which, L.dim, h, L.head_dim);
     acc_t* dst = rows + j * hd_pad;
     for (int64_t d = 0; d < L.head_dim; ++d) dst[d] = static_cast<acc_t>(src[d]);
     std::fill(dst + L.head_dim, dst + hd_pad, acc_t(0));
@@ -455,7 +440,7 @@ void load_queries(const Layout& L, const scalar_t* qkv, const scalar_t* pad, con
                   uint8_t* argmax_out, int64_t b, int64_t h, int64_t w, int64_t i0, int64_t mq, int64_t hd_pad,
                   acc_t* q) {
   const acc_t scale = acc_t(1) / std::sqrt(static_cast<acc_t>(L.head_dim));
-  const int64_t count = candidate_count(L);
+  const int64_t count = L.candidate_count();
   std::fill(q, q + mq * hd_pad, acc_t(0));
   const scalar_t* candidate[kMaxPoolStride];
   for (int64_t i = 0; i < mq; ++i) {
@@ -463,7 +448,7 @@ void load_queries(const Layout& L, const scalar_t* qkv, const scalar_t* pad, con
     const int64_t arg_offset = L.out_offset(b, h, i0 + i, w);
     if (!kPool && arg_offset < 0) continue;
     for (int64_t c = 0; c < count; ++c)
-      candidate[c] = row_or_pad(qkv, pad, candidate_offset(L, b, h, i0 + i, w, c), kQueryPart, L.dim, h, L.head_dim);
+      candidate[c] = row_or_pad(qkv, pad, L.candidate_offset(b, h, i0 + i, w, c), kQueryPart, L.dim, h, L.head_dim);
     if (count == 1) {
       for (int64_t d = 0; d < L.head_dim; ++d) qi[d] = static_cast<acc_t>(candidate[0][d]) * scale;
       continue;
@@ -586,14 +571,14 @@ struct BF16Forward {
     uint32_t* v = pairs(t.v_rows);
     const bf16* v_row[2];
     for (int64_t j = 0; j < kb; ++j) {
-      const bf16* src = row_or_pad(qkv, pad, key_offset(L, b, kKeyPart, h, j0 + j, w), kKeyPart, L.dim, h, hd);
+      const bf16* src = row_or_pad(qkv, pad, L.key_offset(b, kKeyPart, h, j0 + j, w), kKeyPart, L.dim, h, hd);
       std::memcpy(k + j * 2 * hd_pairs, src, hd * sizeof(bf16));
       if (hd % 2) k[j * 2 * hd_pairs + hd] = 0;
     }
     for (int64_t p = 0; p < (kb + 1) / 2; ++p) {
       for (int64_t r = 0; r < 2; ++r) {
         const int64_t j = j0 + 2 * p + r;
-        v_row[r] = 2 * p + r < kb ? row_or_pad(qkv, pad, key_offset(L, b, kValuePart, h, j, w), kValuePart, L.dim, h, hd)
+        v_row[r] = 2 * p + r < kb ? row_or_pad(qkv, pad, L.key_offset(b, kValuePart, h, j, w), kValuePart, L.dim, h, hd)
                                   : nullptr;
       }
       uint32_t* dst = v + p * hdp;
@@ -798,7 +783,7 @@ void backward_task(const Layout& L, const scalar_t* grad_out, const scalar_t* qk
     for (int64_t j = 0; j < kb; ++j) {
       for (const int which : {kKeyPart, kValuePart}) {
         const acc_t* grad = (which == kKeyPart ? t.dk : t.dv) + j * hdp;
-        const int64_t offset = key_offset(L, b, which, h, j0 + j, w);
+        const int64_t offset = L.key_offset(b, which, h, j0 + j, w);
         if (offset < 0) {  // a padded key: its k and v are pad's
           acc_t* sum = grad_pad + (which - kKeyPart) * L.dim + h * hd;
           for (int64_t d = 0; d < hd; ++d) sum[d] += grad[d];
@@ -811,13 +796,13 @@ void backward_task(const Layout& L, const scalar_t* grad_out, const scalar_t* qk
   }
   // Route dq through the pooling argmax: every q candidate row of a stored query gets
   // its gradient or 0 (candidates of stored queries are never padding).
-  const int64_t count = candidate_count(L);
+  const int64_t count = L.candidate_count();
   for (int64_t i = 0; i < nq; ++i) {
     const int64_t out_offset = L.out_offset(b, h, i, w);
     if (out_offset < 0) continue;
     const uint8_t* arg = count > 1 ? argmax + out_offset : nullptr;
     for (int64_t c = 0; c < count; ++c) {
-      scalar_t* row = grad_qkv + candidate_offset(L, b, h, i, w, c);
+      scalar_t* row = grad_qkv + L.candidate_offset(b, h, i, w, c);
       for (int64_t d = 0; d < hd; ++d) {
         const bool chosen = arg == nullptr || arg[d] == c;
         row[d] = static_cast<scalar_t>(chosen ? t.dq[i * hdp + d] * scale : acc_t(0));
