@@ -187,8 +187,8 @@ def test_info_reports_every_backend_and_why():
                           env=without_interpreter())
     assert done.returncode == 0, done.stderr
     assert "extension hiera_kernels._C: loaded" in done.stdout
-    assert "cuda    ops [unroll, reroll, query_pool, mask_unit_attention]  unavailable: runs on cuda tensors, not cpu" in done.stdout
-    assert "triton  ops [unroll, reroll, query_pool, mask_unit_attention]  unavailable: runs on cuda tensors" in done.stdout
+    assert "cuda    ops [unroll, reroll, query_pool, mask_unit_attention, window_attention]  unavailable: runs on cuda tensors, not cpu" in done.stdout
+    assert "triton  ops [unroll, reroll, query_pool, mask_unit_attention, window_attention]  unavailable: runs on cuda tensors" in done.stdout
     assert "no CUDA device is available" in done.stdout
 
 
