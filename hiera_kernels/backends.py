@@ -189,7 +189,7 @@ class CpuBackend(KernelOpsBackend):
     NAME = "cpu"
     DEVICES = ("cpu",)
     DTYPES = WITH_FLOAT64
-    OPS = MASK_UNIT_OPS
+    OPS = OP_NAMES
 
 
 class CudaBackend(KernelOpsBackend):

@@ -1,9 +1,10 @@
 """Run-time CPU dispatch of the C++ CPU kernels (csrc/cpu/cpu_dispatch.cpp).
 
 One library holds a build of the kernels per instruction set (default x86-64, AVX2,
-AVX-512); the one in use follows ATen's capability (ATEN_CPU_CAPABILITY) and never
-exceeds what the CPU has. Every build this CPU can run is run here, in a subprocess
-with ATEN_CPU_CAPABILITY set, against the "torch" path: permutations and pooling bit
+AVX-512, AVX-512 with BF16 dot products); the one in use follows ATen's capability
+(ATEN_CPU_CAPABILITY), can be capped (HIERA_KERNELS_CPU_BUILD) and never exceeds what
+the CPU has. Every build this CPU can run is run here, in a subprocess with both
+variables set, against the "torch" path: permutations and pooling bit
 for bit, attention and its gradient by the shared error rule. The built library is
 disassembled to prove that no AVX2/AVX-512 instruction sits outside its own build.
 """
@@ -22,8 +23,8 @@ from hiera_kernels._extension import EXTENSION
 
 pytestmark = pytest.mark.skipif(not EXTENSION.loaded, reason=f"hiera_kernels._C is not built: {EXTENSION.error}")
 
-BUILDS = ["default", "avx2", "avx512"]  # HIERA_KERNELS_CPU_CAPABILITIES, least to most capable
-ATEN_NAMES = {"default": "DEFAULT", "avx2": "AVX2", "avx512": "AVX512"}
+BUILDS = ["default", "avx2", "avx512", "avx512_bf16"]  # HIERA_KERNELS_CPU_CAPABILITIES, least to most capable
+ATEN_NAMES = {"default": "DEFAULT", "avx2": "AVX2", "avx512": "AVX512", "avx512_bf16": "AVX512"}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -44,19 +45,20 @@ def test_reports_the_builds_and_the_one_in_use():
     assert info["aten"] == torch.backends.cpu.get_cpu_capability()
     # Unforced, ATen takes the best it has, and so do the kernels (both use AVX2/AVX-512
     # only with FMA; the kernels' builds also need F16C, which every such CPU has).
-    if "ATEN_CPU_CAPABILITY" not in os.environ:
+    if "ATEN_CPU_CAPABILITY" not in os.environ and "HIERA_KERNELS_CPU_BUILD" not in os.environ:
         assert info["path"] == info["supported"][-1] and info["note"] == ""
 
 
 @pytest.mark.parametrize(
     "aten_level, supported, chosen",
     [
-        (2, [True, True, True], 2),
-        (1, [True, True, True], 1),  # ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU
-        (0, [True, True, True], 0),
-        (2, [True, True, False], 1),  # asked for AVX-512 on an AVX2 CPU: never a build the CPU lacks
-        (2, [True, False, False], 0),
-        (1, [True, False, True], 0),
+        (2, [True, True, True, True], 3),
+        (2, [True, True, True, False], 2),  # AVX-512 without BF16 (Skylake, Ice Lake)
+        (1, [True, True, True, True], 1),  # ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU
+        (0, [True, True, True, True], 0),
+        (2, [True, True, False, False], 1),  # asked for AVX-512 on an AVX2 CPU: never a build the CPU lacks
+        (2, [True, False, False, False], 0),
+        (1, [True, False, True, True], 0),
     ],
 )
 def test_the_rule_never_exceeds_aten_or_the_cpu(aten_level, supported, chosen):
@@ -65,10 +67,19 @@ def test_the_rule_never_exceeds_aten_or_the_cpu(aten_level, supported, chosen):
     assert _C.choose_cpu_build(aten_level, supported) == chosen
 
 
+def test_an_unknown_build_cap_is_refused():
+    env = dict(os.environ, HIERA_KERNELS_CPU_BUILD="avx1024")
+    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    done = subprocess.run([sys.executable, "-c", "from hiera_kernels import _C; _C.cpu_dispatch()"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "HIERA_KERNELS_CPU_BUILD=avx1024 is not a build of the CPU kernels (default, avx2, avx512, avx512_bf16)" in done.stderr
+
+
 def test_the_rule_checks_its_input():
     from hiera_kernels import _C
 
-    with pytest.raises(ValueError, match=r"choose_cpu_build: 2 flags for 3 builds"):
+    with pytest.raises(ValueError, match=r"choose_cpu_build: 2 flags for 4 builds"):
         _C.choose_cpu_build(2, [True, True])
 
 
@@ -116,14 +127,20 @@ CHECK_SCRIPT = textwrap.dedent(
         exact(f"query_pool {dtype}", o1, o2)
         exact(f"query_pool backward {dtype}", g1, g2)
 
-    # (heads, head_dim, q_stride, window_size, use_mask_unit_attn, N): a pooled mask-unit
-    # block, and global attention over several key blocks with an odd head dim.
+    # A pooled mask-unit block; global attention over several key blocks with an odd head
+    # dim; a SAM 2 pooled window block with padded windows and a crop. (inputs, op)
+    attention_cases = []
     for heads, head_dim, q_stride, window, use_mu, n in [(2, 48, 4, 16, True, 256), (3, 33, 1, 0, False, 300)]:
-        qkv = torch.randn(2, n, 3 * heads * head_dim)
-        grad = torch.randn(2, n // q_stride, heads * head_dim)
+        attention_cases.append((f"mask_unit_attention {heads}x{head_dim} N={n}", torch.randn(2, n, 3 * heads * head_dim),
+                                lambda t, b, a=(heads, q_stride, window, use_mu): ops.mask_unit_attention(t, *a, backend=b)))
+    pad = torch.randn(3 * 2 * 40)
+    attention_cases.append(("window_attention 2x40 13x11 window 8 pooled", torch.randn(2, 13, 11, 3 * 2 * 40),
+                            lambda t, b: ops.window_attention(t, 2, 8, 2, pad=pad.to(t.dtype), backend=b)))
+    for name, qkv, op in attention_cases:
+        grad = torch.randn(op(qkv, "torch").shape)
         def run(dtype, backend):
             t = qkv.to(dtype).requires_grad_()
-            out = ops.mask_unit_attention(t, heads, q_stride, window, use_mu, backend=backend)
+            out = op(t, backend)
             (g,) = torch.autograd.grad(out, t, grad.to(dtype))
             return out.detach(), g
         reference = run(torch.float64, "torch")
@@ -131,14 +148,14 @@ CHECK_SCRIPT = textwrap.dedent(
             for what, result, torch_result, ref in zip(["out", "dqkv"], run(dtype, "cpu"), run(dtype, "torch"), reference):
                 verdict = judge(result, torch_result, ref)
                 if not verdict.passed:
-                    failures.append(f"attention {heads}x{head_dim} N={n} {dtype}: {verdict.describe(what)}")
+                    failures.append(f"{name} {dtype} {what}: {verdict.describe()}")
     print(json.dumps({"dispatch": _C.cpu_dispatch(), "failures": failures}))
     """
 )
 
 
 def run_with_capability(build, script):
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=build)
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=ATEN_NAMES[build].lower(), HIERA_KERNELS_CPU_BUILD=build)
     env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"ATEN_CPU_CAPABILITY={build}: exit {done.returncode}\n{done.stderr[-3000:]}"
@@ -154,7 +171,7 @@ def test_every_build_matches_the_torch_path(build):
     result = run_with_capability(build, CHECK_SCRIPT)
     assert result["dispatch"]["aten"] == ATEN_NAMES[build]
     assert result["dispatch"]["path"] == build, result["dispatch"]
-    assert result["dispatch"]["note"] == ""
+    assert result["dispatch"]["note"] == f"HIERA_KERNELS_CPU_BUILD={build} caps the choice"
     assert not result["failures"], "\n".join(result["failures"])
 
 
@@ -164,7 +181,7 @@ def test_every_build_matches_the_torch_path(build):
 # those bytes mean nothing else there.
 LEGACY_PREFIXES = {"66", "67", "f2", "f3", "f0", "2e", "36", "3e", "26", "64", "65"}
 # The builds whose functions may hold each encoding.
-MAY_HOLD = {"vex": ("avx2", "avx512"), "evex": ("avx512",)}
+MAY_HOLD = {"vex": ("avx2", "avx512", "avx512_bf16"), "evex": ("avx512", "avx512_bf16")}
 
 
 def build_of(function):
@@ -203,7 +220,8 @@ def test_no_avx_instruction_outside_its_build():
     """An inline function with external linkage compiled in the AVX-512 build could be
     the copy the linker keeps for every caller (csrc/cpu/kernels_impl.h): then the
     default or AVX2 build, or the entry points, would run AVX-512 code and fault on an
-    AVX2 CPU. So: VEX only in the avx2/avx512 builds, EVEX only in the avx512 build."""
+    AVX2 CPU. So: VEX only in the avx2/avx512/avx512_bf16 builds, EVEX only in the
+    avx512 ones."""
     from hiera_kernels import _C
 
     found = encodings_by_function(_C.__file__)
@@ -221,7 +239,7 @@ def test_no_avx_instruction_outside_its_build():
 
     assert any(build_of(f) == "default" for f in found)
     assert holding("avx2", "vex")
-    assert holding("avx512", "evex")
+    assert holding("avx512", "evex") and holding("avx512_bf16", "evex")
 
 
 def test_info_names_the_build_in_use():

@@ -10,6 +10,7 @@
 #include <ATen/Version.h>
 #include <c10/util/Exception.h>
 
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -89,16 +90,31 @@ CpuDispatchInfo choose() {
     for (const std::string& f : missing.back()) lacks += (lacks.empty() ? "" : ",") + f;
     info.missing.push_back(lacks);
   }
-  const int chosen = choose_cpu_build(level, supported);
+  // HIERA_KERNELS_CPU_BUILD caps the choice: builds after its row count as unsupported.
+  std::vector<bool> allowed = supported;
+  if (const char* cap = std::getenv("HIERA_KERNELS_CPU_BUILD"); cap != nullptr && *cap != '\0') {
+    int row = -1;
+    for (int i = 0; i < kNumBuilds; ++i)
+      if (std::string(cap) == kBuilds[i].name) row = i;
+    std::string names;
+    for (const Build& b : kBuilds) names += std::string(names.empty() ? "" : ", ") + b.name;
+    TORCH_CHECK(row >= 0, "hiera_kernels: HIERA_KERNELS_CPU_BUILD=", cap, " is not a build of the CPU kernels (",
+                names, ")");
+    for (int i = row + 1; i < kNumBuilds; ++i) allowed[i] = false;
+    info.note = std::string("HIERA_KERNELS_CPU_BUILD=") + cap + " caps the choice";
+  }
+  const int chosen = choose_cpu_build(level, allowed);
   info.path = kBuilds[chosen].name;
-  if (kBuilds[chosen].aten_level < level) {  // ATEN_CPU_CAPABILITY asked for more than the CPU has
+  const int unconstrained = choose_cpu_build(level, supported);
+  if (kBuilds[unconstrained].aten_level < level) {  // ATEN_CPU_CAPABILITY asked for more than the CPU has
     std::string lacks;
     for (int i = 0; i < kNumBuilds; ++i) {
-      if (kBuilds[i].aten_level <= kBuilds[chosen].aten_level || kBuilds[i].aten_level > level) continue;
+      if (kBuilds[i].aten_level <= kBuilds[unconstrained].aten_level || kBuilds[i].aten_level > level) continue;
       lacks += std::string(lacks.empty() ? "" : "; ") + kBuilds[i].name + " needs";
       for (const std::string& f : missing[i]) lacks += " " + f;
     }
-    info.note = "ATen's capability is " + info.aten + " but this CPU lacks it (" + lacks + "): running " + info.path;
+    info.note = (info.note.empty() ? "" : info.note + "; ") + "ATen's capability is " + info.aten +
+                " but this CPU lacks it (" + lacks + "): running " + info.path;
     TORCH_WARN("hiera_kernels: ", info.note, ". ATEN_CPU_CAPABILITY asks for more than this CPU has; ATen's own "
                "kernels may fail with an illegal instruction.");
   }

@@ -18,12 +18,14 @@ struct CpuDispatchInfo {
   std::vector<std::string> compiled;   // every build in the library, least to most capable
   std::vector<std::string> supported;  // the builds this CPU can run
   std::vector<std::string> missing;    // per compiled build, the CPU features it lacks ("" when none)
-  std::string note;                    // why `path` is below ATen's capability, or empty
+  std::string note;                    // why `path` is below the best this CPU and ATen allow, or empty
 };
 
 // Chosen on first use: the most capable build this CPU supports whose ATen level is at
 // most ATen's. ATen obeys ATEN_CPU_CAPABILITY even where the CPU lacks the instructions;
 // then this takes the best build the CPU has, warns once and says why in `note`.
+// HIERA_KERNELS_CPU_BUILD=<name> caps the choice at that build (for builds ATen has no
+// level of its own for, e.g. avx512 on a CPU that also runs avx512_bf16).
 const CpuDispatchInfo& cpu_dispatch_info();
 const CpuKernels& cpu_kernels();
 

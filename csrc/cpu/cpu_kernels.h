@@ -4,7 +4,7 @@
 // in its own namespace hiera_kernels::cpu_<name> with its own instruction set
 // (kernels_<name>.cpp), and linked into one library; cpu_dispatch.cpp picks one build
 // at run time from the CPU's features and ATen's capability, as ATen's DispatchStub
-// does. The entry points (token_order.cpp, query_pool.cpp, mask_unit_attention.cpp)
+// does. The entry points (token_order.cpp, query_pool.cpp, attention.cpp)
 // are compiled for baseline x86-64: they check arguments, allocate, split the work
 // with at::parallel_for and call the chosen build through a CpuKernels table, passing
 // raw pointers. This header is included by both sides, so it holds no code: only
@@ -15,6 +15,7 @@
 
 #include "hiera_kernels/attention_layout.h"
 #include "hiera_kernels/token_order.h"
+#include "hiera_kernels/window_layout.h"
 
 namespace hiera_kernels {
 
@@ -33,7 +34,8 @@ namespace hiera_kernels {
 #define HIERA_KERNELS_CPU_CAPABILITIES(X)                                        \
   X(default, 0, "")                                                              \
   X(avx2, 1, "avx2,fma,f16c")                                                    \
-  X(avx512, 2, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+  X(avx512, 2, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")                 \
+  X(avx512_bf16, 2, "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")
 
 // Mask-unit attention's blocking: keys go through the softmax kKeyBlock at a time; a
 // window whose keys fit one key block takes all its queries in one task, longer windows
@@ -65,16 +67,26 @@ struct CpuKernels {
   void (*query_pool_backward)(int64_t element_size, const void* grad_out, const uint8_t* argmax, void* grad_in,
                               int64_t stride, int64_t slab, int64_t begin, int64_t end);
 
-  // Bytes of workspace one chunk of mask_unit_attention needs (block_rows queries per
-  // task), and the forward: a task is (b, h, w, query block), block-major last.
-  int64_t (*attention_forward_workspace)(CpuDtype dtype, const AttentionLayout& L, int64_t block_rows);
-  void (*mask_unit_attention)(CpuDtype dtype, const AttentionLayout& L, const void* qkv, void* out, void* lse,
-                              uint8_t* argmax, int64_t block_rows, int64_t begin, int64_t end, void* workspace);
-  // The same for the backward: a task is (b, h, w), w fastest.
-  int64_t (*attention_backward_workspace)(CpuDtype dtype, const AttentionLayout& L);
-  void (*mask_unit_attention_backward)(CpuDtype dtype, const AttentionLayout& L, const void* grad_out,
-                                       const void* qkv, const void* out, const void* lse, const uint8_t* argmax,
-                                       void* grad_qkv, int64_t begin, int64_t end, void* workspace);
+  // Attention, one set of kernels per layout (Layout: AttentionLayout for mask-unit
+  // attention, WindowLayout for SAM 2's window attention, whose padded keys read `pad`
+  // [3 * dim]; mask-unit attention passes nullptr). Bytes of workspace one chunk of the
+  // forward needs (block_rows queries per task), and the forward: a task is
+  // (b, h, w, query block), block fastest.
+  template <typename Layout>
+  struct Attention {
+    int64_t (*forward_workspace)(CpuDtype dtype, const Layout& L, int64_t block_rows);
+    void (*forward)(CpuDtype dtype, const Layout& L, const void* qkv, const void* pad, void* out, void* lse,
+                    uint8_t* argmax, int64_t block_rows, int64_t begin, int64_t end, void* workspace);
+    // The same for the backward: a task is (b, h, w), w fastest. grad_pad: partial sums
+    // [B, windows, 2, dim] (a padded key's dk, dv) in the accumulation type, zeroed by
+    // the caller; nullptr when no key is padding.
+    int64_t (*backward_workspace)(CpuDtype dtype, const Layout& L);
+    void (*backward)(CpuDtype dtype, const Layout& L, const void* grad_out, const void* qkv, const void* pad,
+                     const void* out, const void* lse, const uint8_t* argmax, void* grad_qkv, void* grad_pad,
+                     int64_t begin, int64_t end, void* workspace);
+  };
+  Attention<AttentionLayout> mask_unit_attention;
+  Attention<WindowLayout> window_attention;
 };
 
 // Each build's table, defined (constant-initialised, so loading the library runs none

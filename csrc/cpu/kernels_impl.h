@@ -33,6 +33,9 @@
     !defined(HK_CPU_F16C)
 #error "kernels_<name>.cpp defines the build (HK_CPU_CAPABILITY, HK_VECTOR_BYTES, ...) before including kernels_impl.h"
 #endif
+#ifndef HK_CPU_BF16_DOT
+#define HK_CPU_BF16_DOT 0  // bfloat16 attention products on AVX512-BF16 dot products (vdpbf16ps)
+#endif
 
 #if defined(HK_CPU_TARGET)
 #if defined(__clang__) || !defined(__GNUC__)
@@ -55,7 +58,7 @@ HK_GCC_TARGET(HK_CPU_TARGET)
 #include <limits>
 #include <type_traits>
 
-#if HK_CPU_F16C
+#if HK_CPU_F16C || HK_CPU_BF16_DOT
 #include <immintrin.h>
 #endif
 
@@ -155,18 +158,17 @@ inline void load_as_acc(const scalar_t* src, acc_t* dst, int64_t n) {
 constexpr int64_t kPoolRowBlock = 256;  // elements per call: the accumulators stay in L1
 
 // The max with PyTorch's max(dim) semantics (first maximum wins ties, first NaN wins),
-// shared by query_pool and mask_unit_attention: best[k] = max over s < rows of
-// first[s * row_stride + k], arg[k] = that s, for k < n <= kPoolRowBlock. Block-local
-// buffers keep the loop vectorisable (stores through uint8_t* may alias anything).
-template <typename scalar_t, typename acc_t>
-inline void max_over_rows(const scalar_t* first, int64_t row_stride, int64_t rows, int64_t n, acc_t* best,
-                          uint8_t* arg) {
+// shared by query_pool and both attentions: best[k] = max over s < rows of row(s)[k],
+// arg[k] = that s, for k < n <= kPoolRowBlock. Block-local buffers keep the loop
+// vectorisable (stores through uint8_t* may alias anything).
+template <typename scalar_t, typename acc_t, typename RowAt>
+inline void max_over_rows(RowAt row, int64_t rows, int64_t n, acc_t* best, uint8_t* arg) {
   acc_t value[kPoolRowBlock];
   uint8_t best_s[kPoolRowBlock];
-  load_as_acc(first, best, n);
+  load_as_acc<scalar_t>(row(0), best, n);
   std::memset(best_s, 0, n);
   for (int64_t s = 1; s < rows; ++s) {
-    load_as_acc(first + s * row_stride, value, n);
+    load_as_acc<scalar_t>(row(s), value, n);
     for (int64_t k = 0; k < n; ++k) {
       const bool take = pool_takes<acc_t>(value[k], best[k]);
       best[k] = take ? value[k] : best[k];
@@ -190,7 +192,7 @@ void query_pool_typed(const scalar_t* src, scalar_t* dst, uint8_t* arg, int64_t 
     for (int64_t k0 = j0; k0 < j1; k0 += kPoolRowBlock) {
       const int64_t n = std::min(kPoolRowBlock, j1 - k0);
       acc_t best[kPoolRowBlock];
-      max_over_rows(in + k0, slab, stride, n, best, arg + b * slab + k0);
+      max_over_rows<scalar_t>([&](int64_t s) { return in + k0 + s * slab; }, stride, n, best, arg + b * slab + k0);
       scalar_t* out_block = dst + b * slab + k0;
       for (int64_t k = 0; k < n; ++k) out_block[k] = static_cast<scalar_t>(best[k]);
     }
@@ -262,55 +264,93 @@ static_assert(kQueryBlock % Simd<float>::kLanes == 0, "query blocks must start o
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
+// How a micro-kernel multiplies: C (Acc vectors) += A element (broadcast) x B vector,
+// one k step at a time. FmaProduct: T x T in T (fp32 FMAs; fp64 for float64).
+template <typename T>
+struct FmaProduct {
+  using A = T;     // one element of A
+  using B = T;     // B's element: a vector of B is Simd<T>::kLanes of them
+  using Acc = T;   // C's element
+  using BVec = typename Simd<T>::Vec;
+  static BVec load_b(const B* p) { return Simd<T>::load(p); }
+  static typename Simd<T>::Vec madd(typename Simd<T>::Vec acc, A a, BVec b) { return acc + a * b; }
+};
+
+#if HK_CPU_BF16_DOT
+// Bf16PairProduct: bfloat16 on AVX512-BF16 dot products, fp32 accumulation. A k step is a
+// PAIR of bfloat16 (k = 2p, 2p + 1) packed in 32 bits: A(m, p) holds (A[m, 2p], A[m, 2p + 1])
+// and B's row p holds, per fp32 lane n, (B[2p, n], B[2p + 1, n]) (the "VNNI" layout), so
+// one vdpbf16ps adds A[m, 2p] B[2p, n] + A[m, 2p + 1] B[2p + 1, n] to 16 fp32 lanes: twice
+// the multiply-adds of an fp32 FMA.
+struct Bf16PairProduct {
+  using A = uint32_t;
+  using B = uint32_t;
+  using Acc = float;
+  using BVec = __m512bh;
+  static_assert(kVectorBytes == 64, "the bf16 dot build has 16 fp32 lanes a vector");
+  static BVec load_b(const B* p) { return reinterpret_cast<BVec>(_mm512_loadu_si512(p)); }
+  static Simd<float>::Vec madd(Simd<float>::Vec acc, A a, BVec b) {
+    const __m512 sum = _mm512_dpbf16_ps(reinterpret_cast<__m512>(acc), reinterpret_cast<BVec>(_mm512_set1_epi32(a)), b);
+    return reinterpret_cast<Simd<float>::Vec>(sum);
+  }
+};
+#endif
+
 // C[m, n] += sum_k A(m, k) * B[k, n] for a tile of MR rows and NV vectors of
 // columns, accumulated in registers. A(m, k) = a[m * a_row + k * a_col], so a
 // transposed A costs nothing.
-template <typename T, int MR, int NV>
-void gemm_tile(int64_t K, const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb, T* c, int64_t ldc,
-               bool accumulate) {
-  using S = Simd<T>;
+template <typename P, int MR, int NV>
+void gemm_tile(int64_t K, const typename P::A* a, int64_t a_row, int64_t a_col, const typename P::B* b, int64_t ldb,
+               typename P::Acc* c, int64_t ldc, bool accumulate) {
+  using S = Simd<typename P::Acc>;
   typename S::Vec acc[MR][NV];
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? S::load(c + r * ldc + v * S::kLanes) : typename S::Vec{};
   for (int64_t k = 0; k < K; ++k) {
-    typename S::Vec bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = S::load(b + k * ldb + v * S::kLanes);
+    typename P::BVec bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = P::load_b(b + k * ldb + v * S::kLanes);
     for (int r = 0; r < MR; ++r) {
-      const T av = a[r * a_row + k * a_col];
-      for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
+      const typename P::A av = a[r * a_row + k * a_col];
+      for (int v = 0; v < NV; ++v) acc[r][v] = P::madd(acc[r][v], av, bv[v]);
     }
   }
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) S::store(c + r * ldc + v * S::kLanes, acc[r][v]);
 }
 
-template <typename T, int MR>
-void gemm_row_tile(int64_t K, int64_t nv, const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb, T* c,
-                   int64_t ldc, bool accumulate) {
+template <typename P, int MR>
+void gemm_row_tile(int64_t K, int64_t nv, const typename P::A* a, int64_t a_row, int64_t a_col,
+                   const typename P::B* b, int64_t ldb, typename P::Acc* c, int64_t ldc, bool accumulate) {
   if constexpr (kMaxTileVectors >= 4) {
-    if (nv >= 4) return gemm_tile<T, MR, 4>(K, a, a_row, a_col, b, ldb, c, ldc, accumulate);
-    if (nv == 3) return gemm_tile<T, MR, 3>(K, a, a_row, a_col, b, ldb, c, ldc, accumulate);
+    if (nv >= 4) return gemm_tile<P, MR, 4>(K, a, a_row, a_col, b, ldb, c, ldc, accumulate);
+    if (nv == 3) return gemm_tile<P, MR, 3>(K, a, a_row, a_col, b, ldb, c, ldc, accumulate);
   }
-  if (nv >= 2) return gemm_tile<T, MR, 2>(K, a, a_row, a_col, b, ldb, c, ldc, accumulate);
-  return gemm_tile<T, MR, 1>(K, a, a_row, a_col, b, ldb, c, ldc, accumulate);
+  if (nv >= 2) return gemm_tile<P, MR, 2>(K, a, a_row, a_col, b, ldb, c, ldc, accumulate);
+  return gemm_tile<P, MR, 1>(K, a, a_row, a_col, b, ldb, c, ldc, accumulate);
 }
 
 // C[M, N] (+)= A(M, K) . B[K, N], N a whole number of vectors, row-major; without
-// accumulate, C is overwritten (so it needs no zero fill).
-template <typename T>
-void gemm_rows(int64_t M, int64_t K, int64_t N, const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb,
-               T* c, int64_t ldc, bool accumulate = true) {
-  constexpr int64_t lanes = Simd<T>::kLanes;
+// accumulate, C is overwritten (so it needs no zero fill). P: how elements multiply.
+template <typename P>
+void gemm_rows_with(int64_t M, int64_t K, int64_t N, const typename P::A* a, int64_t a_row, int64_t a_col,
+                    const typename P::B* b, int64_t ldb, typename P::Acc* c, int64_t ldc, bool accumulate) {
+  constexpr int64_t lanes = Simd<typename P::Acc>::kLanes;
   for (int64_t n0 = 0; n0 < N; n0 += kMaxTileVectors * lanes) {
     const int64_t nv = std::min<int64_t>(kMaxTileVectors, (N - n0) / lanes);
     int64_t m0 = 0;
     for (; m0 + 6 <= M; m0 += 6)
-      gemm_row_tile<T, 6>(K, nv, a + m0 * a_row, a_row, a_col, b + n0, ldb, c + m0 * ldc + n0, ldc, accumulate);
+      gemm_row_tile<P, 6>(K, nv, a + m0 * a_row, a_row, a_col, b + n0, ldb, c + m0 * ldc + n0, ldc, accumulate);
     for (; m0 + 4 <= M; m0 += 4)
-      gemm_row_tile<T, 4>(K, nv, a + m0 * a_row, a_row, a_col, b + n0, ldb, c + m0 * ldc + n0, ldc, accumulate);
+      gemm_row_tile<P, 4>(K, nv, a + m0 * a_row, a_row, a_col, b + n0, ldb, c + m0 * ldc + n0, ldc, accumulate);
     for (; m0 < M; ++m0)
-      gemm_row_tile<T, 1>(K, nv, a + m0 * a_row, a_row, a_col, b + n0, ldb, c + m0 * ldc + n0, ldc, accumulate);
+      gemm_row_tile<P, 1>(K, nv, a + m0 * a_row, a_row, a_col, b + n0, ldb, c + m0 * ldc + n0, ldc, accumulate);
   }
+}
+
+template <typename T>
+void gemm_rows(int64_t M, int64_t K, int64_t N, const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb,
+               T* c, int64_t ldc, bool accumulate = true) {
+  gemm_rows_with<FmaProduct<T>>(M, K, N, a, a_row, a_col, b, ldb, c, ldc, accumulate);
 }
 
 using FloatVec = Simd<float>::Vec;
@@ -349,13 +389,45 @@ inline V vmax(V a, V b) {
   return a > b ? a : b;
 }
 
+// The two attentions run the kernels below, which take the layout as a template
+// argument: mask-unit attention (AttentionLayout: windows of unrolled tokens) and SAM 2's
+// window attention (WindowLayout: windows of the spatial map, padded with `pad`, the
+// output cropped). These overloads are where they differ: where key row j of window w
+// is (-1: a padded key, whose q, k and v are pad's), where candidate c of pooled query
+// i is, and how many candidates a pooled query has. out_offset is -1 for a query the
+// crop drops: it is computed (its lse is saved) but neither stored nor given gradient.
+constexpr int kQueryPart = 0, kKeyPart = 1, kValuePart = 2;  // [which] in qkv's features
+
+inline int64_t key_offset(const AttentionLayout& L, int64_t b, int which, int64_t h, int64_t j, int64_t w) {
+  return L.qkv_offset(b, which, h, j, w);
+}
+inline int64_t key_offset(const WindowLayout& L, int64_t b, int which, int64_t h, int64_t j, int64_t w) {
+  return L.key_offset(b, which, h, j, w);
+}
+inline int64_t candidate_offset(const AttentionLayout& L, int64_t b, int64_t h, int64_t i, int64_t w, int64_t c) {
+  return L.qkv_offset(b, kQueryPart, h, L.pooled_position(c, i), w);
+}
+inline int64_t candidate_offset(const WindowLayout& L, int64_t b, int64_t h, int64_t i, int64_t w, int64_t c) {
+  return L.candidate_offset(b, h, i, w, c);
+}
+inline int64_t candidate_count(const AttentionLayout& L) { return L.q_stride; }
+inline int64_t candidate_count(const WindowLayout& L) { return L.candidates; }
+
+// Where (which, h) of the qkv row at `offset` starts: in qkv, or in pad for padding.
+template <typename scalar_t>
+inline const scalar_t* row_or_pad(const scalar_t* qkv, const scalar_t* pad, int64_t offset, int which, int64_t dim,
+                                  int64_t h, int64_t head_dim) {
+  return offset >= 0 ? qkv + offset : pad + which * dim + h * head_dim;
+}
+
 // Rows [j0, j0 + n) of k or v (which) of (b, h, w), widened into rows [n, hd_pad],
 // zero-padded: contiguous copies, no transposes.
-template <typename scalar_t, typename acc_t>
-void load_rows(const AttentionLayout& L, const scalar_t* qkv, int which, int64_t b, int64_t h, int64_t w,
+template <typename scalar_t, typename acc_t, typename Layout>
+void load_rows(const Layout& L, const scalar_t* qkv, const scalar_t* pad, int which, int64_t b, int64_t h, int64_t w,
                int64_t j0, int64_t n, int64_t hd_pad, acc_t* rows) {
   for (int64_t j = 0; j < n; ++j) {
-    const scalar_t* src = qkv + L.qkv_offset(b, which, h, j0 + j, w);
+    const scalar_t* src =
+        row_or_pad(qkv, pad, key_offset(L, b, which, h, j0 + j, w), which, L.dim, h, L.head_dim);
     acc_t* dst = rows + j * hd_pad;
     for (int64_t d = 0; d < L.head_dim; ++d) dst[d] = static_cast<acc_t>(src[d]);
     std::fill(dst + L.head_dim, dst + hd_pad, acc_t(0));
@@ -375,30 +447,37 @@ void transpose_rows(const acc_t* rows, int64_t n, int64_t hd, int64_t hd_pad, ac
 // Pooled, pre-scaled queries [i0, i0 + mq) of (b, h, w) into q [mq, hd_pad]. The
 // forward takes the max (PyTorch's max(dim): first max wins ties, first NaN wins)
 // and records its argmax; the backward re-reads the recorded argmax.
-// kPool: take the max and write argmax_out; otherwise gather the rows argmax_in names.
-template <typename scalar_t, bool kPool, typename acc_t>
-void load_queries(const AttentionLayout& L, const scalar_t* qkv, const uint8_t* argmax_in, uint8_t* argmax_out,
-                  int64_t b, int64_t h, int64_t w, int64_t i0, int64_t mq, int64_t hd_pad, acc_t* q) {
+// kPool: take the max and write argmax_out; otherwise gather the rows argmax_in names
+// (a query the crop drops stays 0: the backward gives it no gradient).
+template <typename scalar_t, bool kPool, typename acc_t, typename Layout>
+void load_queries(const Layout& L, const scalar_t* qkv, const scalar_t* pad, const uint8_t* argmax_in,
+                  uint8_t* argmax_out, int64_t b, int64_t h, int64_t w, int64_t i0, int64_t mq, int64_t hd_pad,
+                  acc_t* q) {
   const acc_t scale = acc_t(1) / std::sqrt(static_cast<acc_t>(L.head_dim));
+  const int64_t count = candidate_count(L);
   std::fill(q, q + mq * hd_pad, acc_t(0));
+  const scalar_t* candidate[kMaxPoolStride];
   for (int64_t i = 0; i < mq; ++i) {
     acc_t* qi = q + i * hd_pad;
     const int64_t arg_offset = L.out_offset(b, h, i0 + i, w);
-    const scalar_t* first = qkv + L.qkv_offset(b, AttentionLayout::kQuery, h, L.pooled_position(0, i0 + i), w);
-    if (L.q_stride == 1) {
-      for (int64_t d = 0; d < L.head_dim; ++d) qi[d] = static_cast<acc_t>(first[d]) * scale;
+    if (!kPool && arg_offset < 0) continue;
+    for (int64_t c = 0; c < count; ++c)
+      candidate[c] = row_or_pad(qkv, pad, candidate_offset(L, b, h, i0 + i, w, c), kQueryPart, L.dim, h, L.head_dim);
+    if (count == 1) {
+      for (int64_t d = 0; d < L.head_dim; ++d) qi[d] = static_cast<acc_t>(candidate[0][d]) * scale;
       continue;
     }
-    const int64_t s_stride = L.queries * L.qkv_position_stride();  // from candidate s to s + 1
     if constexpr (kPool) {
+      uint8_t dropped[kPoolRowBlock];  // the argmax of a query the crop drops
       for (int64_t d0 = 0; d0 < L.head_dim; d0 += kPoolRowBlock) {
         const int64_t n = std::min(kPoolRowBlock, L.head_dim - d0);
-        max_over_rows(first + d0, s_stride, L.q_stride, n, qi + d0, argmax_out + arg_offset + d0);
+        max_over_rows<scalar_t>([&](int64_t c) { return candidate[c] + d0; }, count, n, qi + d0,
+                                arg_offset >= 0 ? argmax_out + arg_offset + d0 : dropped);
       }
       for (int64_t d = 0; d < L.head_dim; ++d) qi[d] *= scale;
     } else {
       for (int64_t d = 0; d < L.head_dim; ++d)
-        qi[d] = static_cast<acc_t>(first[argmax_in[arg_offset + d] * s_stride + d]) * scale;
+        qi[d] = static_cast<acc_t>(candidate[argmax_in[arg_offset + d]][d]) * scale;
     }
   }
 }
@@ -422,8 +501,9 @@ struct Carver {
 template <typename acc_t>
 struct ForwardTiles {
   int64_t hd_pad, q_pad, elements;
-  acc_t *q_rows, *q_cols, *o, *k_rows, *v_rows, *scores, *col_max, *col_sum, *rescale;
-  ForwardTiles(const AttentionLayout& L, int64_t queries, acc_t* workspace) {
+  acc_t *q_rows, *q_cols, *o, *k_rows, *v_rows, *scores, *col_max, *col_sum, *rescale, *p_pairs;
+  template <typename Layout>
+  ForwardTiles(const Layout& L, int64_t queries, acc_t* workspace) {
     constexpr int64_t lanes = Simd<acc_t>::kLanes;
     hd_pad = round_up(L.head_dim, lanes);
     q_pad = round_up(queries, lanes);
@@ -438,27 +518,129 @@ struct ForwardTiles {
     col_max = ws.take(q_pad);
     col_sum = ws.take(q_pad);
     rescale = ws.take(q_pad);
+    p_pairs = ws.take((kb + 1) / 2 * q_pad);  // the bf16 dot path's P (BF16Forward)
     elements = ws.used;
   }
 };
 
+// The forward's two products, scores^T = K . Q^T and o += P . V, in the accumulation
+// type: K and V widened into t.k_rows / t.v_rows, Q^T in t.q_cols.
 template <typename scalar_t, typename acc_t>
-void forward_task(const AttentionLayout& L, const scalar_t* qkv, scalar_t* out, acc_t* lse, uint8_t* argmax,
-                  int64_t b, int64_t h, int64_t w, int64_t i0, int64_t mq, ForwardTiles<acc_t>& t) {
+struct WidenedForward {
+  template <typename Layout>
+  static void prepare_queries(const Layout& L, int64_t mq, int64_t mqp, ForwardTiles<acc_t>& t) {
+    transpose_rows(t.q_rows, mq, L.head_dim, t.hd_pad, t.q_cols, mqp);
+  }
+  template <typename Layout>
+  static void scores(const Layout& L, const scalar_t* qkv, const scalar_t* pad, int64_t b, int64_t h, int64_t w,
+                     int64_t j0, int64_t kb, int64_t mqp, ForwardTiles<acc_t>& t) {
+    const int64_t hdp = t.hd_pad;
+    load_rows(L, qkv, pad, kKeyPart, b, h, w, j0, kb, hdp, t.k_rows);
+    load_rows(L, qkv, pad, kValuePart, b, h, w, j0, kb, hdp, t.v_rows);
+    gemm_rows(kb, L.head_dim, mqp, t.k_rows, hdp, 1, t.q_cols, mqp, t.scores, mqp, false);
+  }
+  static void add_pv(int64_t mq, int64_t kb, int64_t mqp, ForwardTiles<acc_t>& t) {
+    gemm_rows(mq, kb, t.hd_pad, t.scores, 1, mqp, t.v_rows, t.hd_pad, t.o, t.hd_pad);
+  }
+};
+
+#if HK_CPU_BF16_DOT
+typedef uint32_t U32Vec __attribute__((vector_size(kVectorBytes), aligned(alignof(uint32_t)), may_alias));
+
+// fp32 lanes rounded to bfloat16 (to nearest even), the bf16 bits in each lane's upper
+// half; NaN stays a (quiet) NaN instead of rounding up into an infinity.
+inline U32Vec bf16_rounded(FloatVec x) {
+  const U32Vec u = (U32Vec)x | ((U32Vec)(x != x) & 0x400000u);  // vector casts keep the bits
+  return (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+}
+
+// The same products for bfloat16 on AVX512-BF16 (Bf16PairProduct), keeping the fp32
+// online softmax between them: K rows are copied as raw bf16 pairs along the head dim
+// (t.k_rows, [kb, hd / 2] pairs), Q^T is rounded to bf16 pairs along the head dim per
+// query lane (t.q_cols, [hd / 2, mqp]), V is interleaved in key pairs per head-dim lane
+// (t.v_rows, [kb / 2, hd_pad]), and P is rounded to bf16 key pairs per query lane
+// (t.p_pairs, [kb / 2, mqp]). Odd counts pad the last pair with a zero. Rounding Q and P
+// to bf16 is what a bf16 flash attention does on any matrix unit.
+template <typename acc_t>
+struct BF16Forward {
+  using bf16 = c10::BFloat16;
+  static uint32_t* pairs(acc_t* tile) { return reinterpret_cast<uint32_t*>(tile); }
+  static uint16_t bits(const bf16* p) { return p->x; }
+
+  template <typename Layout>
+  static void prepare_queries(const Layout& L, int64_t mq, int64_t mqp, ForwardTiles<acc_t>& t) {
+    const int64_t hd_pairs = (L.head_dim + 1) / 2;  // q_rows is zero past head_dim
+    uint32_t* q = pairs(t.q_cols);
+    for (int64_t p = 0; p < hd_pairs; ++p)
+      for (int64_t i = 0; i < mqp; ++i) {
+        const acc_t* row = t.q_rows + i * t.hd_pad + 2 * p;
+        q[p * mqp + i] = i < mq ? (bf16(row[0]).x | uint32_t(bf16(row[1]).x) << 16) : 0u;
+      }
+  }
+  template <typename Layout>
+  static void scores(const Layout& L, const bf16* qkv, const bf16* pad, int64_t b, int64_t h, int64_t w, int64_t j0,
+                     int64_t kb, int64_t mqp, ForwardTiles<acc_t>& t) {
+    const int64_t hd = L.head_dim, hd_pairs = (hd + 1) / 2, hdp = t.hd_pad;
+    uint16_t* k = reinterpret_cast<uint16_t*>(t.k_rows);
+    uint32_t* v = pairs(t.v_rows);
+    const bf16* v_row[2];
+    for (int64_t j = 0; j < kb; ++j) {
+      const bf16* src = row_or_pad(qkv, pad, key_offset(L, b, kKeyPart, h, j0 + j, w), kKeyPart, L.dim, h, hd);
+      std::memcpy(k + j * 2 * hd_pairs, src, hd * sizeof(bf16));
+      if (hd % 2) k[j * 2 * hd_pairs + hd] = 0;
+    }
+    for (int64_t p = 0; p < (kb + 1) / 2; ++p) {
+      for (int64_t r = 0; r < 2; ++r) {
+        const int64_t j = j0 + 2 * p + r;
+        v_row[r] = 2 * p + r < kb ? row_or_pad(qkv, pad, key_offset(L, b, kValuePart, h, j, w), kValuePart, L.dim, h, hd)
+                                  : nullptr;
+      }
+      uint32_t* dst = v + p * hdp;
+      for (int64_t d = 0; d < hd; ++d)
+        dst[d] = bits(v_row[0] + d) | (v_row[1] != nullptr ? uint32_t(bits(v_row[1] + d)) << 16 : 0u);
+      std::fill(dst + hd, dst + hdp, 0u);
+    }
+    gemm_rows_with<Bf16PairProduct>(kb, hd_pairs, mqp, pairs(t.k_rows), hd_pairs, 1, pairs(t.q_cols), mqp, t.scores,
+                                    mqp, false);
+  }
+  static void add_pv(int64_t mq, int64_t kb, int64_t mqp, ForwardTiles<acc_t>& t) {
+    using S = Simd<float>;
+    uint32_t* p_pairs = pairs(t.p_pairs);
+    for (int64_t p = 0; p < (kb + 1) / 2; ++p)
+      for (int64_t c = 0; c < mqp; c += S::kLanes) {
+        const U32Vec lo = bf16_rounded(S::load(t.scores + 2 * p * mqp + c)) >> 16;
+        const U32Vec hi = 2 * p + 1 < kb ? bf16_rounded(S::load(t.scores + (2 * p + 1) * mqp + c)) : U32Vec{};
+        *reinterpret_cast<U32Vec*>(p_pairs + p * mqp + c) = lo | hi;
+      }
+    gemm_rows_with<Bf16PairProduct>(mq, (kb + 1) / 2, t.hd_pad, p_pairs, 1, mqp, pairs(t.v_rows), t.hd_pad, t.o,
+                                    t.hd_pad, true);
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+using ForwardProducts = std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, BF16Forward<acc_t>,
+                                           WidenedForward<scalar_t, acc_t>>;
+#else
+template <typename scalar_t, typename acc_t>
+using ForwardProducts = WidenedForward<scalar_t, acc_t>;
+#endif
+
+template <typename scalar_t, typename acc_t, typename Layout>
+void forward_task(const Layout& L, const scalar_t* qkv, const scalar_t* pad, scalar_t* out, acc_t* lse,
+                  uint8_t* argmax, int64_t b, int64_t h, int64_t w, int64_t i0, int64_t mq, ForwardTiles<acc_t>& t) {
   using S = Simd<acc_t>;
   using Vec = typename S::Vec;
   const int64_t hd = L.head_dim, hdp = t.hd_pad, mqp = round_up(mq, S::kLanes);
-  load_queries<scalar_t, true, acc_t>(L, qkv, nullptr, argmax, b, h, w, i0, mq, hdp, t.q_rows);
-  transpose_rows(t.q_rows, mq, hd, hdp, t.q_cols, mqp);
+  using Products = ForwardProducts<scalar_t, acc_t>;
+  load_queries<scalar_t, true, acc_t>(L, qkv, pad, nullptr, argmax, b, h, w, i0, mq, hdp, t.q_rows);
+  Products::prepare_queries(L, mq, mqp, t);
   std::fill(t.o, t.o + mq * hdp, acc_t(0));
   std::fill(t.col_max, t.col_max + mqp, -std::numeric_limits<acc_t>::infinity());
   std::fill(t.col_sum, t.col_sum + mqp, acc_t(0));
   acc_t* st = t.scores;
   for (int64_t j0 = 0; j0 < L.per_window; j0 += kKeyBlock) {
     const int64_t kb = std::min(kKeyBlock, L.per_window - j0);
-    load_rows(L, qkv, AttentionLayout::kKey, b, h, w, j0, kb, hdp, t.k_rows);
-    load_rows(L, qkv, AttentionLayout::kValue, b, h, w, j0, kb, hdp, t.v_rows);
-    gemm_rows(kb, hd, mqp, t.k_rows, hdp, 1, t.q_cols, mqp, st, mqp, false);  // scores^T
+    Products::scores(L, qkv, pad, b, h, w, j0, kb, mqp, t);  // scores^T [kb, mqp] in st
     for (int64_t c = 0; c < mqp; c += S::kLanes) {  // online softmax, S::kLanes queries at a time
       Vec block_max = S::load(st + c);
       for (int64_t j = 1; j < kb; ++j) block_max = vmax(block_max, S::load(st + j * mqp + c));
@@ -478,17 +660,20 @@ void forward_task(const AttentionLayout& L, const scalar_t* qkv, scalar_t* out, 
     if (j0 > 0)
       for (int64_t i = 0; i < mq; ++i)
         for (int64_t d = 0; d < hdp; ++d) t.o[i * hdp + d] *= t.rescale[i];
-    gemm_rows(mq, kb, hdp, st, 1, mqp, t.v_rows, hdp, t.o, hdp);  // o += p . v
+    Products::add_pv(mq, kb, mqp, t);  // o += p . v
   }
   for (int64_t i = 0; i < mq; ++i) {
-    const acc_t inv = acc_t(1) / t.col_sum[i];
-    scalar_t* dst = out + L.out_offset(b, h, i0 + i, w);
-    for (int64_t d = 0; d < hd; ++d) dst[d] = static_cast<scalar_t>(t.o[i * hdp + d] * inv);
     lse[L.lse_offset(b, h, w, i0 + i)] = t.col_max[i] + std::log(t.col_sum[i]);
+    const int64_t out_offset = L.out_offset(b, h, i0 + i, w);
+    if (out_offset < 0) continue;  // cropped
+    const acc_t inv = acc_t(1) / t.col_sum[i];
+    scalar_t* dst = out + out_offset;
+    for (int64_t d = 0; d < hd; ++d) dst[d] = static_cast<scalar_t>(t.o[i * hdp + d] * inv);
   }
 }
 
-int64_t attention_forward_workspace(CpuDtype dtype, const AttentionLayout& L, int64_t block_rows) {
+template <typename Layout>
+int64_t attention_forward_workspace(CpuDtype dtype, const Layout& L, int64_t block_rows) {
   int64_t bytes = 0;
   by_dtype(dtype, [&](auto tag) {
     using acc_t = acc_type<decltype(tag)>;
@@ -498,8 +683,9 @@ int64_t attention_forward_workspace(CpuDtype dtype, const AttentionLayout& L, in
 }
 
 // Tasks [begin, end) of (b, h, w, query block), block fastest, then w, then h.
-void mask_unit_attention(CpuDtype dtype, const AttentionLayout& L, const void* qkv, void* out, void* lse,
-                         uint8_t* argmax, int64_t block_rows, int64_t begin, int64_t end, void* workspace) {
+template <typename Layout>
+void attention_forward(CpuDtype dtype, const Layout& L, const void* qkv, const void* pad, void* out, void* lse,
+                       uint8_t* argmax, int64_t block_rows, int64_t begin, int64_t end, void* workspace) {
   const int64_t query_blocks = (L.queries + block_rows - 1) / block_rows;
   by_dtype(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
@@ -513,8 +699,8 @@ void mask_unit_attention(CpuDtype dtype, const AttentionLayout& L, const void* q
       rest /= L.windows;
       const int64_t h = rest % L.heads, b = rest / L.heads;
       const int64_t i0 = block * block_rows;
-      forward_task<scalar_t, acc_t>(L, static_cast<const scalar_t*>(qkv), static_cast<scalar_t*>(out),
-                                    static_cast<acc_t*>(lse), argmax, b, h, w, i0,
+      forward_task<scalar_t, acc_t>(L, static_cast<const scalar_t*>(qkv), static_cast<const scalar_t*>(pad),
+                                    static_cast<scalar_t*>(out), static_cast<acc_t*>(lse), argmax, b, h, w, i0,
                                     std::min(block_rows, L.queries - i0), tiles);
     }
   });
@@ -524,7 +710,8 @@ template <typename acc_t>
 struct BackwardTiles {
   int64_t hd_pad, q_pad, elements;
   acc_t *q_rows, *q_cols, *d_out_rows, *d_out_cols, *dq, *k_rows, *v_rows, *dk, *dv, *p, *ds, *lse, *delta;
-  BackwardTiles(const AttentionLayout& L, acc_t* workspace) {
+  template <typename Layout>
+  BackwardTiles(const Layout& L, acc_t* workspace) {
     constexpr int64_t lanes = Simd<acc_t>::kLanes;
     hd_pad = round_up(L.head_dim, lanes);
     q_pad = round_up(L.queries, lanes);
@@ -547,23 +734,31 @@ struct BackwardTiles {
   }
 };
 
-// dq, dk and dv of one (b, h, w): recompute p = exp(s - lse) block by block.
-template <typename scalar_t, typename acc_t>
-void backward_task(const AttentionLayout& L, const scalar_t* grad_out, const scalar_t* qkv, const scalar_t* out,
-                   const acc_t* lse, const uint8_t* argmax, scalar_t* grad_qkv, int64_t b, int64_t h, int64_t w,
-                   BackwardTiles<acc_t>& t) {
+// dq, dk and dv of one (b, h, w): recompute p = exp(s - lse) block by block. A padded
+// key's dk and dv add up in grad_pad [2, dim] (this (b, w)'s slot of the pad partials).
+// A query the crop drops gets dO = 0, q = 0 and lse = 0, so its p is finite and its
+// dS and dV terms are exactly 0.
+template <typename scalar_t, typename acc_t, typename Layout>
+void backward_task(const Layout& L, const scalar_t* grad_out, const scalar_t* qkv, const scalar_t* pad,
+                   const scalar_t* out, const acc_t* lse, const uint8_t* argmax, scalar_t* grad_qkv, acc_t* grad_pad,
+                   int64_t b, int64_t h, int64_t w, BackwardTiles<acc_t>& t) {
   using S = Simd<acc_t>;
   using Vec = typename S::Vec;
   const acc_t scale = acc_t(1) / std::sqrt(static_cast<acc_t>(L.head_dim));
   const int64_t hd = L.head_dim, hdp = t.hd_pad, nq = L.queries, nqp = t.q_pad;
-  load_queries<scalar_t, false, acc_t>(L, qkv, argmax, nullptr, b, h, w, 0, nq, hdp, t.q_rows);
+  load_queries<scalar_t, false, acc_t>(L, qkv, pad, argmax, nullptr, b, h, w, 0, nq, hdp, t.q_rows);
   transpose_rows(t.q_rows, nq, hd, hdp, t.q_cols, nqp);
   std::fill(t.lse, t.lse + nqp, acc_t(0));
   std::fill(t.delta, t.delta + nqp, acc_t(0));
   for (int64_t i = 0; i < nq; ++i) {
-    const scalar_t* go = grad_out + L.out_offset(b, h, i, w);
-    const scalar_t* oi = out + L.out_offset(b, h, i, w);
+    const int64_t out_offset = L.out_offset(b, h, i, w);
     acc_t* dOi = t.d_out_rows + i * hdp;
+    if (out_offset < 0) {  // cropped
+      std::fill(dOi, dOi + hdp, acc_t(0));
+      continue;
+    }
+    const scalar_t* go = grad_out + out_offset;
+    const scalar_t* oi = out + out_offset;
     acc_t delta = 0;  // rowsum(dO * O): the softmax backward's correction
     for (int64_t d = 0; d < hd; ++d) {
       dOi[d] = static_cast<acc_t>(go[d]);
@@ -577,8 +772,8 @@ void backward_task(const AttentionLayout& L, const scalar_t* grad_out, const sca
   std::fill(t.dq, t.dq + nq * hdp, acc_t(0));
   for (int64_t j0 = 0; j0 < L.per_window; j0 += kKeyBlock) {
     const int64_t kb = std::min(kKeyBlock, L.per_window - j0);
-    load_rows(L, qkv, AttentionLayout::kKey, b, h, w, j0, kb, hdp, t.k_rows);
-    load_rows(L, qkv, AttentionLayout::kValue, b, h, w, j0, kb, hdp, t.v_rows);
+    load_rows(L, qkv, pad, kKeyPart, b, h, w, j0, kb, hdp, t.k_rows);
+    load_rows(L, qkv, pad, kValuePart, b, h, w, j0, kb, hdp, t.v_rows);
     std::fill(t.dk, t.dk + kb * hdp, acc_t(0));
     std::fill(t.dv, t.dv + kb * hdp, acc_t(0));
     for (int64_t i0 = 0; i0 < nq; i0 += kQueryBlock) {
@@ -600,30 +795,38 @@ void backward_task(const AttentionLayout& L, const scalar_t* grad_out, const sca
       gemm_rows(mq, kb, hdp, dst, 1, mqp, t.k_rows, hdp, t.dq + i0 * hdp, hdp);
     }
     for (int64_t j = 0; j < kb; ++j) {
-      scalar_t* gk = grad_qkv + L.qkv_offset(b, AttentionLayout::kKey, h, j0 + j, w);
-      scalar_t* gv = grad_qkv + L.qkv_offset(b, AttentionLayout::kValue, h, j0 + j, w);
-      for (int64_t d = 0; d < hd; ++d) {
-        gk[d] = static_cast<scalar_t>(t.dk[j * hdp + d]);
-        gv[d] = static_cast<scalar_t>(t.dv[j * hdp + d]);
+      for (const int which : {kKeyPart, kValuePart}) {
+        const acc_t* grad = (which == kKeyPart ? t.dk : t.dv) + j * hdp;
+        const int64_t offset = key_offset(L, b, which, h, j0 + j, w);
+        if (offset < 0) {  // a padded key: its k and v are pad's
+          acc_t* sum = grad_pad + (which - kKeyPart) * L.dim + h * hd;
+          for (int64_t d = 0; d < hd; ++d) sum[d] += grad[d];
+          continue;
+        }
+        scalar_t* dst = grad_qkv + offset;
+        for (int64_t d = 0; d < hd; ++d) dst[d] = static_cast<scalar_t>(grad[d]);
       }
     }
   }
-  // Route dq through the pooling argmax: every q candidate row gets its gradient or 0.
-  const int64_t s_stride = L.queries * L.qkv_position_stride();
+  // Route dq through the pooling argmax: every q candidate row of a stored query gets
+  // its gradient or 0 (candidates of stored queries are never padding).
+  const int64_t count = candidate_count(L);
   for (int64_t i = 0; i < nq; ++i) {
-    scalar_t* first = grad_qkv + L.qkv_offset(b, AttentionLayout::kQuery, h, L.pooled_position(0, i), w);
-    const uint8_t* arg = L.q_stride > 1 ? argmax + L.out_offset(b, h, i, w) : nullptr;
-    for (int64_t s = 0; s < L.q_stride; ++s) {
-      scalar_t* row = first + s * s_stride;
+    const int64_t out_offset = L.out_offset(b, h, i, w);
+    if (out_offset < 0) continue;
+    const uint8_t* arg = count > 1 ? argmax + out_offset : nullptr;
+    for (int64_t c = 0; c < count; ++c) {
+      scalar_t* row = grad_qkv + candidate_offset(L, b, h, i, w, c);
       for (int64_t d = 0; d < hd; ++d) {
-        const bool chosen = arg == nullptr || arg[d] == s;
+        const bool chosen = arg == nullptr || arg[d] == c;
         row[d] = static_cast<scalar_t>(chosen ? t.dq[i * hdp + d] * scale : acc_t(0));
       }
     }
   }
 }
 
-int64_t attention_backward_workspace(CpuDtype dtype, const AttentionLayout& L) {
+template <typename Layout>
+int64_t attention_backward_workspace(CpuDtype dtype, const Layout& L) {
   int64_t bytes = 0;
   by_dtype(dtype, [&](auto tag) {
     using acc_t = acc_type<decltype(tag)>;
@@ -632,19 +835,23 @@ int64_t attention_backward_workspace(CpuDtype dtype, const AttentionLayout& L) {
   return bytes;
 }
 
-// Tasks [begin, end) of (b, h, w), w fastest.
-void mask_unit_attention_backward(CpuDtype dtype, const AttentionLayout& L, const void* grad_out, const void* qkv,
-                                  const void* out, const void* lse, const uint8_t* argmax, void* grad_qkv,
-                                  int64_t begin, int64_t end, void* workspace) {
+// Tasks [begin, end) of (b, h, w), w fastest. grad_pad: the pad partials [B, windows,
+// 2, dim] in the accumulation type, zeroed by the caller (nullptr without padding).
+template <typename Layout>
+void attention_backward(CpuDtype dtype, const Layout& L, const void* grad_out, const void* qkv, const void* pad,
+                        const void* out, const void* lse, const uint8_t* argmax, void* grad_qkv, void* grad_pad,
+                        int64_t begin, int64_t end, void* workspace) {
   by_dtype(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = acc_type<scalar_t>;
     BackwardTiles<acc_t> tiles(L, static_cast<acc_t*>(workspace));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t w = task % L.windows, h = (task / L.windows) % L.heads, b = task / (L.windows * L.heads);
+      acc_t* pad_slot = grad_pad == nullptr ? nullptr : static_cast<acc_t*>(grad_pad) + (b * L.windows + w) * 2 * L.dim;
       backward_task<scalar_t, acc_t>(L, static_cast<const scalar_t*>(grad_out), static_cast<const scalar_t*>(qkv),
-                                     static_cast<const scalar_t*>(out), static_cast<const acc_t*>(lse), argmax,
-                                     static_cast<scalar_t*>(grad_qkv), b, h, w, tiles);
+                                     static_cast<const scalar_t*>(pad), static_cast<const scalar_t*>(out),
+                                     static_cast<const acc_t*>(lse), argmax, static_cast<scalar_t*>(grad_qkv),
+                                     pad_slot, b, h, w, tiles);
     }
   });
 }
@@ -657,10 +864,10 @@ extern const CpuKernels kernels = {
     &permute_tokens,
     &query_pool,
     &query_pool_backward,
-    &attention_forward_workspace,
-    &mask_unit_attention,
-    &attention_backward_workspace,
-    &mask_unit_attention_backward,
+    {&attention_forward_workspace<AttentionLayout>, &attention_forward<AttentionLayout>,
+     &attention_backward_workspace<AttentionLayout>, &attention_backward<AttentionLayout>},
+    {&attention_forward_workspace<WindowLayout>, &attention_forward<WindowLayout>,
+     &attention_backward_workspace<WindowLayout>, &attention_backward<WindowLayout>},
 };
 
 }  // namespace HK_CONCAT(cpu_, HK_CPU_CAPABILITY)
