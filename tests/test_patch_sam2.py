@@ -3,8 +3,8 @@ as ``image_encoder.trunk`` of a SAM 2 model built from its own config) and timm'
 (``sam2_hiera_*``, ``hieradet_small``).
 
 Every stage's features (and timm's logits), the input's and every parameter's gradient,
-patched vs unpatched: float32 within 1e-5 of each tensor's scale (max |unpatched|), and
-float32 and bfloat16 by the shared error rule (the unpatched model in float64 the
+patched vs unpatched: float32 features within 1e-5 of each tensor's scale (max |unpatched|;
+gradients not: see compare), and everything in float32 and bfloat16 by the shared error rule (the unpatched model in float64 the
 reference, in the same dtype the yardstick). Sizes: windows that tile the token grid
 (224 for T/S/B+: 56, 28, 14, 7 tokens a side against windows 8, 4, 14, 7; 256 for L:
 64, 32, 16, 8 against 8, 4, 16, 8) and windows that need padding (160: stages 3 and 4
@@ -90,8 +90,12 @@ def compare(base, shape, fn, dtype, backward=True, backend=None):
         pairs += [(f"{mode} grad {k}", grad[k], t_grad[k], r_grad[k]) for k in r_grad]
         for what, o, t, r in pairs:
             assert_rule(f"{dtype} {what}", o, t, r)
-            if dtype == torch.float32:
-                assert_within_scale(o, t, f"{what}")
+            if dtype == torch.float32 and "grad" not in what:
+                # Gradients: the error rule only. A max pool routes its gradient to one input
+                # of each window, and where two are within float32 rounding float32 and
+                # float64 SAM 2 pick different ones (T at 160: float32 SAM 2's input gradient
+                # 2.8% of scale off float64's); sums downstream (pos_embed) mix both routings.
+                assert_within_scale(o, t, what)
             if what.startswith(f"{mode} output"):
                 worst = max(worst, (o.double() - t.double()).abs().max().item() / t.abs().max().item())
     return worst, patched
@@ -189,9 +193,10 @@ def test_timm_hieradet_patched_equals_unpatched(name, dtype):
 
 
 def test_drop_path_training_matches_unpatched():
-    """Stochastic depth in training: the same draws in the same order as the block's own code."""
-    base = trunk("T", drop_path_rate=0.3, short=False).train()
-    x = torch.randn(1, 3, 160, 160)
+    """Stochastic depth in training: the same draws in the same order as the block's own code
+    (in float64: what is checked is the drop pattern, not float32 max-pool near-ties)."""
+    base = trunk("T", drop_path_rate=0.3, short=False).train().double()
+    x = torch.randn(1, 3, 160, 160, dtype=torch.float64)
     torch.manual_seed(5)
     ref, ref_grad = run(copy.deepcopy(base), x, stages)
     patched = hk.patch(copy.deepcopy(base))
