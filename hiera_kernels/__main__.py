@@ -8,6 +8,7 @@ import sys
 import torch
 
 from .models import CLASSIFIERS
+from .tools.sam2_bench import SAM2_MODELS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -16,7 +17,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hiera_kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command")
     b = sub.add_parser("bench", help="time the whole model: official vs each backend vs the GEMM floor (the default)")
-    b.add_argument("--model", default="hiera_base_224", choices=CLASSIFIERS, metavar="MODEL", help="a classifier factory name (default hiera_base_224)")
+    b.add_argument("--model", default="hiera_base_224", choices=CLASSIFIERS + tuple(SAM2_MODELS), metavar="MODEL",
+                   help="a classifier factory name (default hiera_base_224), or SAM 2's trunk: " + ", ".join(SAM2_MODELS)
+                   + " (its own rows: unpatched vs patched, eager and compiled, at 1024x1024 unless --input-size)")
     b.add_argument("--batch", type=int, help="default 8, or 1 with --input-size")
     b.add_argument("--dtype", choices=list(DTYPES), help="default: bfloat16 on CPUs with bf16, float16 on GPUs, else float32")
     b.add_argument("--device", default="cpu")
@@ -49,6 +52,24 @@ def main(argv=None) -> int:
         if args.command is None:
             args = parser.parse_args(["bench"])
         batch = args.batch if args.batch is not None else (1 if args.input_size else 8)
+        if args.model in SAM2_MODELS:
+            from .tools.sam2_bench import bench_sam2
+
+            ignored = [flag for flag, value in (("--patch", args.patch), ("--backends", args.backends), ("--compile", args.compile),
+                                                ("--profile", args.profile), ("--out", args.out)) if value]
+            if ignored:
+                parser.error(f"bench --model {args.model} runs its own four rows and takes none of {', '.join(ignored)}")
+            bench_sam2(
+                args.model,
+                batch=args.batch or 1,
+                dtype=DTYPES[args.dtype] if args.dtype else None,
+                device=args.device,
+                mode=args.mode,
+                quick=args.quick,
+                input_size=args.input_size,
+                memory=True,
+            )
+            return 0
         if args.patch:
             ignored = [flag for flag, value in (("--input-size", args.input_size), ("--memory", args.memory),
                                                 ("--backends", args.backends), ("--compile", args.compile),

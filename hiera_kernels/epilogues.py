@@ -19,13 +19,20 @@ path only where it is valid: backend ``"cpu"`` or ``"auto"``, CPU tensors, float
 bfloat16, nothing that needs a gradient, no CPU autocast, not while ``torch.compile`` traces (dynamo
 cannot trace the packed-weight cache; with ``freezing``, inductor's own pass fuses the
 plain ops it sees). Everywhere else, ``"torch"`` always, it is ``F.linear``.
-The packed weight is a cache on the module, never a parameter or buffer: it is rebuilt
-when the weight changes (same Parameter object, data pointer, version counter, dtype,
-device and shape); the bias is passed as it is on every call, so nothing of it is cached.
+The packed weight is a cache beside the module (:data:`_PACKED`, keyed weakly by the
+module), never a parameter, buffer or attribute: it is rebuilt when the weight changes
+(same Parameter object, data pointer, version counter, dtype, device and shape); the bias
+is passed as it is on every call, so nothing of it is cached.
+
+:func:`fuses` and :func:`fused_linear` run the same path on any plain ``nn.Linear``:
+``hiera_kernels.patch`` uses them on other packages' Linears (SAM 2's Hiera), whose
+class it must not change.
 """
 
 from __future__ import annotations
 
+import sys
+import weakref
 from typing import Optional
 
 import torch
@@ -97,42 +104,82 @@ def status() -> str:
     return f"Linear epilogues in the GEMM ({where}): available (bias, GELU and skip-connection add as oneDNN post-ops, weights packed once)"
 
 
+# Module -> (its weight Parameter, (data_ptr, _version, dtype, device, shape), packed weight).
+# Weak keys: the entry goes with its module; copies (deepcopy, pickle) start without one.
+_PACKED: "weakref.WeakKeyDictionary[nn.Linear, tuple]" = weakref.WeakKeyDictionary()
+
+
+def fuses(linear: nn.Linear, x: torch.Tensor, residual: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> bool:
+    """Whether ``linear`` on ``x`` (and ``residual``) takes the fused path on ``backend``
+    (None: the global default); see the module docstring. Only ``nn.Linear`` itself or
+    :class:`Linear`, and one without hooks: a subclass or a hook computes something else
+    or must see the call, so those keep the plain path."""
+    # Under CPU autocast F.linear computes in the autocast dtype; the private op would not.
+    if UNAVAILABLE is not None or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
+        return False
+    if type(linear) not in (nn.Linear, Linear) or linear._forward_hooks or linear._forward_pre_hooks:
+        return False
+    name = backend or backends.get_backend()
+    if name not in FUSING_BACKENDS or x.device.type != "cpu" or x.dtype not in DTYPES:
+        return False
+    w, b = linear.weight, linear.bias
+    if w.dtype != x.dtype or w.device.type != "cpu" or (b is not None and b.dtype != x.dtype):
+        return False
+    if residual is not None and (residual.dtype != x.dtype or residual.device.type != "cpu"):
+        return False
+    needs_grad = any(t is not None and t.requires_grad for t in (x, w, b, residual))
+    return not (torch.is_grad_enabled() and needs_grad)
+
+
+def packed_weight(linear: nn.Linear) -> torch.Tensor:
+    """``linear``'s weight in oneDNN's layout, reordered once per weight value."""
+    w = linear.weight
+    key = (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
+    cached = _PACKED.get(linear)
+    if cached is None or cached[0] is not w or cached[1] != key:
+        with torch.no_grad():
+            # batch_size=None: a layout for any number of rows (the batch varies);
+            # inductor passes its static row count, which made no measurable
+            # difference here (Hiera-B stage-1 and stage-3 shapes, bf16 and fp32).
+            cached = (w, key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), None))
+        _PACKED[linear] = cached
+    return cached[2]
+
+
+def is_packed(linear: nn.Linear) -> bool:
+    """Whether ``linear`` has a packed weight cached (it has run the fused path)."""
+    return linear in _PACKED
+
+
+def forget(module: nn.Module) -> None:
+    """Drop the packed weights of ``module`` and its submodules (``unpatch``: the model no longer runs them)."""
+    for m in module.modules():
+        _PACKED.pop(m, None)
+
+
+def fused_linear(linear: nn.Linear, x: torch.Tensor, activation: str = "none", residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The fused path, where :func:`fuses` said yes: ``activation(x @ W^T + b)``, or with
+    ``residual`` (a block's skip connection, the output's shape) ``x @ W^T + b + residual``."""
+    bias = None if linear.bias is None else linear.bias.detach()
+    x, packed = x.detach().contiguous(), packed_weight(linear)
+    if residual is not None:
+        # oneDNN binary post-op: the skip connection added to the accumulator before
+        # the one store (no separate [B, N, C] read-read-write pass, one rounding).
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual.detach().contiguous(), packed, bias, "add")
+    attr, algorithm = POST_OPS[activation]
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, attr, [], algorithm)
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` whose forward can apply an activation (``"gelu"``, ``"gelu_tanh"``)
     and, where :meth:`fuses` says so, runs bias and activation inside the GEMM.
     ``backend`` is set by the owning model's ``set_backend`` (None: the global default)."""
 
     backend: Optional[str] = None
-    _packed = None  # (the weight Parameter, (data_ptr, _version, dtype, device, shape), packed weight)
 
     def fuses(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> bool:
         """Whether a forward on ``x`` (and ``residual``) takes the fused path (see the module docstring)."""
-        # Under CPU autocast F.linear computes in the autocast dtype; the private op would not.
-        if UNAVAILABLE is not None or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
-            return False
-        name = self.backend or backends.get_backend()
-        if name not in FUSING_BACKENDS or x.device.type != "cpu" or x.dtype not in DTYPES:
-            return False
-        w, b = self.weight, self.bias
-        if w.dtype != x.dtype or w.device.type != "cpu" or (b is not None and b.dtype != x.dtype):
-            return False
-        if residual is not None and (residual.dtype != x.dtype or residual.device.type != "cpu"):
-            return False
-        needs_grad = any(t is not None and t.requires_grad for t in (x, w, b, residual))
-        return not (torch.is_grad_enabled() and needs_grad)
-
-    def packed_weight(self) -> torch.Tensor:
-        """The weight in oneDNN's layout, reordered once per weight value."""
-        w = self.weight
-        key = (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
-        if self._packed is None or self._packed[0] is not w or self._packed[1] != key:
-            with torch.no_grad():
-                # batch_size=None: a layout for any number of rows (the batch varies);
-                # inductor passes its static row count, which made no measurable
-                # difference here (Hiera-B stage-1 and stage-3 shapes, bf16 and fp32).
-                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
-            self._packed = (w, key, packed)
-        return self._packed[2]
+        return fuses(self, x, residual, self.backend)
 
     def forward(self, x: torch.Tensor, activation: str = "none", residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``activation(x @ W^T + b)``, or with ``residual`` (a block's skip connection, the
@@ -142,31 +189,28 @@ class Linear(nn.Linear):
         if residual is not None and activation != "none":
             raise ValueError(f"Linear.forward: a residual goes with activation 'none', got {activation!r}")
         if self.fuses(x, residual):
-            bias = None if self.bias is None else self.bias.detach()
-            x, packed = x.detach().contiguous(), self.packed_weight()
-            if residual is not None:
-                # oneDNN binary post-op: the skip connection added to the accumulator before
-                # the one store (no separate [B, N, C] read-read-write pass, one rounding).
-                return torch.ops.mkldnn._linear_pointwise.binary(x, residual.detach().contiguous(), packed, bias, "add")
-            attr, algorithm = POST_OPS[activation]
-            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, attr, [], algorithm)
+            return fused_linear(self, x, activation, residual)
         if residual is not None:
             return residual + F.linear(x, self.weight, self.bias)  # the official block's order (the sum is the same either way)
         return plain_linear(x, self.weight, self.bias, activation)
 
     def _apply(self, fn, recurse=True):
-        self._packed = None  # .to()/.half()/.cuda(): a new weight tensor; drop the old packed copy now
+        _PACKED.pop(self, None)  # .to()/.half()/.cuda(): a new weight tensor; drop the old packed copy now
         return super()._apply(fn, recurse)
-
-    def __getstate__(self):
-        return {**self.__dict__, "_packed": None}  # copy/deepcopy/pickle: an opaque oneDNN tensor, rebuilt on use
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", backend={self.backend!r}" if self.backend else "")
 
 
 def activation_name(act: nn.Module) -> Optional[str]:
-    """The :class:`Linear` activation equal to module ``act``, or None if it has none."""
+    """The :class:`Linear` activation equal to module ``act`` (torch's ``nn.GELU``, or timm's
+    ``GELU``/``GELUTanh``, which ``timm.create_model``'s ``act_layer="GELU"`` makes), or None."""
     if type(act) is nn.GELU:
         return {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate)
+    timm_activations = sys.modules.get("timm.layers.activations")  # imported by timm if anything made one
+    if timm_activations is not None:
+        if type(act) is timm_activations.GELU:
+            return "gelu"
+        if type(act) is timm_activations.GELUTanh:
+            return "gelu_tanh"
     return None

@@ -143,3 +143,31 @@ def assert_nonfinite_stays_in_its_window(backend, block, part, value, dtype, dev
             assert not spilled, f"{what}: {spilled} elements of windows 1.. are not finite ({where})"
         torch.testing.assert_close(ours[finite], theirs[finite], atol=tol, rtol=tol,
                                    msg=lambda m: f"{what} where finite, {backend} vs torch ({where}): {m}")
+
+
+# ------------------------------------------------------------ patched-model comparisons
+def tensors(out):
+    """The floating tensors of a model's output, flattened (ModelOutputs, tuples, lists)."""
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in tensors(o)]
+    return []
+
+
+def run(model, x, fn, backward=True):
+    """Outputs and gradients (input, then every parameter by name) of one forward +
+    backward with a fixed cotangent per output."""
+    model.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    outs = [o for o in tensors(fn(model, x)) if o.requires_grad]
+    if not backward:
+        return [o.detach() for o in outs], {}
+    g = torch.Generator().manual_seed(2)
+    cotangents = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype) for o in outs]
+    torch.autograd.backward(outs, cotangents)
+    grads = {"input": x.grad}
+    grads.update({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    return [o.detach() for o in outs], grads

@@ -37,7 +37,7 @@ def test_fused_linear_passes_the_error_rule(dtype, activation):
     with torch.no_grad():
         assert m.fuses(x)
         fused = m(x, activation)
-        assert m._packed is not None  # it took the fused path
+        assert epilogues.is_packed(m)  # it took the fused path
         reference = ACTS[activation](F.linear(x.double(), m.weight.double(), m.bias.double()))
         verdict = error_rule.judge(fused, plain(m, x, activation), reference)
     assert fused.dtype == dtype and verdict.passed, verdict.describe()
@@ -52,7 +52,7 @@ def test_fused_residual_add_passes_the_error_rule(dtype):
         fused = m(x, residual=skip)
         reference = F.linear(x.double(), m.weight.double(), m.bias.double()) + skip.double()
         verdict = error_rule.judge(fused, skip + plain(m, x, "none"), reference)
-    assert m._packed is not None and verdict.passed, verdict.describe()
+    assert epilogues.is_packed(m) and verdict.passed, verdict.describe()
     with pytest.raises(ValueError, match="a residual goes with activation 'none', got 'gelu'"):
         m(x, "gelu", residual=skip)
     assert not m.fuses(x, skip.requires_grad_())  # the skip connection needs a gradient: autograd's path
@@ -64,9 +64,9 @@ def test_packed_weight_follows_in_place_updates_and_dtype_changes():
     x = torch.randn(3, 17, 96)
     with torch.no_grad():
         first = m(x)
-        packed = m._packed[2]
+        packed = epilogues._PACKED[m][2]
         m(x)
-        assert m._packed[2] is packed  # packed once, reused
+        assert epilogues._PACKED[m][2] is packed  # packed once, reused
         m.weight.mul_(-2)  # in place: same pointer, new version
         torch.testing.assert_close(m(x), plain(m, x, "none"), atol=1e-5, rtol=1e-5)
         assert not torch.allclose(m(x), first)
@@ -77,15 +77,15 @@ def test_packed_weight_follows_in_place_updates_and_dtype_changes():
         m.load_state_dict(linear().state_dict())
         torch.testing.assert_close(m(x), plain(m, x, "none"), atol=1e-5, rtol=1e-5)
         m.to(torch.bfloat16)
-        assert m._packed is None
+        assert not epilogues.is_packed(m)
         xb = x.bfloat16()
         out = m(xb)
-        assert out.dtype == torch.bfloat16 and m._packed[2].dtype == torch.bfloat16
+        assert out.dtype == torch.bfloat16 and epilogues._PACKED[m][2].dtype == torch.bfloat16
         verdict = error_rule.judge(out, plain(m, xb, "none"), F.linear(x.double(), m.weight.double(), m.bias.double()))
         assert verdict.passed, verdict.describe()
     assert set(m.state_dict()) == {"weight", "bias"}  # the cache is no parameter or buffer
     clone = copy.deepcopy(m)  # the opaque oneDNN tensor is not copied but rebuilt on use
-    assert clone._packed is None
+    assert not epilogues.is_packed(clone)
 
 
 def test_plain_path_where_fusing_is_not_valid():
@@ -99,12 +99,12 @@ def test_plain_path_where_fusing_is_not_valid():
         with torch.no_grad():
             assert not m.fuses(inputs)
             torch.testing.assert_close(m(inputs, "gelu"), plain(m, inputs, "gelu"), atol=0, rtol=0)
-        assert m._packed is None
+        assert not epilogues.is_packed(m)
     m = linear()
     assert not m.fuses(x)  # grad enabled and the weight requires grad: training keeps autograd's path
     y = m(x, "gelu")
     y.sum().backward()
-    assert m.weight.grad is not None and m._packed is None
+    assert m.weight.grad is not None and not epilogues.is_packed(m)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's dtype rules stay F.linear's
         assert not m.fuses(x)
         assert m(x).dtype == torch.bfloat16
@@ -127,7 +127,7 @@ def test_whole_model_inference_passes_the_error_rule(dtype, backend):
         torch_path = model.set_backend("torch")(x.to(dtype))
         fused = model.set_backend(backend)(x.to(dtype))
     linears = [m for m in model.modules() if isinstance(m, epilogues.Linear)]
-    assert len(linears) == 12 * 4 + 3 + 1 and all(m._packed is not None for m in linears)  # 12 blocks x 4, 3 transition projs, the head: all fused
+    assert len(linears) == 12 * 4 + 3 + 1 and all(epilogues.is_packed(m) for m in linears)  # 12 blocks x 4, 3 transition projs, the head: all fused
     verdict = error_rule.judge(fused, torch_path, reference)
     assert verdict.passed, verdict.describe()
 
@@ -149,7 +149,7 @@ def test_compiled_inference_bypasses_the_fused_path():
     compiled = torch.compile(model, fullgraph=True)
     with torch.inference_mode():
         got = compiled(x)
-        assert all(m._packed is None for m in model.modules() if isinstance(m, epilogues.Linear))
+        assert not any(epilogues.is_packed(m) for m in model.modules() if isinstance(m, epilogues.Linear))
         torch.testing.assert_close(got, model(x), atol=1e-5, rtol=1e-4)
 
 

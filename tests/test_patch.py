@@ -19,6 +19,8 @@ import torch.nn as nn
 import hiera_kernels as hk
 from hiera_kernels.error_rule import judge
 
+from helpers import run, tensors
+
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     import hiera as official
@@ -31,17 +33,6 @@ VIDEO_ARGS = dict(
     q_stride=(1, 2, 2), mask_unit_size=(1, 8, 8), patch_kernel=(3, 7, 7), patch_stride=(2, 4, 4),
     patch_padding=(1, 3, 3), sep_pos_embed=True,
 )
-
-
-def tensors(out):
-    """The floating tensors of a model's output, flattened (ModelOutputs, tuples, lists)."""
-    if isinstance(out, torch.Tensor):
-        return [out] if out.is_floating_point() else []
-    if hasattr(out, "to_tuple"):
-        out = out.to_tuple()
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in tensors(o)]
-    return []
 
 
 def keep_mask(units, kept, batch, seed=1):
@@ -122,22 +113,6 @@ NO_BF16 = {
 # torch has no bfloat16 CPU backward for the antialiased bicubic upsample of timm's
 # abs-win pos embed: the unpatched model cannot take that gradient, so there is nothing to compare.
 NO_BF16_BACKWARD = {"timm-abswin"}
-
-
-def run(model, x, fn, backward=True):
-    """Outputs and gradients (input, then every parameter by name) of one forward +
-    backward with a fixed cotangent per output."""
-    model.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_(True)
-    outs = [o for o in tensors(fn(model, x)) if o.requires_grad]
-    if not backward:
-        return [o.detach() for o in outs], {}
-    g = torch.Generator().manual_seed(2)
-    cotangents = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype) for o in outs]
-    torch.autograd.backward(outs, cotangents)
-    grads = {"input": x.grad}
-    grads.update({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
-    return [o.detach() for o in outs], grads
 
 
 def compare(name, dtype, backend=None):

@@ -1,8 +1,8 @@
-"""``patch(model)`` / ``unpatch(model)``: run an existing Hiera (official package, timm or
-Hugging Face transformers) on :mod:`hiera_kernels.ops`, in place.
+"""``patch(model)`` / ``unpatch(model)``: run an existing Hiera (official package, timm,
+Hugging Face transformers, or SAM 2's) on :mod:`hiera_kernels.ops`, in place.
 
 Per instance only. Each family's adapter (one module each: :mod:`.official`,
-:mod:`.timm_hiera`, :mod:`.transformers_hiera`) lists the modules it recognises and, for
+:mod:`.timm_hiera`, :mod:`.transformers_hiera`, :mod:`.sam2_hieradet`) lists the modules it recognises and, for
 each, a function to bind on that one instance (``types.MethodType``) in place of a method
 of its class (``forward``, or HF's ``HieraEncoder.reroll``). Nothing else changes: the
 model keeps its class, parameters, buffers, hooks and ``state_dict`` keys, and no class or
@@ -22,11 +22,12 @@ from typing import List, Optional, Tuple
 
 import torch.nn as nn
 
+from .. import epilogues
 from ..backends import check_name
-from . import official, timm_hiera, transformers_hiera
+from . import official, sam2_hieradet, timm_hiera, transformers_hiera
 from ._common import RECORD, Binding, PatchRecord, backend_of
 
-ADAPTERS = (official, timm_hiera, transformers_hiera)
+ADAPTERS = (official, timm_hiera, transformers_hiera, sam2_hieradet)
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -51,8 +52,8 @@ def _plan(model: nn.Module) -> List[Tuple[str, Binding]]:
 
 
 def patch(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
-    """Route ``model``'s unroll, reroll, query pooling and mask-unit attention through
-    :mod:`hiera_kernels.ops` on ``backend`` (None: the library default, ``"auto"`` unless
+    """Route ``model``'s unroll, reroll, query pooling and mask-unit attention (SAM 2's
+    Hiera: its windowed attention) through :mod:`hiera_kernels.ops` on ``backend`` (None: the library default, ``"auto"`` unless
     set). ``model`` may be a whole Hiera or any module holding one (a backbone inside a
     bigger model, a DDP wrapper). Patches in place and returns ``model``."""
     if not isinstance(model, nn.Module):
@@ -96,6 +97,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         for name in vars(module)[RECORD].names:
             vars(module).pop(name, None)
         del vars(module)[RECORD]
+        epilogues.forget(module)  # packed weights of the Linears the bound code ran fused (SAM 2's)
     return model
 
 

@@ -7,6 +7,13 @@ its attention keeps windowed attention 5-D and global attention 4-D (the same ma
 ``ls1/ls2`` (LayerScale or Identity) and, with ``use_expand_proj=False`` (the abswin
 models), no ``proj``: the residual is then the max-pool and the mean-pool of the
 unprojected input side by side ([B, N, C] -> [B, N // stride, 2C]).
+
+timm's copy of SAM 2's Hiera (``timm.models.hieradet_sam2.HieraDet``: ``sam2_hiera_*``,
+``hieradet_small``) runs :mod:`.sam2_hieradet`'s bodies. Its ``MultiScaleAttention`` has
+sam2's attributes; its ``MultiScaleBlock`` differs from sam2's in a square
+``window_size`` pair, ``proj`` an Identity where the width stays, ``ls1/ls2``
+(LayerScale: ``hieradet_small``) and ``drop_path1/2``, and timm's ``Mlp`` (``fc1``,
+``act``, ``drop1``, ``norm``, ``fc2``, ``drop2``).
 """
 
 from __future__ import annotations
@@ -16,11 +23,13 @@ from typing import List
 import torch
 import torch.nn as nn
 
-from . import official
+from .. import epilogues
+from . import official, sam2_hieradet
 from ._common import Binding, Rule, find, pool
 
 NAME = "timm"
 MODULE = "timm.models.hiera"
+SAM2_MODULE = "timm.models.hieradet_sam2"
 
 
 def block_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -37,12 +46,29 @@ def block_forward(self, x: torch.Tensor) -> torch.Tensor:
     return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
+def sam2_block_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """timm's MultiScaleBlock (SAM 2's, with LayerScale, two drop paths and timm's Mlp)."""
+    m = self.mlp
+    activation = epilogues.activation_name(m.act)
+    plain = activation is not None and isinstance(m.norm, nn.Identity) and all(map(sam2_hieradet.inactive, (m.drop1, m.drop2)))
+    mlp = (m.fc1, activation, m.fc2) if plain else None
+    return sam2_hieradet.block_body(self, x, self.window_size[0], mlp, self.ls1, self.drop_path1, self.ls2, self.drop_path2)
+
+
+def _check_sam2_block(m: nn.Module, path: str) -> None:
+    if m.window_size[0] != m.window_size[1]:
+        raise ValueError(f"patch: {path}: window_size={m.window_size} is not square")
+    sam2_hieradet.check_block(m, path, m.window_size[0])
+
+
 # Unroll, Reroll and the attention have the official attributes and semantics.
 RULES = (
     Rule(MODULE, "Unroll", "forward", official.unroll_forward, official._check_unroll),
     Rule(MODULE, "Reroll", "forward", official.reroll_forward, official._check_reroll),
     Rule(MODULE, "MaskUnitAttention", "forward", official.attention_forward, official._check_attention),
     Rule(MODULE, "HieraBlock", "forward", block_forward),
+    Rule(SAM2_MODULE, "MultiScaleAttention", "forward", sam2_hieradet.attention_forward, sam2_hieradet.check_attention),
+    Rule(SAM2_MODULE, "MultiScaleBlock", "forward", sam2_block_forward, _check_sam2_block),
 )
 LOOKS_FOR = tuple(r.qualname for r in RULES)
 

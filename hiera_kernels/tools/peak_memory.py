@@ -66,6 +66,10 @@ def build(spec: dict):
     kwargs = {"input_size": tuple(spec["input_size"])} if spec.get("input_size") else {}
     if spec["kind"] == "hiera_kernels":
         model = getattr(models, spec["model"])(**kwargs).set_backend(spec["backend"])
+    elif spec["kind"] == "sam2":  # SAM 2's trunk, patched on spec["backend"] (None: unpatched)
+        from .sam2_bench import build_trunk
+
+        model = build_trunk(spec["model"], spec["backend"])
     else:
         import warnings
 

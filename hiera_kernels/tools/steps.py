@@ -5,11 +5,13 @@ import torch
 
 def run_step(model, x: torch.Tensor, train: bool) -> None:
     """One bench step: a training forward and backward (loss = mean square of the
-    logits), or an inference forward under ``torch.inference_mode``."""
+    logits; of every output for a model that returns a list, SAM 2's per-stage
+    features), or an inference forward under ``torch.inference_mode``."""
     model.train(train)
     if train:
         model.zero_grad(set_to_none=True)
-        model(x).float().square().mean().backward()
+        out = model(x)
+        sum(o.float().square().mean() for o in (out if isinstance(out, (list, tuple)) else [out])).backward()
     else:
         with torch.inference_mode():
             model(x)

@@ -30,8 +30,11 @@ GEMM_AND_CONV = {
     aten.mkldnn_convolution.default,
 }
 # The GEMM with bias/GELU epilogue of hiera_kernels.epilogues (a private op: only where it was probed usable).
+# Its skip-connection overload is a GEMM too, plus one read beyond it: the residual (argument 1).
+GEMM_WITH_RESIDUAL = set()
 if epilogues.UNAVAILABLE is None:
     GEMM_AND_CONV.add(torch.ops.mkldnn._linear_pointwise.default)
+    GEMM_WITH_RESIDUAL.add(torch.ops.mkldnn._linear_pointwise.binary)
 # Ops that allocate or relabel memory without reading or writing the elements.
 NO_TRAFFIC = {
     aten.empty.memory_format,
@@ -61,7 +64,10 @@ class ByteCounter(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if func in GEMM_AND_CONV or func in NO_TRAFFIC or func.is_view:
             return out
-        moved = sum(footprint(t) for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor))
+        if func in GEMM_WITH_RESIDUAL:
+            moved = footprint(args[1])
+        else:
+            moved = sum(footprint(t) for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor))
         name = str(func.overloadpacket)
         self.by_op[name] = self.by_op.get(name, 0) + moved
         return out
