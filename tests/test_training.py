@@ -62,7 +62,7 @@ def judge_all(result, torch_result, reference):
     verdicts = [("loss", judge(loss, t_loss, r_loss)), ("logits", judge(logits, t_logits, r_logits))]
     verdicts += [(n, judge(grads[n], t_grads[n], r_grads[n])) for n in r_grads]
     for what, v in verdicts:
-        assert v.passed, v.describe(what)
+        assert v.passed, f"{what}: {v.describe()}"
     return max(v.error for what, v in verdicts if what not in ("loss", "logits"))
 
 
