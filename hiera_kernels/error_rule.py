@@ -36,6 +36,7 @@ errors of many ulps.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -82,13 +83,16 @@ def allowance(reference: torch.Tensor, dtype: torch.dtype) -> float:
     return (ROUNDING_ULPS * torch.finfo(dtype).eps + ACCUMULATION_ULPS * torch.finfo(accumulation).eps) * scale
 
 
-def judge(result: torch.Tensor, torch_result: torch.Tensor, reference: torch.Tensor) -> Verdict:
+def judge(result: torch.Tensor, torch_result: torch.Tensor, reference: torch.Tensor,
+          dtype: Optional[torch.dtype] = None) -> Verdict:
     """Judge ``result`` (a backend, in a low-precision dtype) by the rule, given the
-    ``"torch"`` path's result in the same dtype and the float64 reference."""
+    ``"torch"`` path's result in the same dtype and the float64 reference. ``dtype``: the
+    dtype the result was computed in, when not its own: under bf16 autocast a float32
+    parameter's gradient comes out of bfloat16 products, so its rounding is bfloat16's."""
     if reference.dtype != torch.float64:
         raise ValueError(f"error_rule: the reference must be float64, got {reference.dtype}")
     if result.dtype != torch_result.dtype:
         raise ValueError(f"error_rule: result is {result.dtype} but the torch path's result is {torch_result.dtype}")
     torch_error = max_abs_error(torch_result, reference)
-    extra = allowance(reference, result.dtype)
+    extra = allowance(reference, dtype or result.dtype)
     return Verdict(max_abs_error(result, reference), torch_error, extra, 2 * torch_error + extra)

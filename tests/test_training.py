@@ -56,11 +56,12 @@ def step(model, x, labels=LABELS):
     return loss.detach(), logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
-def judge_all(result, torch_result, reference):
+def judge_all(result, torch_result, reference, dtype=None):
+    """Every output and gradient by the rule; ``dtype``: the compute dtype (autocast's)."""
     (loss, logits, grads), (t_loss, t_logits, t_grads), (r_loss, r_logits, r_grads) = result, torch_result, reference
     assert grads.keys() == r_grads.keys()
-    verdicts = [("loss", judge(loss, t_loss, r_loss)), ("logits", judge(logits, t_logits, r_logits))]
-    verdicts += [(n, judge(grads[n], t_grads[n], r_grads[n])) for n in r_grads]
+    verdicts = [("loss", judge(loss, t_loss, r_loss, dtype)), ("logits", judge(logits, t_logits, r_logits, dtype))]
+    verdicts += [(n, judge(grads[n], t_grads[n], r_grads[n], dtype)) for n in r_grads]
     for what, v in verdicts:
         assert v.passed, f"{what}: {v.describe()}"
     return max(v.error for what, v in verdicts if what not in ("loss", "logits"))
@@ -77,7 +78,7 @@ def test_autocast_bf16(kind):
         torch_result = step(build(family), x)
         result = step(prepared(kind), x)
     assert result[1].dtype == torch.bfloat16  # autocast reached the head
-    worst = judge_all(result, torch_result, reference)
+    worst = judge_all(result, torch_result, reference, torch.bfloat16)
     print(f"\nautocast bf16 {kind}: max grad error {worst:.3g}")
 
 

@@ -102,10 +102,12 @@ def test_padding_reaches_the_output_only_through_padded_keys(backend):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_query_pooling_routes_the_gradient_like_max_pool2d(backend):
     """Ties between the 2x2 candidates: the first in MaxPool2d's scan order takes the
-    gradient (the same zero pattern as the torch path's)."""
+    gradient, and of two NaN candidates the last (MaxPool2d's rule, not max(dim)'s): the
+    same zero pattern as the torch path's."""
     device = backend_device(backend)
     (qkv, pad, grad), args = make_case("pool_windows_padded_and_cropped", device=device)
     qkv = qkv.round()  # many ties
+    qkv[0, 2, 2, 3] = qkv[0, 3, 3, 3] = float("nan")  # two NaN candidates of pooled query (1, 1)
     q_grads = [forward_backward(qkv, pad, grad, args, b)[1][..., : qkv.shape[-1] // 3] for b in ("torch", backend)]
     assert torch.equal(q_grads[0] != 0, q_grads[1] != 0)
 

@@ -157,12 +157,15 @@ inline void load_as_acc(const scalar_t* src, acc_t* dst, int64_t n) {
 
 constexpr int64_t kPoolRowBlock = 256;  // elements per call: the accumulators stay in L1
 
-// The max with PyTorch's max(dim) semantics (first maximum wins ties, first NaN wins),
-// shared by query_pool and both attentions: best[k] = max over s < rows of row(s)[k],
-// arg[k] = that s, for k < n <= kPoolRowBlock. Block-local buffers keep the loop
-// vectorisable (stores through uint8_t* may alias anything).
-template <typename scalar_t, typename acc_t, typename RowAt>
-inline void max_over_rows(RowAt row, int64_t rows, int64_t n, acc_t* best, uint8_t* arg) {
+// The max over rows, shared by query_pool and both attentions: best[k] = max over s <
+// rows of row(s)[k], arg[k] = that s, for k < n <= kPoolRowBlock, by the rule `takes`
+// (pool_takes: PyTorch's max(dim), first maximum wins ties, first NaN wins; SAM 2's
+// max_pool2d_takes: the last NaN wins), passed as a lambda so that it inlines (a
+// function pointer would also emit an out-of-line copy, see the top of this file).
+// Block-local buffers keep the loop vectorisable (stores through uint8_t* may alias
+// anything).
+template <typename scalar_t, typename acc_t, typename RowAt, typename Takes>
+inline void max_over_rows(RowAt row, int64_t rows, int64_t n, acc_t* best, uint8_t* arg, Takes takes) {
   acc_t value[kPoolRowBlock];
   uint8_t best_s[kPoolRowBlock];
   load_as_acc<scalar_t>(row(0), best, n);
@@ -170,7 +173,7 @@ inline void max_over_rows(RowAt row, int64_t rows, int64_t n, acc_t* best, uint8
   for (int64_t s = 1; s < rows; ++s) {
     load_as_acc<scalar_t>(row(s), value, n);
     for (int64_t k = 0; k < n; ++k) {
-      const bool take = pool_takes<acc_t>(value[k], best[k]);
+      const bool take = takes(value[k], best[k]);
       best[k] = take ? value[k] : best[k];
       best_s[k] = take ? static_cast<uint8_t>(s) : best_s[k];
     }
@@ -192,7 +195,8 @@ void query_pool_typed(const scalar_t* src, scalar_t* dst, uint8_t* arg, int64_t 
     for (int64_t k0 = j0; k0 < j1; k0 += kPoolRowBlock) {
       const int64_t n = std::min(kPoolRowBlock, j1 - k0);
       acc_t best[kPoolRowBlock];
-      max_over_rows<scalar_t>([&](int64_t s) { return in + k0 + s * slab; }, stride, n, best, arg + b * slab + k0);
+      max_over_rows<scalar_t>([&](int64_t s) { return in + k0 + s * slab; }, stride, n, best, arg + b * slab + k0,
+                              [](acc_t c, acc_t best) { return pool_takes(c, best); });
       scalar_t* out_block = dst + b * slab + k0;
       for (int64_t k = 0; k < n; ++k) out_block[k] = static_cast<scalar_t>(best[k]);
     }
@@ -458,7 +462,8 @@ void load_queries(const Layout& L, const scalar_t* qkv, const scalar_t* pad, con
       for (int64_t d0 = 0; d0 < L.head_dim; d0 += kPoolRowBlock) {
         const int64_t n = std::min(kPoolRowBlock, L.head_dim - d0);
         max_over_rows<scalar_t>([&](int64_t c) { return candidate[c] + d0; }, count, n, qi + d0,
-                                arg_offset >= 0 ? argmax_out + arg_offset + d0 : dropped);
+                                arg_offset >= 0 ? argmax_out + arg_offset + d0 : dropped,
+                                [](acc_t c, acc_t best) { return Layout::pool_takes(c, best); });
       }
       for (int64_t d = 0; d < L.head_dim; ++d) qi[d] *= scale;
     } else {

@@ -3,7 +3,8 @@
 // body generic over the layout: Hiera's mask-unit attention (AttentionLayout,
 // attention_layout.h) and SAM 2's window attention (WindowLayout, window_layout.h). q, k
 // and v are read straight out of the qkv Linear's output; q is max-pooled over its
-// candidates while it is loaded (pool_takes: first max wins ties, first NaN wins),
+// candidates while it is loaded (the layout's pool_takes: first max wins ties; the first
+// NaN wins for Hiera's max(dim), the last for SAM 2's MaxPool2d),
 // recording a one-byte argmax; scores are scaled by head_dim^-0.5 and soft-maxed online
 // in fp32; the output is written where the layout puts it (token order, or the
 // un-partitioned map) with the fp32 log-sum-exp the backward recomputes P from.
@@ -240,7 +241,7 @@ __device__ inline bool load_queries(T* tile, int capacity, const Layout& L, cons
           if (d >= hd) continue;
           const T x = src[d];
           const float f = to_float(x);
-          if (c == 0 || pool_takes(f, best[k])) best[k] = f, best_c[k] = static_cast<uint8_t>(c), value[k] = x;
+          if (c == 0 || Layout::pool_takes(f, best[k])) best[k] = f, best_c[k] = static_cast<uint8_t>(c), value[k] = x;
         }
       }
       const int64_t out = L.out_offset(b, h, i, w);

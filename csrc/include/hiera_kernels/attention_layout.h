@@ -47,6 +47,9 @@ struct AttentionLayout {
   // The interface the CUDA kernels share with WindowLayout (they are generic over the
   // layout): no key is padding, no query is cropped.
   static constexpr bool kPadded = false;
+  // The q pool's rule: official Hiera's max(dim) (first NaN wins).
+  template <typename T>
+  HK_HOST_DEVICE static bool pool_takes(T candidate, T best) { return hiera_kernels::pool_takes(candidate, best); }
   HK_HOST_DEVICE int64_t candidate_count() const { return q_stride; }
   // Offset of key (or value) position j of window w.
   HK_HOST_DEVICE int64_t key_offset(int64_t b, int which, int64_t h, int64_t j, int64_t w) const {

@@ -89,4 +89,12 @@ HK_HOST_DEVICE bool pool_takes(acc_t candidate, acc_t best) {
   return candidate > best || (candidate != candidate && best == best);
 }
 
+// Max with MaxPool2d's semantics (what SAM 2's q pool runs): scanning the window in
+// raster order, a candidate replaces the best when bigger or NaN, so the first maximum
+// wins ties and the last NaN wins.
+template <typename acc_t>
+HK_HOST_DEVICE bool max_pool2d_takes(acc_t candidate, acc_t best) {
+  return candidate > best || candidate != candidate;
+}
+
 }  // namespace hiera_kernels

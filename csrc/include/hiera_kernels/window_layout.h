@@ -97,6 +97,9 @@ struct WindowLayout {
   // The interface the CUDA kernels share with AttentionLayout: key_offset and
   // candidate_offset may be -1 (read pad), out_offset -1 (cropped).
   static constexpr bool kPadded = true;
+  // The q pool's rule: SAM 2's MaxPool2d (last NaN wins), candidates in its scan order.
+  template <typename T>
+  HK_HOST_DEVICE static bool pool_takes(T candidate, T best) { return max_pool2d_takes(candidate, best); }
   HK_HOST_DEVICE int64_t candidate_count() const { return candidates; }
   // Whether the windows reach past the map, so that some keys read pad.
   HK_HOST_DEVICE bool has_padding() const { return windows_y * window_h != height || windows_x * window_w != width; }
