@@ -515,7 +515,6 @@ def bench_patched(
 
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
-    warmup, iters = (1, 3) if quick else (3, 10)
     torch.manual_seed(0)
     base = timm.create_model(model_name)
     with torch.no_grad():  # timm zero-initializes the head: all-zero logits would make the error column vacuous
@@ -531,24 +530,44 @@ def bench_patched(
         "timm patched [auto] (eager)": patch(copy.deepcopy(base)),
         "timm patched [auto] + torch.compile": torch.compile(patch(copy.deepcopy(base))),
     }
+    rows = variant_rows(models, "timm (eager)", x, lambda model, x: model.train()(x), mode, quick)
+    print_fn(format_table(rows))
+    return rows
+
+
+def variant_rows(
+    models: Dict[str, nn.Module],
+    baseline: str,
+    x: torch.Tensor,
+    output: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    mode: str,
+    quick: bool,
+    extra: Callable[[str, nn.Module, str], dict] = lambda label, model, m: {},
+) -> List[Row]:
+    """The rows of one model in a few fixed variants (``bench --patch``, SAM 2's trunk), per
+    mode: every model warmed up (compiling the compiled ones), then timed round-robin.
+    "vs official" is against the ``baseline`` row; ``output(model, x)`` (what a row's error
+    is measured on) is judged by the error rule against the baseline model's, in ``x``'s
+    dtype and in float64. ``extra(label, model, mode)``: the row's further fields, by name."""
+    warmup, iters = (1, 3) if quick else (3, 10)
+    batch = x.shape[0]
     with torch.no_grad():
-        unpatched_logits = base.train()(x)
-        float64_logits = copy.deepcopy(base).double().train()(x.double())
+        baseline_result = output(models[baseline], x)
+        float64_result = output(copy.deepcopy(models[baseline]).double(), x.double())
     rows: List[Row] = []
     for m in (["infer", "train"] if mode == "both" else [mode]):
         train = m == "train"
-
         steps = {label: (lambda model=model: run_step(model, x, train)) for label, model in models.items()}
         for step in steps.values():  # warm-up, compiling the compiled rows
             for _ in range(warmup):
                 step()
-        medians = interleaved_medians(steps, device, iters)
+        medians = interleaved_medians(steps, x.device, iters)
         for label, model in models.items():
             with torch.no_grad():
-                verdict = error_rule.judge(model.train()(x), unpatched_logits, float64_logits)
+                verdict = error_rule.judge(output(model, x), baseline_result, float64_result)
             ms = medians[label]
-            rows.append(Row(label, m, ms, batch / ms * 1e3, medians["timm (eager)"] / ms, None, verdict.error, verdict.limit))
-    print_fn(format_table(rows))
+            rows.append(Row(label, m, ms, batch / ms * 1e3, medians[baseline] / ms, None, verdict.error, verdict.limit,
+                            **extra(label, model, m)))
     return rows
 
 

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
 
-from .. import error_rule
 from .peak_memory import peak_mb
-from .steps import run_step
 from .traffic import bytes_moved
 
 # bench's model name (timm's names for the same trunks) -> sam2's config file.
@@ -73,12 +71,11 @@ def bench_sam2(
     memory: bool = True,
     print_fn: Callable[[str], None] = print,
 ):
-    from .bench import Row, default_dtype, failure_note, format_table, header, interleaved_medians
+    from .bench import default_dtype, failure_note, format_table, header, variant_rows
 
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
     side = input_size or INPUT_SIZE
-    warmup, iters = (1, 3) if quick else (3, 10)
     base = build_trunk(model_name).to(device=device, dtype=dtype)
     x = torch.randn(batch, 3, side, side, device=device, dtype=dtype)
     print_fn(header(f"sam2 {model_name} trunk, patched vs unpatched", batch, dtype, device, mode) + f" input={side}x{side}")
@@ -92,33 +89,24 @@ def bench_sam2(
         "sam2 patched [auto] + torch.compile": torch.compile(patch(copy.deepcopy(base), backend="auto")),
     }
     memory_backends = {unpatched: None, patched: "auto"}  # the eager rows, as tools/peak_memory rebuilds them
-    with torch.no_grad():
-        torch_result = features(base.eval()(x))
-        reference = features(copy.deepcopy(base).double().eval()(x.double()))
-    rows: List[Row] = []
-    for m in (["infer", "train"] if mode == "both" else [mode]):
-        train = m == "train"
-        steps = {label: (lambda model=model: run_step(model, x, train)) for label, model in models.items()}
-        for step in steps.values():  # warm-up, compiling the compiled rows
-            for _ in range(warmup):
-                step()
-        medians = interleaved_medians(steps, device, iters)
-        for label, model in models.items():
-            with torch.no_grad():
-                verdict = error_rule.judge(features(model.eval()(x)), torch_result, reference)
-            eager = label in memory_backends
-            moved = bytes_moved(lambda: model.eval()(x)).total / 1e6 if eager else None
-            peak, note = None, ""
-            if memory and eager:
-                spec = dict(kind="sam2", backend=memory_backends[label], model=model_name, batch=batch,
-                            image_shape=list(x.shape[1:]), dtype=str(dtype).replace("torch.", ""), device=str(device), mode=m)
-                try:
-                    peak = peak_mb(spec)
-                except Exception as exc:  # the timing stands; the note says why there is no peak
-                    note = failure_note(exc)
-            ms = medians[label]
-            rows.append(Row(label, m, ms, batch / ms * 1e3, medians[unpatched] / ms, None, verdict.error, verdict.limit,
-                            moved, note=note, peak_mb=peak))
+
+    def eager_figures(label: str, model: nn.Module, m: str) -> dict:
+        """Bytes moved and peak memory, for the eager rows only: compiled code bypasses the
+        dispatcher that counts the bytes, and peak_memory rebuilds eager models only."""
+        if label not in memory_backends:
+            return {}
+        moved = bytes_moved(lambda: model.eval()(x)).total / 1e6
+        peak, note = None, ""
+        if memory:
+            spec = dict(kind="sam2", backend=memory_backends[label], model=model_name, batch=batch,
+                        image_shape=list(x.shape[1:]), dtype=str(dtype).replace("torch.", ""), device=str(device), mode=m)
+            try:
+                peak = peak_mb(spec)
+            except Exception as exc:  # the timing stands; the note says why there is no peak
+                note = failure_note(exc)
+        return dict(moved_mb=moved, note=note, peak_mb=peak)
+
+    rows = variant_rows(models, unpatched, x, lambda model, x: features(model.eval()(x)), mode, quick, eager_figures)
     print_fn(format_table(rows))
     for m in dict.fromkeys(r.mode for r in rows):
         by_name = {r.name: r for r in rows if r.mode == m}
