@@ -226,17 +226,19 @@ def window_attention(qkv: torch.Tensor, pad: torch.Tensor, heads: int, window_si
             full[:, :H, :W] = qkv
             qkv = full
         qkv = qkv.view(B, grid.windows_y, window_size, grid.windows_x, window_size, width)
-        qkv = qkv.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, width)
+        qkv = qkv.permute(0, 1, 3, 2, 4, 5).reshape(B * grid.windows, window_size, window_size, width)
     nb, wh, ww, _ = qkv.shape
-    # MultiScaleAttention.forward
-    q, k, v = torch.unbind(qkv.reshape(nb, wh * ww, 3, heads, -1), 2)
+    # MultiScaleAttention.forward. Explicit sizes where SAM 2 writes -1: a -1 cannot be
+    # inferred from an empty batch.
+    head_dim = C // heads
+    q, k, v = torch.unbind(qkv.reshape(nb, wh * ww, 3, heads, head_dim), 2)
     if q_stride > 1:
-        q = F.max_pool2d(q.reshape(nb, wh, ww, -1).permute(0, 3, 1, 2), q_stride, q_stride)
+        q = F.max_pool2d(q.reshape(nb, wh, ww, C).permute(0, 3, 1, 2), q_stride, q_stride)
         q = q.permute(0, 2, 3, 1)
         wh, ww = q.shape[1:3]
-        q = q.reshape(nb, wh * ww, heads, -1)
+        q = q.reshape(nb, wh * ww, heads, head_dim)
     x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    x = x.transpose(1, 2).reshape(nb, wh, ww, -1)
+    x = x.transpose(1, 2).reshape(nb, wh, ww, C)
     if window_size > 0:  # window_unpartition to the pooled, padded map, then the crop
         wq = window_size // q_stride
         x = x.reshape(B, grid.windows_y, grid.windows_x, wq, wq, C)

@@ -435,8 +435,9 @@ void transpose_rows(const acc_t* rows, int64_t n, int64_t hd, int64_t hd_pad, ac
 }
 
 // Pooled, pre-scaled queries [i0, i0 + mq) of (b, h, w) into q [mq, hd_pad]. The
-// forward takes the max (PyTorch's max(dim): first max wins ties, first NaN wins)
-// and records its argmax; the backward re-reads the recorded argmax.
+// forward takes the max by the layout's rule (Layout::pool_takes: first max wins ties;
+// Hiera's max(dim) keeps the first NaN, SAM 2's MaxPool2d the last) and records its
+// argmax; the backward re-reads the recorded argmax.
 // kPool: take the max and write argmax_out; otherwise gather the rows argmax_in names
 // (a query the crop drops stays 0: the backward gives it no gradient).
 template <typename scalar_t, bool kPool, typename acc_t, typename Layout>
