@@ -6,7 +6,10 @@ Layers, one module or folder each:
 * :mod:`hiera_kernels.library`   - the kernel ops' schemas, fake and autograd (torch.library);
 * :mod:`hiera_kernels.backends`  - what each backend supports and which one runs;
 * :mod:`hiera_kernels.ops`       - the public functional API;
-* ``csrc/cpu`` (``csrc/cuda`` planned) - the C++ kernels (``hiera_kernels._C``);
+* ``csrc/cpu``, ``csrc/cuda``       - the C++ kernels (``hiera_kernels._C``);
+* :mod:`hiera_kernels.triton`    - the Triton kernels;
+* :mod:`hiera_kernels.epilogues` - CPU inference: bias, GELU and skip adds inside oneDNN's GEMMs;
+* :mod:`hiera_kernels.recompute` - training: LayerNorm and GELU outputs recomputed in the backward;
 * :mod:`hiera_kernels.models`    - drop-in ``Hiera`` and ``MaskedAutoencoderHiera``;
 * :mod:`hiera_kernels.adapters`  - ``patch``/``unpatch``: existing official, timm and transformers models on the ops.
 """

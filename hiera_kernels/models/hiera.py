@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import epilogues, ops
+from .. import epilogues, ops, recompute
 from ..backends import check_name
 from .masking import check_mask, keep_units
 from ..epilogues import Linear
@@ -120,9 +120,11 @@ class MaskUnitAttention(UsesBackend):
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The attention's output projection, plus ``residual`` [B, N // q_stride, dim_out] if given."""
-        out = ops.mask_unit_attention(
-            self.qkv(x), self.heads, self.q_stride, self.window_size, self.use_mask_unit_attn, backend=self.backend
-        )
+        return self.attend(self.qkv(x), residual)
+
+    def attend(self, qkv: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """:meth:`forward` from the qkv Linear's output [B, N, 3 * dim_out] on."""
+        out = ops.mask_unit_attention(qkv, self.heads, self.q_stride, self.window_size, self.use_mask_unit_attn, backend=self.backend)
         return self.proj(out, residual=residual)
 
 
@@ -152,18 +154,31 @@ class HieraBlock(UsesBackend):
             self.proj = Linear(dim, dim_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_norm = self.norm1(x)
-        if self.dim != self.dim_out:
-            # Residual of a transition block: max-pool of proj(norm1(x)), not of x.
-            x = ops.query_pool(self.proj(x_norm), self.attn.q_stride, backend=self.backend)
-        if isinstance(self.drop_path, nn.Identity) or not self.training:
-            # No stochastic depth: the skip connections go into proj's and fc2's epilogues
-            # (added after the GEMM on the plain path, as officially).
-            x = self.attn(x_norm, residual=x)
-            return self.mlp(self.norm2(x), residual=x)
-        x = x + self.drop_path(self.attn(x_norm))
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return x
+        # Without stochastic depth the skip connections go into proj's and fc2's epilogues
+        # (added after the GEMM on the plain path, as officially).
+        skip_in_epilogue = isinstance(self.drop_path, nn.Identity) or not self.training
+        if self.dim == self.dim_out and self.recomputes(self.norm1, self.attn, (self.attn.qkv,), x):
+            # Training on a kernel backend: norm1(x) is recomputed in the backward, not saved.
+            qkv = recompute.layer_norm_linear(self.norm1, self.attn.qkv, x)
+            x = self.attn.attend(qkv, residual=x) if skip_in_epilogue else x + self.drop_path(self.attn.attend(qkv))
+        else:
+            x_norm = self.norm1(x)
+            if self.dim != self.dim_out:
+                # Residual of a transition block: max-pool of proj(norm1(x)), not of x.
+                x = ops.query_pool(self.proj(x_norm), self.attn.q_stride, backend=self.backend)
+            x = self.attn(x_norm, residual=x) if skip_in_epilogue else x + self.drop_path(self.attn(x_norm))
+        mlp, activation = self.mlp, epilogues.activation_name(self.mlp.act)
+        if activation is not None and self.recomputes(self.norm2, mlp, (mlp.fc1, mlp.fc2), x):
+            # Likewise norm2(x) and the GELU's output; fc1's output is kept.
+            return x + self.drop_path(recompute.layer_norm_mlp(self.norm2, mlp.fc1, activation, mlp.fc2, x))
+        if skip_in_epilogue:
+            return mlp(self.norm2(x), residual=x)
+        return x + self.drop_path(mlp(self.norm2(x)))
+
+    def recomputes(self, norm: nn.Module, branch: nn.Module, linears: Tuple[nn.Module, ...], x: torch.Tensor) -> bool:
+        """Whether ``norm`` and ``branch`` (the attention's qkv or the MLP) run as one
+        :mod:`hiera_kernels.recompute` op; never past a hook on ``branch`` (it must see its call)."""
+        return not branch._forward_hooks and not branch._forward_pre_hooks and recompute.applies(norm, linears, x, self.backend)
 
 
 class Head(nn.Module):

@@ -1,0 +1,172 @@
+"""Training: a block's LayerNorm and GELU outputs recomputed in the backward, not saved.
+
+A Hiera block's plain autograd graph keeps, per token, the LayerNorm outputs that the
+Linears after them read (``norm1(x)`` for qkv, ``norm2(x)`` for fc1: ``dim`` values
+each) and both sides of the MLP's GELU (fc1's output ``h`` and ``gelu(h)``: ``4 * dim``
+each). Two ops keep only what cannot be recomputed cheaply:
+
+    layer_norm_linear(x, norm_weight, norm_bias, eps, weight, bias)
+        x [..., C] -> (linear(layer_norm(x)) [..., out], mean [..., 1], rstd [..., 1])
+        saves x, mean, rstd (x is the block's input, which the graph keeps anyway)
+    layer_norm_mlp(x, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate)
+        x [..., C] -> (fc2(gelu(fc1(layer_norm(x)))) [..., C'], mean, rstd, h = fc1(...) [..., hidden])
+        saves x, mean, rstd and h; gelu(h) is recomputed once in the backward
+
+``mean``, ``rstd`` and ``h`` are outputs only so that autograd can save them (not
+differentiable; callers drop them). The forward runs the same ATen ops as the plain
+modules in the same order, so its outputs equal theirs bit for bit; the backward
+recomputes ``layer_norm(x)`` and ``gelu(h)`` with those same ops (the same bits again),
+then runs the Linears' and LayerNorm's own backward formulas. The ops are composite
+(ATen only): they run on every device, and only the memory they keep differs.
+
+The drop-in model uses them in training on every backend but ``"torch"`` (the plain
+oracle) and not under ``torch.compile`` (inductor's partitioner already chooses what to
+recompute, and fuses these elementwise passes into its own kernels); see
+:func:`applies`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import backends
+from .epilogues import Linear
+from .library import NAMESPACE
+
+SCHEMAS = {
+    "layer_norm_linear": "(Tensor x, Tensor? norm_weight, Tensor? norm_bias, float eps, Tensor weight, Tensor? bias) "
+    "-> (Tensor, Tensor, Tensor)",
+    "layer_norm_mlp": "(Tensor x, Tensor? norm_weight, Tensor? norm_bias, float eps, Tensor fc1_weight, "
+    "Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, str approximate) -> (Tensor, Tensor, Tensor, Tensor)",
+}
+APPROXIMATIONS = ("none", "tanh")  # F.gelu's approximate=
+
+_lib = torch.library.Library(NAMESPACE, "FRAGMENT")
+for _name, _schema in SCHEMAS.items():
+    _lib.define(_name + _schema)
+
+
+def _layer_norm(x, norm_weight, norm_bias, eps):
+    """(y, mean, rstd): ATen's LayerNorm over the last dim, as ``nn.LayerNorm`` runs it."""
+    return torch.ops.aten.native_layer_norm(x, [x.shape[-1]], norm_weight, norm_bias, eps)
+
+
+def _layer_norm_linear(x, norm_weight, norm_bias, eps, weight, bias):
+    y, mean, rstd = _layer_norm(x, norm_weight, norm_bias, eps)
+    return F.linear(y, weight, bias), mean, rstd
+
+
+def _layer_norm_mlp(x, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate):
+    torch._check(approximate in APPROXIMATIONS, lambda: f"layer_norm_mlp: approximate must be 'none' or 'tanh', got {approximate!r}")
+    y, mean, rstd = _layer_norm(x, norm_weight, norm_bias, eps)
+    h = F.linear(y, fc1_weight, fc1_bias)
+    return F.linear(F.gelu(h, approximate=approximate), fc2_weight, fc2_bias), mean, rstd, h
+
+
+# The ATen ops have meta kernels, so the same functions are the fake implementations.
+for _name, _fn in (("layer_norm_linear", _layer_norm_linear), ("layer_norm_mlp", _layer_norm_mlp)):
+    torch.library.impl(f"{NAMESPACE}::{_name}", "CompositeExplicitAutograd", _fn, lib=_lib)
+    torch.library.register_fake(f"{NAMESPACE}::{_name}", _fn, lib=_lib)
+
+
+def _linear_backward(grad_out: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, has_bias: bool):
+    """(grad_inp, grad_weight, grad_bias) of ``F.linear(inp, weight, bias)``; grad_out [..., out], inp [..., in]."""
+    g2, i2 = grad_out.reshape(-1, grad_out.shape[-1]), inp.reshape(-1, inp.shape[-1])
+    grad_inp = (g2 @ weight).view(inp.shape)
+    return grad_inp, g2.t() @ i2, g2.sum(0) if has_bias else None
+
+
+def _layer_norm_backward(grad_y, x, mean, rstd, norm_weight, norm_bias):
+    mask = [True, norm_weight is not None, norm_bias is not None]
+    return torch.ops.aten.native_layer_norm_backward(grad_y, x, [x.shape[-1]], mean, rstd, norm_weight, norm_bias, mask)
+
+
+def _setup_layer_norm_linear(ctx, inputs, output):
+    x, norm_weight, norm_bias, ctx.eps, weight, bias = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, norm_weight, norm_bias, weight, mean, rstd)
+
+
+def _backward_layer_norm_linear(ctx, grad_out, _grad_mean, _grad_rstd):
+    x, norm_weight, norm_bias, weight, mean, rstd = ctx.saved_tensors
+    y = _layer_norm(x, norm_weight, norm_bias, ctx.eps)[0]  # the forward's y, recomputed
+    grad_y, grad_weight, grad_bias = _linear_backward(grad_out, y, weight, ctx.has_bias)
+    grad_x, grad_norm_weight, grad_norm_bias = _layer_norm_backward(grad_y, x, mean, rstd, norm_weight, norm_bias)
+    return grad_x, grad_norm_weight, grad_norm_bias, None, grad_weight, grad_bias
+
+
+def _setup_layer_norm_mlp(ctx, inputs, output):
+    x, norm_weight, norm_bias, ctx.eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, ctx.approximate = inputs
+    _, mean, rstd, h = output
+    ctx.mark_non_differentiable(mean, rstd, h)
+    ctx.has_bias = (fc1_bias is not None, fc2_bias is not None)
+    ctx.save_for_backward(x, norm_weight, norm_bias, fc1_weight, fc2_weight, mean, rstd, h)
+
+
+def _backward_layer_norm_mlp(ctx, grad_out, _grad_mean, _grad_rstd, _grad_h):
+    x, norm_weight, norm_bias, fc1_weight, fc2_weight, mean, rstd, h = ctx.saved_tensors
+    # fc2 reads gelu(h): recomputed ([..., hidden], the largest activation of the block)
+    # and freed before fc1's backward allocates its own.
+    grad_a, grad_fc2_weight, grad_fc2_bias = _linear_backward(
+        grad_out, F.gelu(h, approximate=ctx.approximate), fc2_weight, ctx.has_bias[1])
+    grad_h = torch.ops.aten.gelu_backward(grad_a, h, approximate=ctx.approximate)
+    del grad_a
+    y = _layer_norm(x, norm_weight, norm_bias, ctx.eps)[0]
+    grad_y, grad_fc1_weight, grad_fc1_bias = _linear_backward(grad_h, y, fc1_weight, ctx.has_bias[0])
+    del grad_h, y
+    grad_x, grad_norm_weight, grad_norm_bias = _layer_norm_backward(grad_y, x, mean, rstd, norm_weight, norm_bias)
+    return (grad_x, grad_norm_weight, grad_norm_bias, None, grad_fc1_weight, grad_fc1_bias,
+            grad_fc2_weight, grad_fc2_bias, None)
+
+
+torch.library.register_autograd(f"{NAMESPACE}::layer_norm_linear", _backward_layer_norm_linear,
+                                setup_context=_setup_layer_norm_linear, lib=_lib)
+torch.library.register_autograd(f"{NAMESPACE}::layer_norm_mlp", _backward_layer_norm_mlp,
+                                setup_context=_setup_layer_norm_mlp, lib=_lib)
+
+
+# ------------------------------------------------------------------ module-level API
+def _plain(module: nn.Module, types) -> bool:
+    """``module`` is exactly one of ``types`` and has no forward hooks (a hook must see the call)."""
+    return type(module) in types and not module._forward_hooks and not module._forward_pre_hooks
+
+
+def applies(norm: nn.Module, linears, x: torch.Tensor, backend: Optional[str]) -> bool:
+    """Whether ``norm`` followed by ``linears`` on ``x`` runs as one recompute op: a
+    training forward that records a graph (grad mode on, something needs a gradient), a
+    backend other than ``"torch"`` (``backend`` None: the global default), not under
+    ``torch.compile`` (see the module docstring) nor autocast (whose casts the op would
+    bypass), and the plain modules the op computes: ``nn.LayerNorm`` over the last dim,
+    ``nn.Linear`` (or the drop-in :class:`~hiera_kernels.epilogues.Linear`), no hooks."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
+        return False
+    if (backend or backends.get_backend()) == "torch":
+        return False
+    if not _plain(norm, (nn.LayerNorm,)) or len(norm.normalized_shape) != 1:
+        return False
+    if not all(_plain(m, (nn.Linear, Linear)) for m in linears):
+        return False
+    params = [p for m in (norm, *linears) for p in m.parameters()]
+    return x.requires_grad or any(p.requires_grad for p in params)
+
+
+def layer_norm_linear(norm: nn.LayerNorm, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``linear(norm(x))``, keeping x for the backward instead of ``norm(x)``."""
+    out, _, _ = torch.ops.hiera_kernels.layer_norm_linear(x, norm.weight, norm.bias, norm.eps, linear.weight, linear.bias)
+    return out
+
+
+def layer_norm_mlp(norm: nn.LayerNorm, fc1: nn.Linear, activation: str, fc2: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``fc2(gelu(fc1(norm(x))))`` with ``activation`` ``"gelu"`` or ``"gelu_tanh"``
+    (:func:`hiera_kernels.epilogues.activation_name`), keeping x and fc1's output for the
+    backward instead of ``norm(x)``, fc1's output and the GELU's."""
+    approximate = {"gelu": "none", "gelu_tanh": "tanh"}[activation]
+    out, _, _, _ = torch.ops.hiera_kernels.layer_norm_mlp(
+        x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias, approximate)
+    return out

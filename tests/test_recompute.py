@@ -1,0 +1,167 @@
+"""Training ops that recompute LayerNorm and GELU outputs in the backward
+(hiera_kernels.recompute): the forward equals the plain modules bit for bit, gradients
+pass the shared rule against float64, the ops keep only what they say, opcheck,
+compile, and where the drop-in model uses them (and where it must not)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import hiera_kernels as hk
+from hiera_kernels import error_rule, recompute
+from hiera_kernels.tools.traffic import saved_activation_bytes
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+APPROXIMATE = {"gelu": "none", "gelu_tanh": "tanh"}
+
+
+def modules(dim=96, hidden=384, dtype=torch.float32, affine=True, bias=True):
+    """LayerNorm -> fc1 -> fc2 with weights far from their defaults (a dropped term shows)."""
+    norm = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=affine)
+    fc1, fc2 = nn.Linear(dim, hidden, bias=bias), nn.Linear(hidden, dim, bias=bias)
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.normal_(1.0 if p is norm.weight else 0.0, 0.5)
+        for m in (fc1, fc2):
+            m.weight.normal_(0, m.in_features**-0.5)
+            if bias:
+                m.bias.normal_(0, 0.5)
+    return norm.to(dtype), fc1.to(dtype), fc2.to(dtype)
+
+
+def plain(kind, norm, fc1, fc2, activation, x):
+    """The modules as the plain block runs them."""
+    if kind == "layer_norm_linear":
+        return fc1(norm(x))
+    return fc2(F.gelu(fc1(norm(x)), approximate=APPROXIMATE[activation]))
+
+
+def fused(kind, norm, fc1, fc2, activation, x):
+    if kind == "layer_norm_linear":
+        return recompute.layer_norm_linear(norm, fc1, x)
+    return recompute.layer_norm_mlp(norm, fc1, activation, fc2, x)
+
+
+def forward_and_grads(kind, mods, activation, x, grad_out, run):
+    x = x.detach().requires_grad_()
+    used = mods[:2] if kind == "layer_norm_linear" else mods  # fc2 is the MLP's
+    params = [x] + [p for m in used for p in m.parameters()]
+    out = run(kind, *mods, activation, x)
+    return [out.detach(), *torch.autograd.grad(out, params, grad_out(out))]
+
+
+KINDS = ["layer_norm_linear", "layer_norm_mlp"]
+
+
+@pytest.mark.parametrize("kind, activation", [("layer_norm_linear", None), ("layer_norm_mlp", "gelu"), ("layer_norm_mlp", "gelu_tanh")])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_is_the_plain_modules_and_gradients_pass_the_rule(kind, dtype, activation):
+    mods = modules()
+    x = torch.randn(2, 150, 96)  # [B, N, C]; 300 rows, not a multiple of any GEMM block
+    g = torch.Generator().manual_seed(1)
+    grad_out = lambda out: torch.randn(out.shape, generator=g).to(out.dtype)  # noqa: E731
+
+    def run(dt, how):
+        g.manual_seed(1)
+        return forward_and_grads(kind, [copy.deepcopy(m).to(dt) for m in mods], activation, x.to(dt), grad_out, how)
+
+    reference, torch_path, ours = run(torch.float64, plain), run(dtype, plain), run(dtype, fused)
+    # The forward runs the modules' own ATen ops in their order: the same bits.
+    assert torch.equal(ours[0], torch_path[0])
+    names = ["out", "x"] + [f"{i}.{n}" for i, m in enumerate(mods) for n, _ in m.named_parameters()]
+    for name, r, t, o in zip(names, reference, torch_path, ours):
+        verdict = error_rule.judge(o, t, r)
+        assert verdict.passed, f"{kind} {name}: {verdict.describe()}"
+
+
+def op_args(kind, dtype=torch.float32, affine=True, bias=True):
+    norm, fc1, fc2 = modules(dim=8, hidden=16, dtype=dtype, affine=affine, bias=bias)
+    x = torch.randn(2, 5, 8, dtype=dtype, requires_grad=True)
+    lin = (fc1.weight, fc1.bias)
+    if kind == "layer_norm_linear":
+        return (x, norm.weight, norm.bias, norm.eps, *lin)
+    return (x, norm.weight, norm.bias, norm.eps, *lin, fc2.weight, fc2.bias, "tanh")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("affine_and_bias", [True, False])
+def test_opcheck_and_float64_gradcheck(kind, affine_and_bias):
+    op = getattr(torch.ops.hiera_kernels, kind).default
+    torch.library.opcheck(op, op_args(kind, affine=affine_and_bias, bias=affine_and_bias))
+    args = op_args(kind, torch.float64, affine=affine_and_bias, bias=affine_and_bias)
+    assert torch.autograd.gradcheck(lambda *a: op(*a)[0], args)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_compiles_fullgraph_forward_and_backward(kind):
+    op = getattr(torch.ops.hiera_kernels, kind).default
+    args = op_args(kind)
+
+    def loss(*a):
+        return op(*a)[0].square().sum()
+
+    want = torch.autograd.grad(loss(*args), [a for a in args if isinstance(a, torch.Tensor)])
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(*args), [a for a in args if isinstance(a, torch.Tensor)])
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+
+
+def test_ops_keep_only_their_inputs_statistics_and_fc1_output():
+    """What autograd saves: x (the caller's), mean and rstd [..., 1], and for the MLP fc1's
+    output h [..., hidden]; never norm(x) nor gelu(h)."""
+    norm, fc1, fc2 = modules()
+    x = torch.randn(2, 150, 96, requires_grad=True)
+    model = nn.ModuleList([norm, fc1, fc2])
+    rows, stats = 2 * 150, 2 * 2 * 150 * 4  # mean and rstd, float32
+    saved = saved_activation_bytes(model, lambda: recompute.layer_norm_linear(norm, fc1, x))
+    assert saved == x.nbytes + stats
+    saved = saved_activation_bytes(model, lambda: recompute.layer_norm_mlp(norm, fc1, "gelu", fc2, x))
+    assert saved == x.nbytes + stats + rows * 384 * 4
+    plain_saved = saved_activation_bytes(model, lambda: fc2(F.gelu(fc1(norm(x)))))
+    assert plain_saved == saved + rows * (96 + 384) * 4  # the LayerNorm output and the GELU's
+
+
+def test_drop_in_model_training_keeps_less_than_the_plain_path():
+    """The drop-in model on "cpu" runs the ops in training: it saves what the "torch" path
+    saves less each block's LayerNorm outputs and GELU output (and attention's own)."""
+    model = hk.hiera_tiny_224(input_size=(64, 64), num_classes=10)
+    x = torch.randn(2, 3, 64, 64)
+    saved = {}
+    for backend in ("torch", "cpu"):
+        model.set_backend(backend).train()
+        saved[backend] = saved_activation_bytes(model, lambda: model(x))
+    assert saved["cpu"] <= 0.7 * saved["torch"], saved
+
+
+def test_where_the_model_does_not_use_them():
+    norm, fc1, _ = modules()
+    x = torch.randn(2, 10, 96, requires_grad=True)
+    assert recompute.applies(norm, (fc1,), x, "cpu")
+    assert not recompute.applies(norm, (fc1,), x, "torch")  # the oracle stays plain
+    with torch.no_grad():
+        assert not recompute.applies(norm, (fc1,), x, "cpu")
+    assert recompute.applies(norm, (fc1,), x.detach(), "cpu")  # the parameters need gradients
+    frozen = copy.deepcopy((norm, fc1))
+    for p in (*frozen[0].parameters(), *frozen[1].parameters()):
+        p.requires_grad_(False)
+    assert not recompute.applies(frozen[0], frozen[1:], x.detach(), "cpu")  # nothing to differentiate
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not recompute.applies(norm, (fc1,), x, "cpu")
+    fc1.register_forward_hook(lambda *a: None)
+    assert not recompute.applies(norm, (fc1,), x, "cpu")
+    assert not recompute.applies(nn.GroupNorm(1, 96), (nn.Linear(96, 8),), x, "cpu")
+
+
+def test_model_hooks_still_see_their_calls_in_training():
+    """A hook on a block's attention or MLP keeps that branch on the plain modules."""
+    model = hk.hiera_tiny_224(input_size=(64, 64), num_classes=10, backend="cpu").train()
+    seen = []
+    model.blocks[0].mlp.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    model.blocks[0].norm1.register_forward_hook(lambda m, args, out: seen.append("norm1"))
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert seen == ["norm1", torch.Size([2, 256, 96])]
