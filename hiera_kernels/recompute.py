@@ -27,6 +27,7 @@ recompute, and fuses these elementwise passes into its own kernels); see
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
@@ -132,25 +133,40 @@ torch.library.register_autograd(f"{NAMESPACE}::layer_norm_mlp", _backward_layer_
 
 
 # ------------------------------------------------------------------ module-level API
-def _plain(module: nn.Module, types) -> bool:
-    """``module`` is exactly one of ``types`` and has no forward hooks (a hook must see the call)."""
-    return type(module) in types and not module._forward_hooks and not module._forward_pre_hooks
+def plain_layer_norm(norm: nn.Module) -> bool:
+    """Whether ``norm`` computes ``F.layer_norm`` over the last dim: ``nn.LayerNorm``, or
+    timm's ``LayerNorm`` (the official and timm Hieras' norm) with its fast-norm option off."""
+    if not isinstance(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1:
+        return False
+    if type(norm) is nn.LayerNorm:
+        return True
+    timm_norm = sys.modules.get("timm.layers.norm")  # imported by timm if anything made one
+    return timm_norm is not None and type(norm) is timm_norm.LayerNorm and not norm._fast_norm
 
 
-def applies(norm: nn.Module, linears, x: torch.Tensor, backend: Optional[str]) -> bool:
+def hooked(module: nn.Module) -> bool:
+    """Whether ``module`` has forward hooks (which must see its call: then it runs as a module)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def applies(norm: nn.Module, linears, x: torch.Tensor, backend: Optional[str], branch: Optional[nn.Module] = None) -> bool:
     """Whether ``norm`` followed by ``linears`` on ``x`` runs as one recompute op: a
     training forward that records a graph (grad mode on, something needs a gradient), a
     backend other than ``"torch"`` (``backend`` None: the global default), not under
     ``torch.compile`` (see the module docstring) nor autocast (whose casts the op would
-    bypass), and the plain modules the op computes: ``nn.LayerNorm`` over the last dim,
-    ``nn.Linear`` (or the drop-in :class:`~hiera_kernels.epilogues.Linear`), no hooks."""
+    bypass), and the plain modules the op computes: a :func:`plain_layer_norm`,
+    ``nn.Linear`` (or the drop-in :class:`~hiera_kernels.epilogues.Linear`), none of them
+    hooked, nor ``branch``, the module whose forward the op stands in for (an attention
+    whose qkv it computes, an MLP)."""
     if not torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
         return False
     if (backend or backends.get_backend()) == "torch":
         return False
-    if not _plain(norm, (nn.LayerNorm,)) or len(norm.normalized_shape) != 1:
+    if not plain_layer_norm(norm):
         return False
-    if not all(_plain(m, (nn.Linear, Linear)) for m in linears):
+    if any(type(m) not in (nn.Linear, Linear) for m in linears):
+        return False
+    if any(hooked(m) for m in (norm, *linears, *([branch] if branch is not None else []))):
         return False
     params = [p for m in (norm, *linears) for p in m.parameters()]
     return x.requires_grad or any(p.requires_grad for p in params)

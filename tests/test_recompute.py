@@ -135,7 +135,7 @@ def test_drop_in_model_training_keeps_less_than_the_plain_path():
     for backend in ("torch", "cpu"):
         model.set_backend(backend).train()
         saved[backend] = saved_activation_bytes(model, lambda: model(x))
-    assert saved["cpu"] <= 0.7 * saved["torch"], saved
+    assert saved["cpu"] <= 0.7 * saved["torch"], saved  # measured: 0.62 (float32)
 
 
 def test_where_the_model_does_not_use_them():
@@ -165,3 +165,53 @@ def test_model_hooks_still_see_their_calls_in_training():
     model.blocks[0].norm1.register_forward_hook(lambda m, args, out: seen.append("norm1"))
     model(torch.randn(2, 3, 64, 64)).sum().backward()
     assert seen == ["norm1", torch.Size([2, 256, 96])]
+
+
+def _official():
+    import hiera
+    return hiera.hiera_tiny_224(input_size=(64, 64), num_classes=10), (2, 3, 64, 64)
+
+
+def _timm():
+    import timm
+    return timm.create_model("hiera_tiny_224", img_size=64, num_classes=10), (2, 3, 64, 64)
+
+
+def _sam2():
+    from sam2.modeling.backbones.hieradet import Hiera
+    return Hiera(embed_dim=96, num_heads=1, stages=(1, 2, 7, 2), global_att_blocks=(5, 7, 9),
+                 window_pos_embed_bkg_spatial_size=(7, 7)), (1, 3, 128, 128)
+
+
+def _timm_sam2():
+    import timm
+    return timm.create_model("sam2_hiera_tiny", num_classes=10), (1, 3, 128, 128)
+
+
+@pytest.mark.parametrize("family", ["official", "timm", "sam2", "timm-sam2"])
+def test_patched_models_keep_less_in_training(family):
+    """Patched models on a kernel backend run the ops in their blocks too: less saved
+    than the same patched model on "torch" (the plain modules), same gradients by the rule."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        model, shape = {"official": _official, "timm": _timm, "sam2": _sam2, "timm-sam2": _timm_sam2}[family]()
+    x = torch.randn(shape)
+    saved, grads = {}, {}
+    for backend in ("torch", "cpu", None):
+        m = hk.patch(copy.deepcopy(model).train(), backend=backend or "torch")
+        if backend is None:  # the float64 reference
+            m, x_run = m.double(), x.double()
+        else:
+            x_run = x
+        loss = lambda: sum(o.float().square().mean() for o in (lambda y: y if isinstance(y, (list, tuple)) else [y])(m(x_run)))  # noqa: E731
+        if backend is not None:
+            saved[backend] = saved_activation_bytes(m, loss)
+        m.zero_grad()
+        loss().backward()
+        grads[backend] = {n: p.grad for n, p in m.named_parameters()}
+    assert saved["cpu"] <= 0.7 * saved["torch"], saved  # measured: 0.64 (official, timm), 0.59 (SAM 2s)
+    for n in grads[None]:
+        verdict = error_rule.judge(grads["cpu"][n], grads["torch"][n], grads[None][n])
+        assert verdict.passed, f"{family} {n}: {verdict.describe()}"

@@ -11,7 +11,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .. import ops
+from .. import epilogues, ops, recompute
 
 RECORD = "_hiera_kernels_patch"
 
@@ -107,10 +107,47 @@ def attention(module: nn.Module, x: torch.Tensor, heads: int, q_stride: int, win
     """Every family's MaskUnitAttention body: ``proj(attention(qkv(x)))``,
     x [B, N, dim] -> [B, N // q_stride, dim_out], with the attention between the two
     Linears (q pooling, windows, SDPA, head merge) one op."""
-    out = ops.mask_unit_attention(
-        module.qkv(x), heads, q_stride, window_size, use_mask_unit_attn, backend=backend_of(module)
-    )
+    return attend(module, module.qkv(x), heads, q_stride, window_size, use_mask_unit_attn)
+
+
+def attend(module: nn.Module, qkv: torch.Tensor, heads: int, q_stride: int, window_size: int, use_mask_unit_attn: bool):
+    """:func:`attention` from the qkv Linear's output [B, N, 3 * dim_out] on."""
+    out = ops.mask_unit_attention(qkv, heads, q_stride, window_size, use_mask_unit_attn, backend=backend_of(module))
     return module.proj(out)
+
+
+def inactive(module: nn.Module) -> bool:
+    """An ``Identity``, or a drop path / dropout that is off (eval mode, or probability 0)."""
+    return isinstance(module, nn.Identity) or not module.training or getattr(module, "drop_prob", getattr(module, "p", None)) == 0
+
+
+def timm_mlp_parts(mlp: nn.Module) -> Optional[Tuple[nn.Linear, str, nn.Linear]]:
+    """(fc1, activation, fc2) when ``mlp`` is timm's ``Mlp`` computing ``fc2(act(fc1(x)))``
+    and nothing else (no norm, dropouts off, a GELU; as the official and timm Hieras
+    build it), else None. Its Linears then run fused (epilogues, recompute)."""
+    timm_mlp = sys.modules.get("timm.layers.mlp")
+    if timm_mlp is None or type(mlp) is not timm_mlp.Mlp:
+        return None
+    activation = epilogues.activation_name(mlp.act)
+    if activation is None or not isinstance(mlp.norm, nn.Identity) or not (inactive(mlp.drop1) and inactive(mlp.drop2)):
+        return None
+    return mlp.fc1, activation, mlp.fc2
+
+
+def mlp_branch(norm: nn.Module, mlp: nn.Module, parts: Optional[Tuple[nn.Linear, str, nn.Linear]],
+               x: torch.Tensor, backend: Optional[str]) -> torch.Tensor:
+    """``mlp(norm(x))``; in training on a kernel backend with ``parts`` = (fc1, activation,
+    fc2), the :mod:`hiera_kernels.recompute` op (norm(x) and the GELU recomputed in the backward)."""
+    if parts is not None and recompute.applies(norm, (parts[0], parts[2]), x, backend, mlp):
+        fc1, activation, fc2 = parts
+        return recompute.layer_norm_mlp(norm, fc1, activation, fc2, x)
+    return mlp(norm(x))
+
+
+def recomputes_qkv(block: nn.Module, x: torch.Tensor, backend: Optional[str]) -> bool:
+    """Whether a block (not a stage transition, whose normed input feeds proj too) runs
+    ``attn.qkv(norm1(x))`` as the :mod:`hiera_kernels.recompute` op."""
+    return block.dim == block.dim_out and recompute.applies(block.norm1, (block.attn.qkv,), x, backend, block.attn)
 
 
 def pool(module: nn.Module, x: torch.Tensor, stride: int) -> torch.Tensor:

@@ -24,9 +24,10 @@ from typing import List
 import torch
 import torch.nn as nn
 
-from .. import ops
+from .. import ops, recompute
 from ..models.hiera_mae import MaskedAutoencoderHiera as GraphSafeMAE
-from ._common import Binding, Rule, attention, backend_of, check_attention, check_geometry, find, pool
+from ._common import (Binding, Rule, attend, attention, backend_of, check_attention, check_geometry, find, mlp_branch, pool,
+                      recomputes_qkv, timm_mlp_parts)
 
 NAME = "official hiera"
 
@@ -44,13 +45,24 @@ def attention_forward(self, x: torch.Tensor) -> torch.Tensor:
     return attention(self, x, self.heads, self.q_stride, self.window_size, self.use_mask_unit_attn)
 
 
+def attend_qkv(self, qkv: torch.Tensor) -> torch.Tensor:
+    """:func:`attention_forward` from the qkv Linear's output on."""
+    return attend(self, qkv, self.heads, self.q_stride, self.window_size, self.use_mask_unit_attn)
+
+
 def block_forward(self, x: torch.Tensor) -> torch.Tensor:
-    x_norm = self.norm1(x)
-    if self.dim != self.dim_out:
-        # The residual is projected on the normed input, then pooled like q.
-        x = pool(self, self.proj(x_norm), self.attn.q_stride)
-    x = x + self.drop_path(self.attn(x_norm))
-    return x + self.drop_path(self.mlp(self.norm2(x)))
+    backend = backend_of(self)
+    if recomputes_qkv(self, x, backend):
+        # Training on a kernel backend: norm1(x) is recomputed in the backward, not saved.
+        branch = attend_qkv(self.attn, recompute.layer_norm_linear(self.norm1, self.attn.qkv, x))
+    else:
+        x_norm = self.norm1(x)
+        if self.dim != self.dim_out:
+            # The residual is projected on the normed input, then pooled like q.
+            x = pool(self, self.proj(x_norm), self.attn.q_stride)
+        branch = self.attn(x_norm)
+    x = x + self.drop_path(branch)
+    return x + self.drop_path(mlp_branch(self.norm2, self.mlp, timm_mlp_parts(self.mlp), x, backend))
 
 
 def _check_unroll(m: nn.Module, path: str) -> None:

@@ -35,8 +35,8 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .. import epilogues, ops
-from ._common import Binding, Rule, backend_of, find
+from .. import epilogues, ops, recompute
+from ._common import Binding, Rule, backend_of, find, inactive, recomputes_qkv
 
 NAME = "sam2"
 MODULE = "sam2.modeling.backbones.hieradet"
@@ -48,11 +48,6 @@ def _linear(linear: nn.Linear, x: torch.Tensor, backend: Optional[str], residual
     if epilogues.fuses(linear, x, residual, backend):
         return epilogues.fused_linear(linear, x, residual=residual)
     return linear(x) if residual is None else residual + linear(x)
-
-
-def inactive(module: nn.Module) -> bool:
-    """An ``Identity``, or a drop path / dropout that is off (eval mode, or probability 0)."""
-    return isinstance(module, nn.Identity) or not module.training or getattr(module, "drop_prob", getattr(module, "p", None)) == 0
 
 
 def pool_stride(pool: Optional[nn.Module], path: str) -> int:
@@ -71,8 +66,12 @@ def pool_stride(pool: Optional[nn.Module], path: str) -> int:
 def attention_forward(self, x: torch.Tensor, window_size: int = 0, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x [B, H, W, dim], the block's normed map, unpadded -> [B, H // s, W // s, dim_out],
     plus ``residual`` (the block's skip connection) if given."""
+    return attend(self, _linear(self.qkv, x, backend_of(self)), window_size, residual)
+
+
+def attend(self, qkv: torch.Tensor, window_size: int = 0, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`attention_forward` from the qkv Linear's output [B, H, W, 3 * dim_out] on."""
     backend = backend_of(self)
-    qkv = _linear(self.qkv, x, backend)  # [B, H, W, 3 * dim_out]
     # SAM 2 pads the normed map with zeros before qkv: a padded token's qkv is the bias.
     out = ops.window_attention(qkv, self.num_heads, window_size, pool_stride(self.q_pool, "attn"), pad=self.qkv.bias,
                                backend=backend)
@@ -85,17 +84,25 @@ def block_body(self, x: torch.Tensor, window_size: int, mlp: Optional[Tuple[nn.L
     ``mlp``: (fc1, activation, fc2) where the MLP is fc2(act(fc1)) and nothing else (None:
     call the MLP module); ls*/drop_path*: what wraps each branch (Identity where none)."""
     backend = backend_of(self)
-    x_norm = self.norm1(x)
-    if self.dim != self.dim_out:
-        # The residual of a stage's first block: proj of the *normed* map, max-pooled
-        # like q (SAM 2's do_pool: NHWC -> NCHW view -> MaxPool2d -> NHWC view).
-        x = _linear(self.proj, x_norm, backend)
-        if self.pool is not None:
-            x = self.pool(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-    if isinstance(ls1, nn.Identity) and inactive(drop_path1):
-        x = self.attn(x_norm, window_size, residual=x)  # the skip connection in proj's epilogue
+    if recomputes_qkv(self, x, backend):
+        # Training on a kernel backend: norm1(x) is recomputed in the backward, not saved.
+        x = x + drop_path1(ls1(attend(self.attn, recompute.layer_norm_linear(self.norm1, self.attn.qkv, x), window_size)))
     else:
-        x = x + drop_path1(ls1(self.attn(x_norm, window_size)))
+        x_norm = self.norm1(x)
+        if self.dim != self.dim_out:
+            # The residual of a stage's first block: proj of the *normed* map, max-pooled
+            # like q (SAM 2's do_pool: NHWC -> NCHW view -> MaxPool2d -> NHWC view).
+            x = _linear(self.proj, x_norm, backend)
+            if self.pool is not None:
+                x = self.pool(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        if isinstance(ls1, nn.Identity) and inactive(drop_path1):
+            x = self.attn(x_norm, window_size, residual=x)  # the skip connection in proj's epilogue
+        else:
+            x = x + drop_path1(ls1(self.attn(x_norm, window_size)))
+    if mlp is not None and recompute.applies(self.norm2, (mlp[0], mlp[2]), x, backend, self.mlp):
+        # Likewise norm2(x) and the GELU's output; fc1's output is kept.
+        fc1, activation, fc2 = mlp
+        return x + drop_path2(ls2(recompute.layer_norm_mlp(self.norm2, fc1, activation, fc2, x)))
     h = self.norm2(x)
     if (mlp is not None and isinstance(ls2, nn.Identity) and inactive(drop_path2)
             and epilogues.fuses(mlp[0], h, None, backend) and epilogues.fuses(mlp[2], h, x, backend)):

@@ -23,9 +23,9 @@ from typing import List
 import torch
 import torch.nn as nn
 
-from .. import epilogues
+from .. import recompute
 from . import official, sam2_hieradet
-from ._common import Binding, Rule, find, pool
+from ._common import Binding, Rule, backend_of, find, mlp_branch, pool, recomputes_qkv, timm_mlp_parts
 
 NAME = "timm"
 MODULE = "timm.models.hiera"
@@ -33,25 +33,28 @@ SAM2_MODULE = "timm.models.hieradet_sam2"
 
 
 def block_forward(self, x: torch.Tensor) -> torch.Tensor:
-    x_norm = self.norm1(x)
-    if self.do_expand:
-        stride = self.attn.q_stride
-        if self.proj is not None:
-            x = pool(self, self.proj(x_norm), stride)
-        else:
-            # Un-normed x [B, stride * M, C] -> [B, M, 2C]: max and mean over the stride digit.
-            mean = x.view(x.shape[0], stride, -1, x.shape[-1]).mean(dim=1)
-            x = torch.cat([pool(self, x, stride), mean], dim=-1)
-    x = x + self.drop_path1(self.ls1(self.attn(x_norm)))
-    return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+    backend = backend_of(self)
+    if not self.do_expand and recomputes_qkv(self, x, backend):
+        # Training on a kernel backend: norm1(x) is recomputed in the backward, not saved.
+        branch = official.attend_qkv(self.attn, recompute.layer_norm_linear(self.norm1, self.attn.qkv, x))
+    else:
+        x_norm = self.norm1(x)
+        if self.do_expand:
+            stride = self.attn.q_stride
+            if self.proj is not None:
+                x = pool(self, self.proj(x_norm), stride)
+            else:
+                # Un-normed x [B, stride * M, C] -> [B, M, 2C]: max and mean over the stride digit.
+                mean = x.view(x.shape[0], stride, -1, x.shape[-1]).mean(dim=1)
+                x = torch.cat([pool(self, x, stride), mean], dim=-1)
+        branch = self.attn(x_norm)
+    x = x + self.drop_path1(self.ls1(branch))
+    return x + self.drop_path2(self.ls2(mlp_branch(self.norm2, self.mlp, timm_mlp_parts(self.mlp), x, backend)))
 
 
 def sam2_block_forward(self, x: torch.Tensor) -> torch.Tensor:
     """timm's MultiScaleBlock (SAM 2's, with LayerScale, two drop paths and timm's Mlp)."""
-    m = self.mlp
-    activation = epilogues.activation_name(m.act)
-    plain = activation is not None and isinstance(m.norm, nn.Identity) and all(map(sam2_hieradet.inactive, (m.drop1, m.drop2)))
-    mlp = (m.fc1, activation, m.fc2) if plain else None
+    mlp = timm_mlp_parts(self.mlp)
     return sam2_hieradet.block_body(self, x, self.window_size[0], mlp, self.ls1, self.drop_path1, self.ls2, self.drop_path2)
 
 

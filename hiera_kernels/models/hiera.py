@@ -157,7 +157,7 @@ class HieraBlock(UsesBackend):
         # Without stochastic depth the skip connections go into proj's and fc2's epilogues
         # (added after the GEMM on the plain path, as officially).
         skip_in_epilogue = isinstance(self.drop_path, nn.Identity) or not self.training
-        if self.dim == self.dim_out and self.recomputes(self.norm1, self.attn, (self.attn.qkv,), x):
+        if self.dim == self.dim_out and recompute.applies(self.norm1, (self.attn.qkv,), x, self.backend, self.attn):
             # Training on a kernel backend: norm1(x) is recomputed in the backward, not saved.
             qkv = recompute.layer_norm_linear(self.norm1, self.attn.qkv, x)
             x = self.attn.attend(qkv, residual=x) if skip_in_epilogue else x + self.drop_path(self.attn.attend(qkv))
@@ -168,17 +168,12 @@ class HieraBlock(UsesBackend):
                 x = ops.query_pool(self.proj(x_norm), self.attn.q_stride, backend=self.backend)
             x = self.attn(x_norm, residual=x) if skip_in_epilogue else x + self.drop_path(self.attn(x_norm))
         mlp, activation = self.mlp, epilogues.activation_name(self.mlp.act)
-        if activation is not None and self.recomputes(self.norm2, mlp, (mlp.fc1, mlp.fc2), x):
+        if activation is not None and recompute.applies(self.norm2, (mlp.fc1, mlp.fc2), x, self.backend, mlp):
             # Likewise norm2(x) and the GELU's output; fc1's output is kept.
             return x + self.drop_path(recompute.layer_norm_mlp(self.norm2, mlp.fc1, activation, mlp.fc2, x))
         if skip_in_epilogue:
             return mlp(self.norm2(x), residual=x)
         return x + self.drop_path(mlp(self.norm2(x)))
-
-    def recomputes(self, norm: nn.Module, branch: nn.Module, linears: Tuple[nn.Module, ...], x: torch.Tensor) -> bool:
-        """Whether ``norm`` and ``branch`` (the attention's qkv or the MLP) run as one
-        :mod:`hiera_kernels.recompute` op; never past a hook on ``branch`` (it must see its call)."""
-        return not branch._forward_hooks and not branch._forward_pre_hooks and recompute.applies(norm, linears, x, self.backend)
 
 
 class Head(nn.Module):
