@@ -221,3 +221,33 @@ def _define_family(suffix: str):
 
 OPS = _define_family("")
 TRITON_OPS = _define_family(TRITON_SUFFIX)
+
+
+# --------------------------------------------------------------------- layer_norm
+# A C++ CPU kernel only (csrc/cpu/layer_norm.cpp): aten::native_layer_norm's contract over
+# the last dim (mean and rstd [..., 1] in x's dtype, as ATen's CPU kernel returns them),
+# so its backward is ATen's. hiera_kernels.layer_norm decides where it runs.
+_lib.define("layer_norm(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)")
+
+
+@torch.library.register_fake(f"{NAMESPACE}::layer_norm", lib=_lib)
+def _layer_norm_fake(x, weight, bias, eps):
+    stats = x.new_empty(tuple(x.shape[:-1]) + (1,))
+    return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
+
+
+def _setup_layer_norm(ctx, inputs, output):
+    x, weight, bias, _ = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+
+
+def _layer_norm_backward(ctx, grad_y, _grad_mean, _grad_rstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    grads = torch.ops.aten.native_layer_norm_backward(
+        grad_y.contiguous(), x, [x.shape[-1]], mean, rstd, weight, bias, [True, weight is not None, bias is not None])
+    return grads[0], grads[1], grads[2], None
+
+
+torch.library.register_autograd(f"{NAMESPACE}::layer_norm", _layer_norm_backward, setup_context=_setup_layer_norm, lib=_lib)

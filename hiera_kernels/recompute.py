@@ -13,11 +13,12 @@ each). Two ops keep only what cannot be recomputed cheaply:
         saves x, mean, rstd and h; gelu(h) is recomputed once in the backward
 
 ``mean``, ``rstd`` and ``h`` are outputs only so that autograd can save them (not
-differentiable; callers drop them). The forward runs the same ATen ops as the plain
-modules in the same order, so its outputs equal theirs bit for bit; the backward
-recomputes ``layer_norm(x)`` and ``gelu(h)`` with those same ops (the same bits again),
-then runs the Linears' and LayerNorm's own backward formulas. The ops are composite
-(ATen only): they run on every device, and only the memory they keep differs.
+differentiable; callers drop them). The forward runs the plain modules' ops in their
+order, the LayerNorm on :mod:`hiera_kernels.layer_norm`'s CPU kernel for CPU tensors
+(ATen's elsewhere); the backward recomputes ``layer_norm(x)`` and ``gelu(h)`` with the
+same functions (the forward's bits again), then runs the Linears' and LayerNorm's own
+backward formulas. The ops are composite: they run on every device, and only the memory
+they keep differs from the plain modules.
 
 The drop-in model uses them in training on every backend but ``"torch"`` (the plain
 oracle) and not under ``torch.compile`` (inductor's partitioner already chooses what to
@@ -27,7 +28,6 @@ recompute, and fuses these elementwise passes into its own kernels); see
 
 from __future__ import annotations
 
-import sys
 from typing import Optional
 
 import torch
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from . import backends
 from .epilogues import Linear
+from .layer_norm import hooked, native_layer_norm, plain_layer_norm
 from .library import NAMESPACE
 
 SCHEMAS = {
@@ -52,8 +53,8 @@ for _name, _schema in SCHEMAS.items():
 
 
 def _layer_norm(x, norm_weight, norm_bias, eps):
-    """(y, mean, rstd): ATen's LayerNorm over the last dim, as ``nn.LayerNorm`` runs it."""
-    return torch.ops.aten.native_layer_norm(x, [x.shape[-1]], norm_weight, norm_bias, eps)
+    """(y, mean, rstd): LayerNorm over the last dim (the C++ kernel on CPU, else ATen's)."""
+    return native_layer_norm(x, norm_weight, norm_bias, eps)
 
 
 def _layer_norm_linear(x, norm_weight, norm_bias, eps, weight, bias):
@@ -133,22 +134,6 @@ torch.library.register_autograd(f"{NAMESPACE}::layer_norm_mlp", _backward_layer_
 
 
 # ------------------------------------------------------------------ module-level API
-def plain_layer_norm(norm: nn.Module) -> bool:
-    """Whether ``norm`` computes ``F.layer_norm`` over the last dim: ``nn.LayerNorm``, or
-    timm's ``LayerNorm`` (the official and timm Hieras' norm) with its fast-norm option off."""
-    if not isinstance(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1:
-        return False
-    if type(norm) is nn.LayerNorm:
-        return True
-    timm_norm = sys.modules.get("timm.layers.norm")  # imported by timm if anything made one
-    return timm_norm is not None and type(norm) is timm_norm.LayerNorm and not norm._fast_norm
-
-
-def hooked(module: nn.Module) -> bool:
-    """Whether ``module`` has forward hooks (which must see its call: then it runs as a module)."""
-    return bool(module._forward_hooks or module._forward_pre_hooks)
-
-
 def applies(norm: nn.Module, linears, x: torch.Tensor, backend: Optional[str], branch: Optional[nn.Module] = None) -> bool:
     """Whether ``norm`` followed by ``linears`` on ``x`` runs as one recompute op: a
     training forward that records a graph (grad mode on, something needs a gradient), a

@@ -149,6 +149,16 @@ CHECK_SCRIPT = textwrap.dedent(
                 verdict = judge(result, torch_result, ref)
                 if not verdict.passed:
                     failures.append(f"{name} {dtype} {what}: {verdict.describe()}")
+    # LayerNorm: rows of 40 and 7 channels (vector tails), 13 rows (a partial row block).
+    for C in (40, 7):
+        x, w, b = torch.randn(13, C) * 3 + 2, torch.randn(C), torch.randn(C)
+        reference = torch.nn.functional.layer_norm(x.double(), (C,), w.double(), b.double(), 1e-6)
+        for dtype in [torch.float32, torch.float16, torch.bfloat16]:
+            args = (x.to(dtype), w.to(dtype), b.to(dtype))
+            verdict = judge(torch.ops.hiera_kernels.layer_norm(*args, 1e-6)[0],
+                            torch.nn.functional.layer_norm(args[0], (C,), *args[1:], 1e-6), reference)
+            if not verdict.passed:
+                failures.append(f"layer_norm C={C} {dtype}: {verdict.describe()}")
     print(json.dumps({"dispatch": _C.cpu_dispatch(), "failures": failures}))
     """
 )

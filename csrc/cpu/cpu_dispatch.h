@@ -5,6 +5,8 @@
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
+#include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -32,6 +34,12 @@ const CpuKernels& cpu_kernels();
 // The rule alone, for tests: the build for ATen level `aten_level` given which builds
 // the CPU supports (one flag per row of HIERA_KERNELS_CPU_CAPABILITIES).
 int choose_cpu_build(int aten_level, const std::vector<bool>& supported);
+
+// Scratch for one parallel_for chunk (the kernels take raw pointers; allocation stays
+// in baseline code). Uninitialised: the kernels write every element before reading it.
+inline std::unique_ptr<unsigned char[]> workspace(int64_t bytes) {
+  return std::unique_ptr<unsigned char[]>(new unsigned char[bytes]);
+}
 
 inline CpuDtype cpu_dtype(const char* op, at::ScalarType t) {
   switch (t) {

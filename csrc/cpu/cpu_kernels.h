@@ -44,6 +44,11 @@ namespace hiera_kernels {
 constexpr int64_t kQueryBlock = 64;
 constexpr int64_t kKeyBlock = 256;
 
+// LayerNorm normalises rows in blocks of kLayerNormRows (side by side: independent add
+// chains); its workspace holds one block and the widened weight and bias.
+constexpr int64_t kLayerNormRows = 8;
+constexpr int64_t layer_norm_workspace(int64_t C) { return (kLayerNormRows + 2) * C; }
+
 // The dtypes the kernels take; the entry points map at::ScalarType onto these.
 enum class CpuDtype : int { kFloat32, kFloat64, kFloat16, kBFloat16 };
 
@@ -87,6 +92,12 @@ struct CpuKernels {
   };
   Attention<AttentionLayout> mask_unit_attention;
   Attention<WindowLayout> window_attention;
+
+  // LayerNorm over the last dim of x [rows, C]: y [rows, C], mean and rstd [rows] in x's
+  // dtype (ATen's CPU native_layer_norm); weight and bias [C] or nullptr; a task is a row.
+  // workspace: layer_norm_workspace(C) elements of the accumulation type.
+  void (*layer_norm)(CpuDtype dtype, const void* x, const void* weight, const void* bias, double eps, int64_t C,
+                     void* y, void* mean, void* rstd, int64_t begin, int64_t end, void* workspace);
 };
 
 // Each build's table, defined (constant-initialised, so loading the library runs none

@@ -58,7 +58,7 @@ HK_GCC_TARGET(HK_CPU_TARGET)
 #include <limits>
 #include <type_traits>
 
-#if HK_CPU_F16C || HK_CPU_BF16_DOT
+#if HK_VECTOR_BYTES > 16 || HK_CPU_F16C || HK_CPU_BF16_DOT
 #include <immintrin.h>
 #endif
 
@@ -359,6 +359,16 @@ void gemm_rows(int64_t M, int64_t K, int64_t N, const T* a, int64_t a_row, int64
 }
 
 using FloatVec = Simd<float>::Vec;
+typedef uint32_t U32Vec __attribute__((vector_size(kVectorBytes), aligned(alignof(uint32_t)), may_alias));
+// kLanes 16-bit words: a U32Vec narrowed (bfloat16 bits), half a register.
+typedef uint16_t U16HalfVec __attribute__((vector_size(kVectorBytes / 2), aligned(alignof(uint16_t)), may_alias));
+
+// fp32 lanes rounded to bfloat16 (to nearest even), the bf16 bits in each lane's upper
+// half; NaN stays a (quiet) NaN instead of rounding up into an infinity.
+inline U32Vec bf16_rounded(FloatVec x) {
+  const U32Vec u = (U32Vec)x | ((U32Vec)(x != x) & 0x400000u);  // vector casts keep the bits
+  return (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+}
 typedef int32_t IntVec __attribute__((vector_size(kVectorBytes)));
 
 // exp(x) lane by lane: x = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-6
@@ -537,14 +547,6 @@ struct WidenedForward {
 };
 
 #if HK_CPU_BF16_DOT
-typedef uint32_t U32Vec __attribute__((vector_size(kVectorBytes), aligned(alignof(uint32_t)), may_alias));
-
-// fp32 lanes rounded to bfloat16 (to nearest even), the bf16 bits in each lane's upper
-// half; NaN stays a (quiet) NaN instead of rounding up into an infinity.
-inline U32Vec bf16_rounded(FloatVec x) {
-  const U32Vec u = (U32Vec)x | ((U32Vec)(x != x) & 0x400000u);  // vector casts keep the bits
-  return (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
-}
 
 // The same products for bfloat16 on AVX512-BF16 (Bf16PairProduct), keeping the fp32
 // online softmax between them: K rows are copied as raw bf16 pairs along the head dim
@@ -848,6 +850,144 @@ void attention_backward(CpuDtype dtype, const Layout& L, const void* grad_out, c
   });
 }
 
+// ------------------------------------------------------------------ layer norm
+// ATen's native_layer_norm over the last dim: y = (x - mean) * rstd * weight + bias with
+// rstd = 1 / sqrt(var + eps), var the biased variance. kLayerNormRows rows at a time are
+// widened into the workspace (L1-resident) and read twice: their means, then their sums
+// of squares about the mean (no cancellation, unlike E[x^2] - mean^2). Rows are short
+// (Hiera-B: C = 96 .. 768), so one row's reductions are a chain of dependent adds and a
+// square root; the rows of a block are summed side by side (independent chains, each in
+// Simd lanes in a fixed order) and their square roots taken together.
+// The sum of a vector's lanes, pairwise in registers (log2(kLanes) dependent adds).
+template <typename acc_t>
+inline acc_t horizontal_sum(typename Simd<acc_t>::Vec v) {
+#if HK_VECTOR_BYTES == 64
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return _mm512_reduce_add_ps((__m512)v);
+  } else {
+    return _mm512_reduce_add_pd((__m512d)v);
+  }
+#elif HK_VECTOR_BYTES == 32
+  if constexpr (std::is_same_v<acc_t, float>) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+  } else {
+    const __m128d h = _mm_add_pd(_mm256_castpd256_pd128((__m256d)v), _mm256_extractf128_pd((__m256d)v, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+  }
+#else
+  acc_t sum = 0;
+  for (int64_t l = 0; l < Simd<acc_t>::kLanes; ++l) sum += v[l];
+  return sum;
+#endif
+}
+
+// out[i] = sum over k < C of (rows[i * C + k] - shift[i])^kPower for kLayerNormRows rows.
+template <int kPower, typename acc_t>
+inline void row_sums(const acc_t* rows, int64_t C, const acc_t* shift, acc_t* out) {
+  using S = Simd<acc_t>;
+  typename S::Vec lanes[kLayerNormRows] = {};
+  int64_t k = 0;
+  for (; k + S::kLanes <= C; k += S::kLanes)
+    for (int64_t i = 0; i < kLayerNormRows; ++i) {
+      const typename S::Vec d = S::load(rows + i * C + k) - shift[i];
+      lanes[i] += kPower == 1 ? d : d * d;
+    }
+  for (int64_t i = 0; i < kLayerNormRows; ++i) {
+    acc_t sum = horizontal_sum<acc_t>(lanes[i]);
+    for (int64_t j = k; j < C; ++j) {
+      const acc_t d = rows[i * C + j] - shift[i];
+      sum += kPower == 1 ? d : d * d;
+    }
+    out[i] = sum;
+  }
+}
+
+// Narrow n accumulation-type values to scalar_t (round to nearest even); bfloat16 in
+// whole vectors (c10's scalar conversion does not vectorise), fp16 through F16C.
+template <typename scalar_t, typename acc_t>
+inline void store_from_acc(const acc_t* src, scalar_t* dst, int64_t n) {
+  int64_t k = 0;
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    using S = Simd<float>;
+    for (; k + S::kLanes <= n; k += S::kLanes) {
+      *reinterpret_cast<U16HalfVec*>(dst + k) = __builtin_convertvector(bf16_rounded(S::load(src + k)) >> 16, U16HalfVec);
+    }
+  }
+#if HK_CPU_F16C
+  if constexpr (std::is_same_v<scalar_t, c10::Half> && std::is_same_v<acc_t, float>) {
+    for (; k + 8 <= n; k += 8) {
+      const __m128i half = _mm256_cvtps_ph(_mm256_loadu_ps(src + k), _MM_FROUND_TO_NEAREST_INT);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + k), half);
+    }
+  }
+#endif
+  for (; k < n; ++k) dst[k] = static_cast<scalar_t>(src[k]);
+}
+
+// Widen n elements to the accumulation type: load_as_acc, with bfloat16 in whole vectors.
+template <typename scalar_t, typename acc_t>
+inline void widen(const scalar_t* src, acc_t* dst, int64_t n) {
+  int64_t k = 0;
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    using S = Simd<float>;
+    for (; k + S::kLanes <= n; k += S::kLanes) {
+      const U32Vec bits = __builtin_convertvector(*reinterpret_cast<const U16HalfVec*>(src + k), U32Vec) << 16;
+      S::store(dst + k, (FloatVec)bits);
+    }
+  }
+  load_as_acc(src + k, dst + k, n - k);
+}
+
+template <typename scalar_t>
+void layer_norm_typed(const scalar_t* x, const scalar_t* weight, const scalar_t* bias, double eps, int64_t C,
+                      scalar_t* y, scalar_t* mean_out, scalar_t* rstd_out, int64_t begin, int64_t end,
+                      acc_type<scalar_t>* workspace) {
+  using acc_t = acc_type<scalar_t>;
+  using S = Simd<acc_t>;
+  acc_t* rows = workspace;                       // [kLayerNormRows, C] the rows being normalised
+  acc_t* gamma = rows + kLayerNormRows * C;      // [C] weight, or ones
+  acc_t* beta = gamma + C;                       // [C] bias, or zeros
+  for (int64_t c = 0; c < C; ++c) {
+    gamma[c] = weight == nullptr ? acc_t(1) : static_cast<acc_t>(weight[c]);
+    beta[c] = bias == nullptr ? acc_t(0) : static_cast<acc_t>(bias[c]);
+  }
+  for (int64_t r0 = begin; r0 < end; r0 += kLayerNormRows) {
+    const int64_t nr = std::min(kLayerNormRows, end - r0);
+    for (int64_t i = 0; i < nr; ++i) widen(x + (r0 + i) * C, rows + i * C, C);
+    std::fill(rows + nr * C, rows + kLayerNormRows * C, acc_t(0));  // a last, partial block
+    const acc_t zero[kLayerNormRows] = {};
+    acc_t mean[kLayerNormRows], rstd[kLayerNormRows];
+    row_sums<1>(rows, C, zero, mean);
+    for (int64_t i = 0; i < kLayerNormRows; ++i) mean[i] /= static_cast<acc_t>(C);
+    row_sums<2>(rows, C, mean, rstd);
+    for (int64_t i = 0; i < kLayerNormRows; ++i)
+      rstd[i] = acc_t(1) / std::sqrt(rstd[i] / static_cast<acc_t>(C) + static_cast<acc_t>(eps));
+    for (int64_t i = 0; i < nr; ++i) {
+      acc_t* row = rows + i * C;
+      int64_t c = 0;
+      for (; c + S::kLanes <= C; c += S::kLanes)
+        S::store(row + c, (S::load(row + c) - mean[i]) * rstd[i] * S::load(gamma + c) + S::load(beta + c));
+      for (; c < C; ++c) row[c] = (row[c] - mean[i]) * rstd[i] * gamma[c] + beta[c];
+      store_from_acc(row, y + (r0 + i) * C, C);
+      mean_out[r0 + i] = static_cast<scalar_t>(mean[i]);
+      rstd_out[r0 + i] = static_cast<scalar_t>(rstd[i]);
+    }
+  }
+}
+
+void layer_norm(CpuDtype dtype, const void* x, const void* weight, const void* bias, double eps, int64_t C, void* y,
+                void* mean, void* rstd, int64_t begin, int64_t end, void* workspace) {
+  by_dtype(dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    layer_norm_typed(static_cast<const scalar_t*>(x), static_cast<const scalar_t*>(weight),
+                     static_cast<const scalar_t*>(bias), eps, C, static_cast<scalar_t*>(y),
+                     static_cast<scalar_t*>(mean), static_cast<scalar_t*>(rstd), begin, end,
+                     static_cast<acc_type<scalar_t>*>(workspace));
+  });
+}
+
 }  // namespace
 
 extern const CpuKernels kernels = {
@@ -860,6 +1000,7 @@ extern const CpuKernels kernels = {
      &attention_backward_workspace<AttentionLayout>, &attention_backward<AttentionLayout>},
     {&attention_forward_workspace<WindowLayout>, &attention_forward<WindowLayout>,
      &attention_backward_workspace<WindowLayout>, &attention_backward<WindowLayout>},
+    &layer_norm,
 };
 
 }  // namespace HK_CONCAT(cpu_, HK_CPU_CAPABILITY)

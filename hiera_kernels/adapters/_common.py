@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from .. import epilogues, ops, recompute
+from ..layer_norm import layer_norm
 
 RECORD = "_hiera_kernels_patch"
 
@@ -141,7 +142,7 @@ def mlp_branch(norm: nn.Module, mlp: nn.Module, parts: Optional[Tuple[nn.Linear,
     if parts is not None and recompute.applies(norm, (parts[0], parts[2]), x, backend, mlp):
         fc1, activation, fc2 = parts
         return recompute.layer_norm_mlp(norm, fc1, activation, fc2, x)
-    return mlp(norm(x))
+    return mlp(layer_norm(norm, x, backend))
 
 
 def recomputes_qkv(block: nn.Module, x: torch.Tensor, backend: Optional[str]) -> bool:

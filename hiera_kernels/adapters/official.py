@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from .. import ops, recompute
+from ..layer_norm import layer_norm
 from ..models.hiera_mae import MaskedAutoencoderHiera as GraphSafeMAE
 from ._common import (Binding, Rule, attend, attention, backend_of, check_attention, check_geometry, find, mlp_branch, pool,
                       recomputes_qkv, timm_mlp_parts)
@@ -56,7 +57,7 @@ def block_forward(self, x: torch.Tensor) -> torch.Tensor:
         # Training on a kernel backend: norm1(x) is recomputed in the backward, not saved.
         branch = attend_qkv(self.attn, recompute.layer_norm_linear(self.norm1, self.attn.qkv, x))
     else:
-        x_norm = self.norm1(x)
+        x_norm = layer_norm(self.norm1, x, backend)
         if self.dim != self.dim_out:
             # The residual is projected on the normed input, then pooled like q.
             x = pool(self, self.proj(x_norm), self.attn.q_stride)

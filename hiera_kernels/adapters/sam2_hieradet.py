@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 
 from .. import epilogues, ops, recompute
+from ..layer_norm import layer_norm
 from ._common import Binding, Rule, backend_of, find, inactive, recomputes_qkv
 
 NAME = "sam2"
@@ -88,7 +89,7 @@ def block_body(self, x: torch.Tensor, window_size: int, mlp: Optional[Tuple[nn.L
         # Training on a kernel backend: norm1(x) is recomputed in the backward, not saved.
         x = x + drop_path1(ls1(attend(self.attn, recompute.layer_norm_linear(self.norm1, self.attn.qkv, x), window_size)))
     else:
-        x_norm = self.norm1(x)
+        x_norm = layer_norm(self.norm1, x, backend)
         if self.dim != self.dim_out:
             # The residual of a stage's first block: proj of the *normed* map, max-pooled
             # like q (SAM 2's do_pool: NHWC -> NCHW view -> MaxPool2d -> NHWC view).
@@ -103,7 +104,7 @@ def block_body(self, x: torch.Tensor, window_size: int, mlp: Optional[Tuple[nn.L
         # Likewise norm2(x) and the GELU's output; fc1's output is kept.
         fc1, activation, fc2 = mlp
         return x + drop_path2(ls2(recompute.layer_norm_mlp(self.norm2, fc1, activation, fc2, x)))
-    h = self.norm2(x)
+    h = layer_norm(self.norm2, x, backend)
     if (mlp is not None and isinstance(ls2, nn.Identity) and inactive(drop_path2)
             and epilogues.fuses(mlp[0], h, None, backend) and epilogues.fuses(mlp[2], h, x, backend)):
         fc1, activation, fc2 = mlp

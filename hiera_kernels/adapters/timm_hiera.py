@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from .. import recompute
+from ..layer_norm import layer_norm
 from . import official, sam2_hieradet
 from ._common import Binding, Rule, backend_of, find, mlp_branch, pool, recomputes_qkv, timm_mlp_parts
 
@@ -38,7 +39,7 @@ def block_forward(self, x: torch.Tensor) -> torch.Tensor:
         # Training on a kernel backend: norm1(x) is recomputed in the backward, not saved.
         branch = official.attend_qkv(self.attn, recompute.layer_norm_linear(self.norm1, self.attn.qkv, x))
     else:
-        x_norm = self.norm1(x)
+        x_norm = layer_norm(self.norm1, x, backend)
         if self.do_expand:
             stride = self.attn.q_stride
             if self.proj is not None:

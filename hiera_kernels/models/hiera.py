@@ -22,6 +22,7 @@ from .. import epilogues, ops, recompute
 from ..backends import check_name
 from .masking import check_mask, keep_units
 from ..epilogues import Linear
+from ..layer_norm import layer_norm
 from .pretrained import pretrained_model
 
 
@@ -162,7 +163,7 @@ class HieraBlock(UsesBackend):
             qkv = recompute.layer_norm_linear(self.norm1, self.attn.qkv, x)
             x = self.attn.attend(qkv, residual=x) if skip_in_epilogue else x + self.drop_path(self.attn.attend(qkv))
         else:
-            x_norm = self.norm1(x)
+            x_norm = layer_norm(self.norm1, x, self.backend)
             if self.dim != self.dim_out:
                 # Residual of a transition block: max-pool of proj(norm1(x)), not of x.
                 x = ops.query_pool(self.proj(x_norm), self.attn.q_stride, backend=self.backend)
@@ -172,8 +173,8 @@ class HieraBlock(UsesBackend):
             # Likewise norm2(x) and the GELU's output; fc1's output is kept.
             return x + self.drop_path(recompute.layer_norm_mlp(self.norm2, mlp.fc1, activation, mlp.fc2, x))
         if skip_in_epilogue:
-            return mlp(self.norm2(x), residual=x)
-        return x + self.drop_path(mlp(self.norm2(x)))
+            return mlp(layer_norm(self.norm2, x, self.backend), residual=x)
+        return x + self.drop_path(mlp(layer_norm(self.norm2, x, self.backend)))
 
 
 class Head(nn.Module):

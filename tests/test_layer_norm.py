@@ -1,0 +1,133 @@
+"""LayerNorm on the C++ CPU kernel (hiera_kernels.layer_norm): against F.layer_norm by
+the shared rule (float64 reference), forward and backward; ATen's contract (mean and
+rstd); non-finite rows stay in their row; empty, non-contiguous, opcheck, compile, clear
+errors; where the models run it."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import hiera_kernels as hk
+from hiera_kernels import error_rule
+from hiera_kernels import layer_norm as ln
+from hiera_kernels.backends import EXTENSION
+
+pytestmark = pytest.mark.skipif(not EXTENSION.loaded, reason="the C++ extension is not built")
+
+op = torch.ops.hiera_kernels.layer_norm.default
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def case(rows, C, affine=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, C, generator=g) * 3 + 5  # an offset: the variance must not cancel
+    w = torch.randn(C, generator=g) if affine else None
+    b = torch.randn(C, generator=g) if affine else None
+    return x, w, b
+
+
+def cast(t, dtype):
+    return None if t is None else t.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, C", [(13, 96), (8, 7), (3, 1), (17, 100), (9, 768), (5, 1030)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_forward_and_backward_pass_the_rule(dtype, rows, C, affine):
+    """Rows not a multiple of the 8-row block; channels with vector tails (7, 100, 1030)."""
+    x, w, b = case(rows, C, affine)
+    g = torch.randn(rows, C)
+
+    def run(fn, dt):
+        leaves = [t.to(dt).requires_grad_() for t in (x, w, b) if t is not None]
+        xi, wi, bi = leaves if affine else (leaves[0], None, None)
+        y = fn(xi, wi, bi)
+        return [y.detach(), *torch.autograd.grad(y, leaves, g.to(dt))]
+
+    kernel = lambda x, w, b: op(x, w, b, 1e-6)[0]  # noqa: E731
+    plain = lambda x, w, b: F.layer_norm(x, (C,), w, b, 1e-6)  # noqa: E731
+    reference, torch_path, ours = run(plain, torch.float64), run(plain, dtype), run(kernel, dtype)
+    for what, r, t, o in zip(["y", "dx", "dweight", "dbias"], reference, torch_path, ours):
+        verdict = error_rule.judge(o, t, r)
+        assert verdict.passed, f"{what}: {verdict.describe()}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_atens_contract_mean_and_rstd(dtype):
+    x, w, b = case(2 * 11, 40)
+    x = x.view(2, 11, 40).to(dtype)
+    y, mean, rstd = op(x, w.to(dtype), b.to(dtype), 1e-5)
+    _, want_mean, want_rstd = torch.ops.aten.native_layer_norm(x, [40], w.to(dtype), b.to(dtype), 1e-5)
+    assert mean.shape == want_mean.shape == (2, 11, 1) and mean.dtype == want_mean.dtype == dtype
+    assert y.dtype == dtype and y.shape == x.shape
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
+    torch.testing.assert_close(mean, want_mean, atol=tol, rtol=tol)
+    torch.testing.assert_close(rstd, want_rstd, atol=tol, rtol=tol)
+
+
+def test_non_finite_values_stay_in_their_row():
+    x, w, b = case(20, 96)
+    x[3, 5], x[11, 0], x[12, 95] = float("nan"), float("inf"), float("-inf")
+    y = op(x, w, b, 1e-6)[0]
+    want = F.layer_norm(x, (96,), w, b, 1e-6)
+    bad = [3, 11, 12]
+    assert y[bad].isnan().all() and want[bad].isnan().all()  # as PyTorch: the row is NaN
+    good = [r for r in range(20) if r not in bad]
+    assert y[good].isfinite().all()
+    torch.testing.assert_close(y[good], want[good], atol=1e-5, rtol=1e-5)
+
+
+def test_empty_non_contiguous_and_constant_rows():
+    assert op(torch.empty(0, 96), None, None, 1e-6)[0].shape == (0, 96)
+    assert op(torch.empty(4, 0), None, None, 1e-6)[0].shape == (4, 0)
+    x, w, b = case(16, 96)
+    strided = x.t().contiguous().t()  # same values, column-major
+    torch.testing.assert_close(op(strided, w, b, 1e-6)[0], op(x, w, b, 1e-6)[0], atol=0, rtol=0)
+    constant = torch.full((9, 96), 3.0)
+    y = op(constant, w, b, 1e-6)[0]  # variance 0: y is the bias, as in ATen
+    torch.testing.assert_close(y, F.layer_norm(constant, (96,), w, b, 1e-6), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_opcheck_gradcheck_and_compile(affine):
+    x, w, b = case(5, 12, affine)
+    args = (x.requires_grad_(), w, b, 1e-5)
+    torch.library.opcheck(op, args)
+    dargs = tuple(t.double().requires_grad_() if isinstance(t, torch.Tensor) else t for t in args)
+    assert torch.autograd.gradcheck(lambda *a: op(*a)[0], dargs)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: op(*a)[0].square().sum(), fullgraph=True)
+    torch.testing.assert_close(compiled(*args), op(*args)[0].square().sum())
+
+
+def test_clear_errors():
+    x, w, b = case(4, 8)
+    with pytest.raises(RuntimeError, match=r"hiera_kernels::layer_norm: weight must have shape \[8\], got \[9\]"):
+        op(x, torch.ones(9), None, 1e-6)
+    with pytest.raises(RuntimeError, match=r"hiera_kernels::layer_norm: bias must be float32 \(like x\), got bfloat16"):
+        op(x, None, b.bfloat16(), 1e-6)
+    with pytest.raises(RuntimeError, match=r"hiera_kernels::layer_norm: eps must be finite and >= 0, got -1"):
+        op(x, w, b, -1.0)
+    with pytest.raises(RuntimeError, match=r"hiera_kernels::layer_norm: x has dtype int64"):
+        op(torch.ones(2, 8, dtype=torch.long), None, None, 1e-6)
+
+
+def test_where_the_models_run_it():
+    norm, x = nn.LayerNorm(96), torch.randn(2, 5, 96)
+    assert ln.runs_kernel(norm, x, "cpu") and ln.runs_kernel(norm, x, "auto")
+    assert not ln.runs_kernel(norm, x, "torch")  # the oracle keeps the module
+    assert not ln.runs_kernel(norm, x.bfloat16(), "cpu")  # weight and x differ in dtype: the module's rule
+    assert not ln.runs_kernel(nn.GroupNorm(1, 96), x, "cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not ln.runs_kernel(norm, x, "cpu")
+    hooked = nn.LayerNorm(96)
+    hooked.register_forward_hook(lambda *a: None)
+    assert not ln.runs_kernel(hooked, x, "cpu")
+    # The drop-in model in inference on "cpu" calls it (two per block).
+    model = hk.hiera_tiny_224(input_size=(64, 64), num_classes=10, backend="cpu").eval()
+    from torch.profiler import profile
+    with torch.inference_mode(), profile() as prof:
+        model(torch.randn(1, 3, 64, 64))
+    calls = sum(e.count for e in prof.key_averages() if e.key == "hiera_kernels::layer_norm")
+    assert calls == 2 * len(model.blocks)
