@@ -6,7 +6,8 @@ Each group is one op at one shape, batch, dtype and mode (fwd, or fwd+bwd); its 
 are the backends that can run it, plus the rooflines: ``clone`` (a plain copy of
 the same tensor, two in fwd+bwd: the memory-bandwidth limit) for the memory-bound ops, and for
 attention ``official`` (the official package's own code between its Linears: 5-D
-SDPA, which runs PyTorch's math path). Compare rows within one group of one run:
+SDPA, which runs PyTorch's math path); for LayerNorm, ``torch`` is ATen's and ``cpu`` the
+C++ kernel (:mod:`hiera_kernels.layer_norm`). Compare rows within one group of one run:
 the machines here are shared and noisy. Batch: HIERA_BENCH_BATCH (default 8).
 """
 
@@ -16,8 +17,10 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from hiera_kernels import backends, ops
+from hiera_kernels.backends import EXTENSION
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
@@ -44,6 +47,11 @@ CASES = [
     ("mask_unit_attention", "s3 global 196 h4", 196, 1152, dict(heads=4, q_stride=1, window_size=4, use_mask_unit_attn=False)),
     ("mask_unit_attention", "s4-pool global 49/196 h8", 196, 2304, dict(heads=8, q_stride=4, window_size=1, use_mask_unit_attn=False)),
     ("mask_unit_attention", "s4 global 49 h8", 49, 2304, dict(heads=8, q_stride=1, window_size=1, use_mask_unit_attn=False)),
+    # A block's LayerNorms: "torch" is ATen's (nn.LayerNorm), "cpu" hiera_kernels.layer_norm's C++ kernel.
+    ("layer_norm", "stage1 3136x96", 3136, 96, {}),
+    ("layer_norm", "stage2 784x192", 784, 192, {}),
+    ("layer_norm", "stage3 196x384", 196, 384, {}),
+    ("layer_norm", "stage4 49x768", 49, 768, {}),
 ]
 PROVIDERS = ["clone", "official", "torch", "cpu"]
 
@@ -65,6 +73,15 @@ def make_call(op, channels, kwargs, provider):
         if op != "mask_unit_attention" or official is None:
             return "official: attention only, and it needs hiera-transformer"
         return official_attention(channels, **kwargs)
+    if op == "layer_norm":
+        if provider not in ("torch", "cpu"):
+            return f"{provider}: layer_norm has a CPU kernel only"
+        if provider == "cpu" and not EXTENSION.loaded:
+            return f"cpu: the C++ extension is not built ({EXTENSION.error})"
+        weight, bias = torch.randn(channels), torch.randn(channels)
+        if provider == "torch":
+            return lambda x: F.layer_norm(x, (channels,), weight.to(x.dtype), bias.to(x.dtype), 1e-6)
+        return lambda x: torch.ops.hiera_kernels.layer_norm(x, weight.to(x.dtype), bias.to(x.dtype), 1e-6)[0]
     fn = getattr(ops, op)
     return lambda x: fn(x, **kwargs, backend=provider)
 
@@ -78,7 +95,7 @@ def test_op(benchmark, case, provider, dtype, mode):
     call = make_call(op, channels, kwargs, provider)
     if isinstance(call, str):
         pytest.skip(call)
-    if provider in backends.BACKENDS:
+    if provider in backends.BACKENDS and op in backends.OP_NAMES:
         reasons = backends.BACKENDS[provider].not_supported_reasons(op, torch.device("cpu"), dtype)
         if reasons:
             pytest.skip(f"{provider}: {'; '.join(reasons)}")
