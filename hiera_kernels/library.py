@@ -251,3 +251,18 @@ def _layer_norm_backward(ctx, grad_y, _grad_mean, _grad_rstd):
 
 
 torch.library.register_autograd(f"{NAMESPACE}::layer_norm", _layer_norm_backward, setup_context=_setup_layer_norm, lib=_lib)
+
+
+
+# -------------------------------------------------------- gelu_recompute_backward
+# A C++ CPU kernel only (csrc/cpu/gelu.cpp): the exact GELU of h recomputed together with
+# its backward, (gelu(h), grad_out * gelu'(h)), in one pass; used inside the backward of
+# hiera_kernels.recompute's layer_norm_mlp (so not itself differentiable, like the other
+# *_backward ops).
+_lib.define("gelu_recompute_backward(Tensor grad_out, Tensor h) -> (Tensor, Tensor)")
+
+
+@torch.library.register_fake(f"{NAMESPACE}::gelu_recompute_backward", lib=_lib)
+def _gelu_recompute_backward_fake(grad_out, h):
+    torch._check(grad_out.shape == h.shape, lambda: f"gelu_recompute_backward: grad_out {list(grad_out.shape)} != h {list(h.shape)}")
+    return torch.empty_like(h, memory_format=torch.contiguous_format), torch.empty_like(h, memory_format=torch.contiguous_format)

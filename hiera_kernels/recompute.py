@@ -15,9 +15,11 @@ each). Two ops keep only what cannot be recomputed cheaply:
 ``mean``, ``rstd`` and ``h`` are outputs only so that autograd can save them (not
 differentiable; callers drop them). The forward runs the plain modules' ops in their
 order, the LayerNorm on :mod:`hiera_kernels.layer_norm`'s CPU kernel for CPU tensors
-(ATen's elsewhere); the backward recomputes ``layer_norm(x)`` and ``gelu(h)`` with the
-same functions (the forward's bits again), then runs the Linears' and LayerNorm's own
-backward formulas. The ops are composite: they run on every device, and only the memory
+(ATen's elsewhere). The backward recomputes ``layer_norm(x)`` with the forward's function
+(the same bits) and ``gelu(h)`` together with the GELU's backward (for the exact GELU of
+CPU tensors, one pass of a C++ kernel, ``hiera_kernels::gelu_recompute_backward``, whose
+erf is ATen's vectorised formula: within an ulp or so of the forward's, where ATen runs
+two passes with an erf each), then the Linears' and LayerNorm's own backward formulas. The ops are composite: they run on every device, and only the memory
 they keep differs from the plain modules.
 
 The drop-in model uses them in training on every backend but ``"torch"`` (the plain
@@ -35,6 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import backends
+from ._extension import EXTENSION
+from .backends import WITH_FLOAT64
 from .epilogues import Linear
 from .layer_norm import hooked, native_layer_norm, plain_layer_norm
 from .library import NAMESPACE
@@ -111,14 +115,23 @@ def _setup_layer_norm_mlp(ctx, inputs, output):
     ctx.save_for_backward(x, norm_weight, norm_bias, fc1_weight, fc2_weight, mean, rstd, h)
 
 
+def gelu_recompute_backward(grad_a: torch.Tensor, h: torch.Tensor, approximate: str):
+    """(gelu(h), grad_a * gelu'(h)): one pass on the C++ CPU kernel for the exact GELU of
+    CPU tensors (where the extension is built), else ATen's gelu and gelu_backward."""
+    if approximate == "none" and EXTENSION.loaded and h.device.type == "cpu" and h.dtype in WITH_FLOAT64:
+        return torch.ops.hiera_kernels.gelu_recompute_backward(grad_a, h)
+    return F.gelu(h, approximate=approximate), torch.ops.aten.gelu_backward(grad_a, h, approximate=approximate)
+
+
 def _backward_layer_norm_mlp(ctx, grad_out, _grad_mean, _grad_rstd, _grad_h):
     x, norm_weight, norm_bias, fc1_weight, fc2_weight, mean, rstd, h = ctx.saved_tensors
-    # fc2 reads gelu(h): recomputed ([..., hidden], the largest activation of the block)
-    # and freed before fc1's backward allocates its own.
-    grad_a, grad_fc2_weight, grad_fc2_bias = _linear_backward(
-        grad_out, F.gelu(h, approximate=ctx.approximate), fc2_weight, ctx.has_bias[1])
-    grad_h = torch.ops.aten.gelu_backward(grad_a, h, approximate=ctx.approximate)
-    del grad_a
+    g2 = grad_out.reshape(-1, grad_out.shape[-1])
+    # fc2 read gelu(h): recomputed with the GELU's backward ([rows, hidden], the block's
+    # largest activations) and freed before fc1's backward allocates its own.
+    a, grad_h = gelu_recompute_backward((g2 @ fc2_weight).view(h.shape), h, ctx.approximate)
+    grad_fc2_weight = g2.t() @ a.reshape(-1, a.shape[-1])
+    grad_fc2_bias = g2.sum(0) if ctx.has_bias[1] else None
+    del a
     y = _layer_norm(x, norm_weight, norm_bias, ctx.eps)[0]
     grad_y, grad_fc1_weight, grad_fc1_bias = _linear_backward(grad_h, y, fc1_weight, ctx.has_bias[0])
     del grad_h, y

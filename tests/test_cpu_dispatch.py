@@ -159,6 +159,16 @@ CHECK_SCRIPT = textwrap.dedent(
                             torch.nn.functional.layer_norm(args[0], (C,), *args[1:], 1e-6), reference)
             if not verdict.passed:
                 failures.append(f"layer_norm C={C} {dtype}: {verdict.describe()}")
+    # GELU recomputed with its backward: 300 elements (vector and block tails).
+    h, g = torch.randn(300) * 3, torch.randn(300)
+    reference = (torch.nn.functional.gelu(h.double()), torch.ops.aten.gelu_backward(g.double(), h.double()))
+    for dtype in [torch.float32, torch.float16, torch.bfloat16]:
+        aten = (torch.nn.functional.gelu(h.to(dtype)), torch.ops.aten.gelu_backward(g.to(dtype), h.to(dtype)))
+        got = torch.ops.hiera_kernels.gelu_recompute_backward(g.to(dtype), h.to(dtype))
+        for what, o, t, r in zip(["gelu", "grad_h"], got, aten, reference):
+            verdict = judge(o, t, r)
+            if not verdict.passed:
+                failures.append(f"gelu_recompute_backward {what} {dtype}: {verdict.describe()}")
     print(json.dumps({"dispatch": _C.cpu_dispatch(), "failures": failures}))
     """
 )

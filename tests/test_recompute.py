@@ -212,3 +212,47 @@ def test_patched_models_keep_less_in_training(family):
     for n in grads[None]:
         verdict = error_rule.judge(grads["cpu"][n], grads["torch"][n], grads[None][n])
         assert verdict.passed, f"{family} {n}: {verdict.describe()}"
+
+
+# ------------------------------------------------------------- gelu_recompute_backward
+gelu_op = torch.ops.hiera_kernels.gelu_recompute_backward.default
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 15, 300, 5000])  # vector and 256-element block tails
+def test_gelu_recompute_backward_passes_the_rule(dtype, n):
+    if not recompute.EXTENSION.loaded:
+        pytest.skip("the C++ extension is not built")
+    g = torch.Generator().manual_seed(n)
+    h, grad = torch.randn(n, generator=g) * 3, torch.randn(n, generator=g)
+    h[: min(n, 4)] = torch.tensor([0.0, -0.0, 12.0, -12.0])[: min(n, 4)]
+    want = (F.gelu(h.double()), torch.ops.aten.gelu_backward(grad.double(), h.double()))
+    aten = (F.gelu(h.to(dtype)), torch.ops.aten.gelu_backward(grad.to(dtype), h.to(dtype)))
+    got = gelu_op(grad.to(dtype), h.to(dtype))
+    for what, o, t, r in zip(["gelu(h)", "grad_h"], got, aten, want):
+        assert o.dtype == dtype
+        verdict = error_rule.judge(o, t, r)
+        assert verdict.passed, f"{what}: {verdict.describe()}"
+    torch.testing.assert_close(gelu_op(grad.double(), h.double()), want, atol=1e-14, rtol=0)  # float64: libm
+
+
+def test_gelu_recompute_backward_non_finite_empty_and_errors():
+    if not recompute.EXTENSION.loaded:
+        pytest.skip("the C++ extension is not built")
+    h = torch.tensor([float("nan"), float("inf"), float("-inf"), 1.0] + [0.5] * 20)
+    out, grad_h = gelu_op(torch.ones_like(h), h)
+    assert out[0].isnan() and out[2].isnan()  # NaN stays; gelu(-inf) = -inf * 0, as in ATen
+    assert out[1] == float("inf")  # as float64 ATen (float32 ATen's vectorised erf gives NaN)
+    assert grad_h[:3].isnan().all()  # inf * pdf(inf) = inf * 0, as ATen's gelu_backward
+    assert out[3:].isfinite().all() and grad_h[3:].isfinite().all()  # nothing leaks to other elements
+    empty = gelu_op(torch.empty(0, 4), torch.empty(0, 4))
+    assert empty[0].shape == (0, 4)
+    with pytest.raises(RuntimeError, match=r"gelu_recompute_backward: grad_out must have shape \[4\], got \[5\]"):
+        gelu_op(torch.ones(5), torch.ones(4))
+    with pytest.raises(RuntimeError, match=r"gelu_recompute_backward: grad_out must be float32 \(like h\), got bfloat16"):
+        gelu_op(torch.ones(4).bfloat16(), torch.ones(4))
+    torch.library.opcheck(gelu_op, (torch.randn(3, 7), torch.randn(3, 7)))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda g, h: gelu_op(g, h)[1].sum(), fullgraph=True)
+    g, h = torch.randn(64), torch.randn(64)
+    torch.testing.assert_close(compiled(g, h), gelu_op(g, h)[1].sum())

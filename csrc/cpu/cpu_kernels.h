@@ -98,6 +98,11 @@ struct CpuKernels {
   // workspace: layer_norm_workspace(C) elements of the accumulation type.
   void (*layer_norm)(CpuDtype dtype, const void* x, const void* weight, const void* bias, double eps, int64_t C,
                      void* y, void* mean, void* rstd, int64_t begin, int64_t end, void* workspace);
+
+  // The exact GELU recomputed with its backward, elementwise over h and grad_out (same
+  // shape): out = gelu(h), grad_h = grad_out * gelu'(h); a task is an element.
+  void (*gelu_recompute_backward)(CpuDtype dtype, const void* grad_out, const void* h, void* out, void* grad_h,
+                                  int64_t begin, int64_t end);
 };
 
 // Each build's table, defined (constant-initialised, so loading the library runs none

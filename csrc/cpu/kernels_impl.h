@@ -58,7 +58,7 @@ HK_GCC_TARGET(HK_CPU_TARGET)
 #include <limits>
 #include <type_traits>
 
-#if HK_VECTOR_BYTES > 16 || HK_CPU_F16C || HK_CPU_BF16_DOT
+#if HK_CPU_F16C || HK_CPU_BF16_DOT
 #include <immintrin.h>
 #endif
 
@@ -858,29 +858,28 @@ void attention_backward(CpuDtype dtype, const Layout& L, const void* grad_out, c
 // (Hiera-B: C = 96 .. 768), so one row's reductions are a chain of dependent adds and a
 // square root; the rows of a block are summed side by side (independent chains, each in
 // Simd lanes in a fixed order) and their square roots taken together.
-// The sum of a vector's lanes, pairwise in registers (log2(kLanes) dependent adds).
+// The sum of a vector's lanes, pairwise in registers: the upper half added onto the
+// lower, log2(kLanes) times (GCC extracts the halves; its _mm512_reduce_add_* and
+// 512-bit extract intrinsics warn of their own undefined-register idiom).
+template <typename T, int64_t kBytes>
+inline T horizontal_sum_of(const void* v) {
+  if constexpr (kBytes == 2 * static_cast<int64_t>(sizeof(T))) {
+    T pair[2];
+    std::memcpy(pair, v, kBytes);
+    return pair[0] + pair[1];
+  } else {
+    typedef T Half __attribute__((vector_size(kBytes / 2)));
+    Half lo, hi;
+    std::memcpy(&lo, v, kBytes / 2);
+    std::memcpy(&hi, static_cast<const char*>(v) + kBytes / 2, kBytes / 2);
+    const Half sum = lo + hi;
+    return horizontal_sum_of<T, kBytes / 2>(&sum);
+  }
+}
+
 template <typename acc_t>
 inline acc_t horizontal_sum(typename Simd<acc_t>::Vec v) {
-#if HK_VECTOR_BYTES == 64
-  if constexpr (std::is_same_v<acc_t, float>) {
-    return _mm512_reduce_add_ps((__m512)v);
-  } else {
-    return _mm512_reduce_add_pd((__m512d)v);
-  }
-#elif HK_VECTOR_BYTES == 32
-  if constexpr (std::is_same_v<acc_t, float>) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-  } else {
-    const __m128d h = _mm_add_pd(_mm256_castpd256_pd128((__m256d)v), _mm256_extractf128_pd((__m256d)v, 1));
-    return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
-  }
-#else
-  acc_t sum = 0;
-  for (int64_t l = 0; l < Simd<acc_t>::kLanes; ++l) sum += v[l];
-  return sum;
-#endif
+  return horizontal_sum_of<acc_t, kVectorBytes>(&v);
 }
 
 // out[i] = sum over k < C of (rows[i * C + k] - shift[i])^kPower for kLayerNormRows rows.
@@ -988,6 +987,74 @@ void layer_norm(CpuDtype dtype, const void* x, const void* weight, const void* b
   });
 }
 
+// ------------------------------------------------------------------ GELU backward
+// The exact GELU recomputed together with its backward, one pass (training's recompute
+// ops keep fc1's output h, not gelu(h)): out = h * cdf(h) and grad_h = grad_out * (cdf(h)
+// + h * pdf(h)), cdf(h) = (1 + erf(h / sqrt 2)) / 2, pdf(h) = exp(-h^2 / 2) / sqrt(2 pi).
+// erf is Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7; ATen's Vectorized<float>::erf),
+// whose exp(-x^2) at x = h / sqrt 2 is pdf's exponential: one exp serves both, where
+// ATen's gelu and gelu_backward are two passes with an erf each.
+inline void gelu_and_slope(FloatVec h, FloatVec& out, FloatVec& slope) {
+  const FloatVec x = h * 0.707106781f;  // h / sqrt 2
+  const FloatVec zero{};
+  const FloatVec ax = x < zero ? -x : x;
+  const FloatVec t = 1.f / (ax * 0.3275911f + 1.f);
+  FloatVec r = t * 1.061405429f - 1.453152027f;
+  r = r * t + 1.421413741f;
+  r = r * t - 0.284496736f;
+  r = r * t + 0.254829592f;
+  // exp(-x^2), exactly 0 where it underflows (x^2 > 87), so that h = +-inf gives
+  // h * pdf = inf * 0 = NaN in the slope, as ATen's gelu_backward does.
+  const FloatVec x2 = x * x;
+  const FloatVec e = x2 > zero + 87.f ? zero : exp_vec(-x2);
+  const FloatVec erf_ax = 1.f - r * t * e;
+  const FloatVec cdf = 0.5f * (1.f + (x < zero ? -erf_ax : erf_ax));
+  out = h * cdf;
+  slope = cdf + h * e * 0.398942280f;  // 1 / sqrt(2 pi)
+}
+
+constexpr int64_t kGeluBlock = 256;  // elements widened at a time (L1)
+
+template <typename scalar_t>
+void gelu_recompute_backward_typed(const scalar_t* grad_out, const scalar_t* h, scalar_t* out, scalar_t* grad_h,
+                                   int64_t begin, int64_t end) {
+  if constexpr (std::is_same_v<scalar_t, double>) {  // float64 (gradcheck): libm, ATen's formula
+    for (int64_t k = begin; k < end; ++k) {
+      const double cdf = 0.5 * (1.0 + std::erf(h[k] * M_SQRT1_2));
+      const double pdf = std::exp(-0.5 * h[k] * h[k]) * 0.5 * M_2_SQRTPI * M_SQRT1_2;
+      out[k] = h[k] * cdf;
+      grad_h[k] = grad_out[k] * (cdf + h[k] * pdf);
+    }
+  } else {
+    using S = Simd<float>;
+    float hv[kGeluBlock], gv[kGeluBlock];
+    for (int64_t k0 = begin; k0 < end; k0 += kGeluBlock) {
+      const int64_t n = std::min(kGeluBlock, end - k0), nv = round_up(n, S::kLanes);
+      widen(h + k0, hv, n);
+      widen(grad_out + k0, gv, n);
+      std::fill(hv + n, hv + nv, 0.f);  // whole vectors; the tail lanes are not stored
+      std::fill(gv + n, gv + nv, 0.f);
+      for (int64_t k = 0; k < nv; k += S::kLanes) {
+        FloatVec o, slope;
+        gelu_and_slope(S::load(hv + k), o, slope);
+        S::store(hv + k, o);
+        S::store(gv + k, S::load(gv + k) * slope);
+      }
+      store_from_acc(hv, out + k0, n);
+      store_from_acc(gv, grad_h + k0, n);
+    }
+  }
+}
+
+void gelu_recompute_backward(CpuDtype dtype, const void* grad_out, const void* h, void* out, void* grad_h,
+                             int64_t begin, int64_t end) {
+  by_dtype(dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    gelu_recompute_backward_typed(static_cast<const scalar_t*>(grad_out), static_cast<const scalar_t*>(h),
+                                  static_cast<scalar_t*>(out), static_cast<scalar_t*>(grad_h), begin, end);
+  });
+}
+
 }  // namespace
 
 extern const CpuKernels kernels = {
@@ -1001,6 +1068,7 @@ extern const CpuKernels kernels = {
     {&attention_forward_workspace<WindowLayout>, &attention_forward<WindowLayout>,
      &attention_backward_workspace<WindowLayout>, &attention_backward<WindowLayout>},
     &layer_norm,
+    &gelu_recompute_backward,
 };
 
 }  // namespace HK_CONCAT(cpu_, HK_CPU_CAPABILITY)
