@@ -254,35 +254,15 @@ torch.library.register_autograd(f"{NAMESPACE}::layer_norm", _layer_norm_backward
 
 
 
-# -------------------------------------------------------------------------- gelu
-# C++ CPU kernels only (csrc/cpu/gelu.cpp), for hiera_kernels.recompute's layer_norm_mlp:
-# the exact GELU, and the exact GELU of h recomputed together with its backward,
-# (gelu(h), grad_out * gelu'(h)), in one pass; both from one function, so the backward
-# recomputes the forward's bits. gelu's autograd is gelu_recompute_backward's grad_h;
-# gelu_recompute_backward runs inside a backward (not differentiable, like the other
+# -------------------------------------------------------- gelu_recompute_backward
+# A C++ CPU kernel only (csrc/cpu/gelu.cpp): the exact GELU of h recomputed together with
+# its backward, (gelu(h), grad_out * gelu'(h)), in one pass; used inside the backward of
+# hiera_kernels.recompute's layer_norm_mlp (so not itself differentiable, like the other
 # *_backward ops).
-_lib.define("gelu(Tensor h) -> Tensor")
 _lib.define("gelu_recompute_backward(Tensor grad_out, Tensor h) -> (Tensor, Tensor)")
-
-
-@torch.library.register_fake(f"{NAMESPACE}::gelu", lib=_lib)
-def _gelu_fake(h):
-    return torch.empty_like(h, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::gelu_recompute_backward", lib=_lib)
 def _gelu_recompute_backward_fake(grad_out, h):
     torch._check(grad_out.shape == h.shape, lambda: f"gelu_recompute_backward: grad_out {list(grad_out.shape)} != h {list(h.shape)}")
     return torch.empty_like(h, memory_format=torch.contiguous_format), torch.empty_like(h, memory_format=torch.contiguous_format)
-
-
-def _setup_gelu(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
-
-
-def _gelu_backward(ctx, grad):
-    (h,) = ctx.saved_tensors
-    return torch.ops.hiera_kernels.gelu_recompute_backward(grad.contiguous(), h)[1]
-
-
-torch.library.register_autograd(f"{NAMESPACE}::gelu", _gelu_backward, setup_context=_setup_gelu, lib=_lib)

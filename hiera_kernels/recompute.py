@@ -14,13 +14,13 @@ each). Two ops keep only what cannot be recomputed cheaply:
 
 ``mean``, ``rstd`` and ``h`` are outputs only so that autograd can save them (not
 differentiable; callers drop them). The forward runs the plain modules' ops in their
-order, the LayerNorm on :mod:`hiera_kernels.layer_norm`'s CPU kernel and the exact GELU
-on ``hiera_kernels::gelu`` for CPU tensors (ATen's elsewhere). The backward recomputes
-``layer_norm(x)`` with the forward's function and ``gelu(h)`` together with the GELU's
-backward (on CPU one pass of ``hiera_kernels::gelu_recompute_backward``, which shares its
-code with ``gelu``: the forward's bits again, where ATen runs two passes with an erf
-each), then the Linears' and LayerNorm's own backward formulas. The ops are composite:
-they run on every device, and only the memory they keep differs from the plain modules.
+order, the LayerNorm on :mod:`hiera_kernels.layer_norm`'s CPU kernel for CPU tensors
+(ATen's elsewhere). The backward recomputes ``layer_norm(x)`` with the forward's function
+(the same bits) and ``gelu(h)`` together with the GELU's backward (for the exact GELU of
+CPU tensors, one pass of a C++ kernel, ``hiera_kernels::gelu_recompute_backward``, whose
+erf is ATen's vectorised formula: within an ulp or so of the forward's, where ATen runs
+two passes with an erf each), then the Linears' and LayerNorm's own backward formulas. The ops are composite: they run on every device, and only the memory
+they keep differs from the plain modules.
 
 The drop-in model uses them in training on every backend but ``"torch"`` (the plain
 oracle) and not under ``torch.compile`` (inductor's partitioner already chooses what to
@@ -66,29 +66,11 @@ def _layer_norm_linear(x, norm_weight, norm_bias, eps, weight, bias):
     return F.linear(y, weight, bias), mean, rstd
 
 
-def _gelu_kernel(h: torch.Tensor, approximate: str) -> bool:
-    """Whether the C++ GELU kernels run on h: the exact GELU of CPU tensors, extension built."""
-    return approximate == "none" and EXTENSION.loaded and h.device.type == "cpu" and h.dtype in WITH_FLOAT64
-
-
-def gelu(h: torch.Tensor, approximate: str) -> torch.Tensor:
-    """GELU of fc1's output: the C++ kernel where :func:`_gelu_kernel` says so, else ATen's."""
-    return torch.ops.hiera_kernels.gelu(h) if _gelu_kernel(h, approximate) else F.gelu(h, approximate=approximate)
-
-
-def gelu_recompute_backward(grad_a: torch.Tensor, h: torch.Tensor, approximate: str):
-    """(gelu(h), grad_a * gelu'(h)): one pass of the C++ kernel (the bits :func:`gelu`
-    gave the forward), else ATen's gelu and gelu_backward."""
-    if _gelu_kernel(h, approximate):
-        return torch.ops.hiera_kernels.gelu_recompute_backward(grad_a, h)
-    return F.gelu(h, approximate=approximate), torch.ops.aten.gelu_backward(grad_a, h, approximate=approximate)
-
-
 def _layer_norm_mlp(x, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate):
     torch._check(approximate in APPROXIMATIONS, lambda: f"layer_norm_mlp: approximate must be 'none' or 'tanh', got {approximate!r}")
     y, mean, rstd = _layer_norm(x, norm_weight, norm_bias, eps)
     h = F.linear(y, fc1_weight, fc1_bias)
-    return F.linear(gelu(h, approximate), fc2_weight, fc2_bias), mean, rstd, h
+    return F.linear(F.gelu(h, approximate=approximate), fc2_weight, fc2_bias), mean, rstd, h
 
 
 # The ATen ops have meta kernels, so the same functions are the fake implementations.
@@ -131,6 +113,14 @@ def _setup_layer_norm_mlp(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd, h)
     ctx.has_bias = (fc1_bias is not None, fc2_bias is not None)
     ctx.save_for_backward(x, norm_weight, norm_bias, fc1_weight, fc2_weight, mean, rstd, h)
+
+
+def gelu_recompute_backward(grad_a: torch.Tensor, h: torch.Tensor, approximate: str):
+    """(gelu(h), grad_a * gelu'(h)): one pass on the C++ CPU kernel for the exact GELU of
+    CPU tensors (where the extension is built), else ATen's gelu and gelu_backward."""
+    if approximate == "none" and EXTENSION.loaded and h.device.type == "cpu" and h.dtype in WITH_FLOAT64:
+        return torch.ops.hiera_kernels.gelu_recompute_backward(grad_a, h)
+    return F.gelu(h, approximate=approximate), torch.ops.aten.gelu_backward(grad_a, h, approximate=approximate)
 
 
 def _backward_layer_norm_mlp(ctx, grad_out, _grad_mean, _grad_rstd, _grad_h):

@@ -234,12 +234,6 @@ def test_gelu_recompute_backward_passes_the_rule(dtype, n):
         verdict = error_rule.judge(o, t, r)
         assert verdict.passed, f"{what}: {verdict.describe()}"
     torch.testing.assert_close(gelu_op(grad.double(), h.double()), want, atol=1e-14, rtol=0)  # float64: libm
-    # The forward kernel is the same code: the recompute gives the forward's bits.
-    forward = torch.ops.hiera_kernels.gelu(h.to(dtype))
-    assert torch.equal(forward.view(torch.uint8), got[0].view(torch.uint8))
-    h_leaf = h.to(dtype).requires_grad_()
-    (grad_h,) = torch.autograd.grad(torch.ops.hiera_kernels.gelu(h_leaf), h_leaf, grad.to(dtype))
-    assert torch.equal(grad_h, got[1])  # its autograd is the fused backward's grad_h
 
 
 def test_gelu_recompute_backward_non_finite_empty_and_errors():
@@ -258,8 +252,6 @@ def test_gelu_recompute_backward_non_finite_empty_and_errors():
     with pytest.raises(RuntimeError, match=r"gelu_recompute_backward: grad_out must be float32 \(like h\), got bfloat16"):
         gelu_op(torch.ones(4).bfloat16(), torch.ones(4))
     torch.library.opcheck(gelu_op, (torch.randn(3, 7), torch.randn(3, 7)))
-    torch.library.opcheck(torch.ops.hiera_kernels.gelu.default, (torch.randn(3, 7, requires_grad=True),))
-    assert torch.autograd.gradcheck(torch.ops.hiera_kernels.gelu, (torch.randn(9, dtype=torch.float64, requires_grad=True),))
     torch._dynamo.reset()
     compiled = torch.compile(lambda g, h: gelu_op(g, h)[1].sum(), fullgraph=True)
     g, h = torch.randn(64), torch.randn(64)

@@ -100,8 +100,7 @@ struct CpuKernels {
                      void* y, void* mean, void* rstd, int64_t begin, int64_t end, void* workspace);
 
   // The exact GELU recomputed with its backward, elementwise over h and grad_out (same
-  // shape): out = gelu(h), grad_h = grad_out * gelu'(h); a task is an element. With
-  // grad_out == nullptr, out alone (the forward; grad_h unused).
+  // shape): out = gelu(h), grad_h = grad_out * gelu'(h); a task is an element.
   void (*gelu_recompute_backward)(CpuDtype dtype, const void* grad_out, const void* h, void* out, void* grad_h,
                                   int64_t begin, int64_t end);
 };

@@ -1,7 +1,6 @@
-// CPU entry points of the exact GELU for training's recompute ops (hiera_kernels/
-// recompute.py): gelu(h), and gelu(h) recomputed with its backward, (gelu(h), grad_out *
-// gelu'(h)), in one pass. Both are the chosen build's gelu_recompute_backward
-// (cpu_kernels.h), so the backward recomputes the forward's bits.
+// CPU entry point of the exact GELU recomputed with its backward (training's recompute
+// ops, hiera_kernels/recompute.py): (gelu(h), grad_out * gelu'(h)) in one pass. The
+// elements are the chosen build's gelu_recompute_backward (cpu_kernels.h).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -39,26 +38,9 @@ std::tuple<at::Tensor, at::Tensor> gelu_recompute_backward_cpu(const at::Tensor&
   return {out, grad_h};
 }
 
-at::Tensor gelu_cpu(const at::Tensor& h_in) {
-  constexpr const char* op = "hiera_kernels::gelu";
-  check_float_dtype(op, "h", h_in);
-  const CpuDtype dtype = cpu_dtype(op, h_in.scalar_type());
-  const at::Tensor h = h_in.contiguous();
-  at::Tensor out = at::empty(h.sizes(), h.options());
-  if (h.numel() == 0) return out;
-  const void* x = h.const_data_ptr();
-  void* o = out.mutable_data_ptr();
-  const CpuKernels& kernels = cpu_kernels();
-  at::parallel_for(0, h.numel(), kGeluGrain, [&](int64_t begin, int64_t end) {
-    kernels.gelu_recompute_backward(dtype, nullptr, x, o, nullptr, begin, end);
-  });
-  return out;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hiera_kernels, CPU, m) {
-  m.impl("gelu", &gelu_cpu);
   m.impl("gelu_recompute_backward", &gelu_recompute_backward_cpu);
 }
 

@@ -1015,7 +1015,6 @@ inline void gelu_and_slope(FloatVec h, FloatVec& out, FloatVec& slope) {
 
 constexpr int64_t kGeluBlock = 256;  // elements widened at a time (L1)
 
-// grad_out == nullptr: the forward alone (out = gelu(h)); grad_h is then not written.
 template <typename scalar_t>
 void gelu_recompute_backward_typed(const scalar_t* grad_out, const scalar_t* h, scalar_t* out, scalar_t* grad_h,
                                    int64_t begin, int64_t end) {
@@ -1024,7 +1023,7 @@ void gelu_recompute_backward_typed(const scalar_t* grad_out, const scalar_t* h, 
       const double cdf = 0.5 * (1.0 + std::erf(h[k] * M_SQRT1_2));
       const double pdf = std::exp(-0.5 * h[k] * h[k]) * 0.5 * M_2_SQRTPI * M_SQRT1_2;
       out[k] = h[k] * cdf;
-      if (grad_out != nullptr) grad_h[k] = grad_out[k] * (cdf + h[k] * pdf);
+      grad_h[k] = grad_out[k] * (cdf + h[k] * pdf);
     }
   } else {
     using S = Simd<float>;
@@ -1032,19 +1031,17 @@ void gelu_recompute_backward_typed(const scalar_t* grad_out, const scalar_t* h, 
     for (int64_t k0 = begin; k0 < end; k0 += kGeluBlock) {
       const int64_t n = std::min(kGeluBlock, end - k0), nv = round_up(n, S::kLanes);
       widen(h + k0, hv, n);
+      widen(grad_out + k0, gv, n);
       std::fill(hv + n, hv + nv, 0.f);  // whole vectors; the tail lanes are not stored
-      if (grad_out != nullptr) {
-        widen(grad_out + k0, gv, n);
-        std::fill(gv + n, gv + nv, 0.f);
-      }
+      std::fill(gv + n, gv + nv, 0.f);
       for (int64_t k = 0; k < nv; k += S::kLanes) {
         FloatVec o, slope;
         gelu_and_slope(S::load(hv + k), o, slope);
         S::store(hv + k, o);
-        if (grad_out != nullptr) S::store(gv + k, S::load(gv + k) * slope);
+        S::store(gv + k, S::load(gv + k) * slope);
       }
       store_from_acc(hv, out + k0, n);
-      if (grad_out != nullptr) store_from_acc(gv, grad_h + k0, n);
+      store_from_acc(gv, grad_h + k0, n);
     }
   }
 }
