@@ -109,15 +109,26 @@ def status() -> str:
 _PACKED: "weakref.WeakKeyDictionary[nn.Linear, tuple]" = weakref.WeakKeyDictionary()
 
 
+def hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run a hook (its own forward or backward hooks, or a
+    global one): then the fused paths (here, :mod:`hiera_kernels.layer_norm`,
+    :mod:`hiera_kernels.recompute`) leave it to the module's own call."""
+    own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+    return any(map(bool, own)) or any(bool(getattr(nn.modules.module, name, None)) for name in _GLOBAL_HOOKS)
+
+
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")
+
+
 def fuses(linear: nn.Linear, x: torch.Tensor, residual: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> bool:
     """Whether ``linear`` on ``x`` (and ``residual``) takes the fused path on ``backend``
     (None: the global default); see the module docstring. Only ``nn.Linear`` itself or
-    :class:`Linear`, and one without hooks: a subclass or a hook computes something else
-    or must see the call, so those keep the plain path."""
+    :class:`Linear`, and one without hooks (:func:`hooked`): a subclass or a hook computes
+    something else or must see the call, so those keep the plain path."""
     # Under CPU autocast F.linear computes in the autocast dtype; the private op would not.
     if UNAVAILABLE is not None or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
         return False
-    if type(linear) not in (nn.Linear, Linear) or linear._forward_hooks or linear._forward_pre_hooks:
+    if type(linear) not in (nn.Linear, Linear) or hooked(linear):
         return False
     name = backend or backends.get_backend()
     if name not in FUSING_BACKENDS or x.device.type != "cpu" or x.dtype not in DTYPES:

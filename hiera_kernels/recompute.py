@@ -22,25 +22,23 @@ erf is ATen's vectorised formula: within an ulp or so of the forward's, where AT
 two passes with an erf each), then the Linears' and LayerNorm's own backward formulas. The ops are composite: they run on every device, and only the memory
 they keep differs from the plain modules.
 
-The drop-in model uses them in training on every backend but ``"torch"`` (the plain
-oracle) and not under ``torch.compile`` (inductor's partitioner already chooses what to
-recompute, and fuses these elementwise passes into its own kernels); see
-:func:`applies`.
+The drop-in model and patched official, timm and SAM 2 blocks use them in training on
+every backend but ``"torch"`` (the plain oracle), not under ``torch.compile`` (inductor's
+partitioner already chooses what to recompute, and fuses these elementwise passes into
+its own kernels) nor CPU autocast, and never past a hook; see :func:`applies`.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import backends
-from ._extension import EXTENSION
-from .backends import WITH_FLOAT64
-from .epilogues import Linear
-from .layer_norm import hooked, native_layer_norm, plain_layer_norm
+from .epilogues import Linear, hooked
+from .layer_norm import cpu_kernel_takes, native_layer_norm, plain_layer_norm
 from .library import NAMESPACE
 
 SCHEMAS = {
@@ -79,15 +77,17 @@ for _name, _fn in (("layer_norm_linear", _layer_norm_linear), ("layer_norm_mlp",
     torch.library.register_fake(f"{NAMESPACE}::{_name}", _fn, lib=_lib)
 
 
-def _linear_backward(grad_out: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, has_bias: bool):
-    """(grad_inp, grad_weight, grad_bias) of ``F.linear(inp, weight, bias)``; grad_out [..., out], inp [..., in]."""
+def _linear_backward(grad_out: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, needs: Tuple[bool, bool, bool]):
+    """(grad_inp, grad_weight, grad_bias) of ``F.linear(inp, weight, bias)``, each None
+    where ``needs`` says it is not needed (a frozen weight: no GEMM); grad_out [..., out],
+    inp [..., in]."""
     g2, i2 = grad_out.reshape(-1, grad_out.shape[-1]), inp.reshape(-1, inp.shape[-1])
-    grad_inp = (g2 @ weight).view(inp.shape)
-    return grad_inp, g2.t() @ i2, g2.sum(0) if has_bias else None
+    grad_inp = (g2 @ weight).view(inp.shape) if needs[0] else None
+    return grad_inp, g2.t() @ i2 if needs[1] else None, g2.sum(0) if needs[2] else None
 
 
-def _layer_norm_backward(grad_y, x, mean, rstd, norm_weight, norm_bias):
-    mask = [True, norm_weight is not None, norm_bias is not None]
+def _layer_norm_backward(grad_y, x, mean, rstd, norm_weight, norm_bias, needs: Tuple[bool, bool, bool]):
+    mask = [needs[0], norm_weight is not None and needs[1], norm_bias is not None and needs[2]]
     return torch.ops.aten.native_layer_norm_backward(grad_y, x, [x.shape[-1]], mean, rstd, norm_weight, norm_bias, mask)
 
 
@@ -95,15 +95,18 @@ def _setup_layer_norm_linear(ctx, inputs, output):
     x, norm_weight, norm_bias, ctx.eps, weight, bias = inputs
     _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
-    ctx.has_bias = bias is not None
     ctx.save_for_backward(x, norm_weight, norm_bias, weight, mean, rstd)
 
 
 def _backward_layer_norm_linear(ctx, grad_out, _grad_mean, _grad_rstd):
     x, norm_weight, norm_bias, weight, mean, rstd = ctx.saved_tensors
+    needs_x, needs_nw, needs_nb, _, needs_w, needs_b = ctx.needs_input_grad
     y = _layer_norm(x, norm_weight, norm_bias, ctx.eps)[0]  # the forward's y, recomputed
-    grad_y, grad_weight, grad_bias = _linear_backward(grad_out, y, weight, ctx.has_bias)
-    grad_x, grad_norm_weight, grad_norm_bias = _layer_norm_backward(grad_y, x, mean, rstd, norm_weight, norm_bias)
+    norm_needs = (needs_x, needs_nw, needs_nb)
+    grad_y, grad_weight, grad_bias = _linear_backward(grad_out, y, weight, (any(norm_needs), needs_w, needs_b))
+    grad_x = grad_norm_weight = grad_norm_bias = None
+    if any(norm_needs):
+        grad_x, grad_norm_weight, grad_norm_bias = _layer_norm_backward(grad_y, x, mean, rstd, norm_weight, norm_bias, norm_needs)
     return grad_x, grad_norm_weight, grad_norm_bias, None, grad_weight, grad_bias
 
 
@@ -111,31 +114,42 @@ def _setup_layer_norm_mlp(ctx, inputs, output):
     x, norm_weight, norm_bias, ctx.eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, ctx.approximate = inputs
     _, mean, rstd, h = output
     ctx.mark_non_differentiable(mean, rstd, h)
-    ctx.has_bias = (fc1_bias is not None, fc2_bias is not None)
-    ctx.save_for_backward(x, norm_weight, norm_bias, fc1_weight, fc2_weight, mean, rstd, h)
+    ctx.save_for_backward(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, mean, rstd, h)
 
 
 def gelu_recompute_backward(grad_a: torch.Tensor, h: torch.Tensor, approximate: str):
     """(gelu(h), grad_a * gelu'(h)): one pass on the C++ CPU kernel for the exact GELU of
     CPU tensors (where the extension is built), else ATen's gelu and gelu_backward."""
-    if approximate == "none" and EXTENSION.loaded and h.device.type == "cpu" and h.dtype in WITH_FLOAT64:
+    # Under create_graph (double backward) ATen's ops, which are differentiable; the kernel is not.
+    if approximate == "none" and not torch.is_grad_enabled() and cpu_kernel_takes(h, grad_a):
         return torch.ops.hiera_kernels.gelu_recompute_backward(grad_a, h)
     return F.gelu(h, approximate=approximate), torch.ops.aten.gelu_backward(grad_a, h, approximate=approximate)
 
 
 def _backward_layer_norm_mlp(ctx, grad_out, _grad_mean, _grad_rstd, _grad_h):
-    x, norm_weight, norm_bias, fc1_weight, fc2_weight, mean, rstd, h = ctx.saved_tensors
+    x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, mean, rstd, h = ctx.saved_tensors
+    needs_x, needs_nw, needs_nb, _, needs_w1, needs_b1, needs_w2, needs_b2, _ = ctx.needs_input_grad
+    norm_needs = (needs_x, needs_nw, needs_nb)
+    y = None
+    if torch.is_grad_enabled():
+        # create_graph (double backward): h recomputed as a function of x and the weights;
+        # the saved h is a non-differentiable output.
+        y = _layer_norm(x, norm_weight, norm_bias, ctx.eps)[0]
+        h = F.linear(y, fc1_weight, fc1_bias)
     g2 = grad_out.reshape(-1, grad_out.shape[-1])
     # fc2 read gelu(h): recomputed with the GELU's backward ([rows, hidden], the block's
     # largest activations) and freed before fc1's backward allocates its own.
     a, grad_h = gelu_recompute_backward((g2 @ fc2_weight).view(h.shape), h, ctx.approximate)
-    grad_fc2_weight = g2.t() @ a.reshape(-1, a.shape[-1])
-    grad_fc2_bias = g2.sum(0) if ctx.has_bias[1] else None
+    grad_fc2_weight = g2.t() @ a.reshape(-1, a.shape[-1]) if needs_w2 else None
+    grad_fc2_bias = g2.sum(0) if needs_b2 else None
     del a
-    y = _layer_norm(x, norm_weight, norm_bias, ctx.eps)[0]
-    grad_y, grad_fc1_weight, grad_fc1_bias = _linear_backward(grad_h, y, fc1_weight, ctx.has_bias[0])
+    if y is None:
+        y = _layer_norm(x, norm_weight, norm_bias, ctx.eps)[0]
+    grad_y, grad_fc1_weight, grad_fc1_bias = _linear_backward(grad_h, y, fc1_weight, (any(norm_needs), needs_w1, needs_b1))
     del grad_h, y
-    grad_x, grad_norm_weight, grad_norm_bias = _layer_norm_backward(grad_y, x, mean, rstd, norm_weight, norm_bias)
+    grad_x = grad_norm_weight = grad_norm_bias = None
+    if any(norm_needs):
+        grad_x, grad_norm_weight, grad_norm_bias = _layer_norm_backward(grad_y, x, mean, rstd, norm_weight, norm_bias, norm_needs)
     return (grad_x, grad_norm_weight, grad_norm_bias, None, grad_fc1_weight, grad_fc1_bias,
             grad_fc2_weight, grad_fc2_bias, None)
 
@@ -154,8 +168,9 @@ def applies(norm: nn.Module, linears, x: torch.Tensor, backend: Optional[str], b
     ``torch.compile`` (see the module docstring) nor autocast (whose casts the op would
     bypass), and the plain modules the op computes: a :func:`plain_layer_norm`,
     ``nn.Linear`` (or the drop-in :class:`~hiera_kernels.epilogues.Linear`), none of them
-    hooked, nor ``branch``, the module whose forward the op stands in for (an attention
-    whose qkv it computes, an MLP)."""
+    hooked (:func:`~hiera_kernels.epilogues.hooked`: forward, backward or global hooks),
+    nor any module of ``branch``, the module whose forward the op stands in for (an
+    attention whose qkv it computes, an MLP: its activation, dropouts...)."""
     if not torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
         return False
     if (backend or backends.get_backend()) == "torch":
@@ -164,10 +179,18 @@ def applies(norm: nn.Module, linears, x: torch.Tensor, backend: Optional[str], b
         return False
     if any(type(m) not in (nn.Linear, Linear) for m in linears):
         return False
-    if any(hooked(m) for m in (norm, *linears, *([branch] if branch is not None else []))):
+    if any(hooked(m) for m in (norm, *linears, *(branch.modules() if branch is not None else ()))):
         return False
     params = [p for m in (norm, *linears) for p in m.parameters()]
     return x.requires_grad or any(p.requires_grad for p in params)
+
+
+def qkv_applies(block: nn.Module, x: torch.Tensor, backend: Optional[str]) -> bool:
+    """Whether a block runs ``attn.qkv(norm1(x))`` as :func:`layer_norm_linear`: where
+    :func:`applies`, and not in a stage's first block (dim != dim_out), whose normed input
+    feeds its ``proj`` too. ``block`` has the official attributes (dim, dim_out, norm1,
+    attn.qkv), as the drop-in, official, timm and SAM 2 blocks do."""
+    return block.dim == block.dim_out and applies(block.norm1, (block.attn.qkv,), x, backend, block.attn)
 
 
 def layer_norm_linear(norm: nn.LayerNorm, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -153,7 +153,7 @@ CHECK_SCRIPT = textwrap.dedent(
     for C in (40, 7):
         x, w, b = torch.randn(13, C) * 3 + 2, torch.randn(C), torch.randn(C)
         reference = torch.nn.functional.layer_norm(x.double(), (C,), w.double(), b.double(), 1e-6)
-        for dtype in [torch.float32, torch.float16, torch.bfloat16]:
+        for dtype in [torch.float32, torch.float16, torch.bfloat16, torch.float64]:
             args = (x.to(dtype), w.to(dtype), b.to(dtype))
             verdict = judge(torch.ops.hiera_kernels.layer_norm(*args, 1e-6)[0],
                             torch.nn.functional.layer_norm(args[0], (C,), *args[1:], 1e-6), reference)
@@ -162,7 +162,7 @@ CHECK_SCRIPT = textwrap.dedent(
     # GELU recomputed with its backward: 300 elements (vector and block tails).
     h, g = torch.randn(300) * 3, torch.randn(300)
     reference = (torch.nn.functional.gelu(h.double()), torch.ops.aten.gelu_backward(g.double(), h.double()))
-    for dtype in [torch.float32, torch.float16, torch.bfloat16]:
+    for dtype in [torch.float32, torch.float16, torch.bfloat16, torch.float64]:
         aten = (torch.nn.functional.gelu(h.to(dtype)), torch.ops.aten.gelu_backward(g.to(dtype), h.to(dtype)))
         got = torch.ops.hiera_kernels.gelu_recompute_backward(g.to(dtype), h.to(dtype))
         for what, o, t, r in zip(["gelu", "grad_h"], got, aten, reference):

@@ -80,7 +80,9 @@ def test_non_finite_values_stay_in_their_row():
 
 def test_empty_non_contiguous_and_constant_rows():
     assert op(torch.empty(0, 96), None, None, 1e-6)[0].shape == (0, 96)
-    assert op(torch.empty(4, 0), None, None, 1e-6)[0].shape == (4, 0)
+    y, mean, rstd = op(torch.empty(4, 0), None, None, 1e-6)
+    want = torch.ops.aten.native_layer_norm(torch.empty(4, 0), [0], None, None, 1e-6)
+    assert y.shape == (4, 0) and torch.equal(mean, want[1]) and rstd.isnan().all() and want[2].isnan().all()
     x, w, b = case(16, 96)
     strided = x.t().contiguous().t()  # same values, column-major
     torch.testing.assert_close(op(strided, w, b, 1e-6)[0], op(x, w, b, 1e-6)[0], atol=0, rtol=0)

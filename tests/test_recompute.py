@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import hiera_kernels as hk
 from hiera_kernels import error_rule, recompute
+from hiera_kernels.backends import EXTENSION
 from hiera_kernels.tools.traffic import saved_activation_bytes
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -74,38 +75,56 @@ def test_forward_and_gradients_pass_the_rule(kind, dtype, activation):
         assert verdict.passed, f"{kind} {name}: {verdict.describe()}"
 
 
-def op_args(kind, dtype=torch.float32, affine=True, bias=True):
+def op_args(kind, dtype=torch.float32, affine=True, bias=True, approximate="none"):
     norm, fc1, fc2 = modules(dim=8, hidden=16, dtype=dtype, affine=affine, bias=bias)
     x = torch.randn(2, 5, 8, dtype=dtype, requires_grad=True)
     lin = (fc1.weight, fc1.bias)
     if kind == "layer_norm_linear":
         return (x, norm.weight, norm.bias, norm.eps, *lin)
-    return (x, norm.weight, norm.bias, norm.eps, *lin, fc2.weight, fc2.bias, "tanh")
+    return (x, norm.weight, norm.bias, norm.eps, *lin, fc2.weight, fc2.bias, approximate)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind, approximate", [("layer_norm_linear", None), ("layer_norm_mlp", "none"), ("layer_norm_mlp", "tanh")])
 @pytest.mark.parametrize("affine_and_bias", [True, False])
-def test_opcheck_and_float64_gradcheck(kind, affine_and_bias):
+def test_opcheck_and_float64_gradcheck(kind, approximate, affine_and_bias):
+    """The exact GELU ("none") is the path on the C++ kernels (float64: their libm branch)."""
     op = getattr(torch.ops.hiera_kernels, kind).default
-    torch.library.opcheck(op, op_args(kind, affine=affine_and_bias, bias=affine_and_bias))
-    args = op_args(kind, torch.float64, affine=affine_and_bias, bias=affine_and_bias)
+    torch.library.opcheck(op, op_args(kind, affine=affine_and_bias, bias=affine_and_bias, approximate=approximate))
+    args = op_args(kind, torch.float64, affine=affine_and_bias, bias=affine_and_bias, approximate=approximate)
     assert torch.autograd.gradcheck(lambda *a: op(*a)[0], args)
+    # Double backward (create_graph) runs ATen's differentiable ops inside the backward.
+    assert torch.autograd.gradgradcheck(lambda *a: op(*a)[0], args)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_compiles_fullgraph_forward_and_backward(kind):
-    op = getattr(torch.ops.hiera_kernels, kind).default
-    args = op_args(kind)
+def test_frozen_parameters_get_no_gradient_work():
+    """Only what needs a gradient is computed (a frozen backbone: no weight GEMMs)."""
+    norm, fc1, fc2 = modules()
+    for p in (*norm.parameters(), *fc1.parameters()):
+        p.requires_grad_(False)
+    x = torch.randn(2, 10, 96, requires_grad=True)
+    out = recompute.layer_norm_mlp(norm, fc1, "gelu", fc2, x)
+    out.sum().backward()
+    assert x.grad is not None and fc2.weight.grad is not None and fc1.weight.grad is None and norm.weight.grad is None
 
-    def loss(*a):
-        return op(*a)[0].square().sum()
 
-    want = torch.autograd.grad(loss(*args), [a for a in args if isinstance(a, torch.Tensor)])
-    torch._dynamo.reset()
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
-    got = torch.autograd.grad(compiled(*args), [a for a in args if isinstance(a, torch.Tensor)])
-    for w, g in zip(want, got):
-        torch.testing.assert_close(g, w, atol=0, rtol=0)
+def test_mixed_dtype_norm_keeps_atens_layer_norm():
+    """A bfloat16 model with its LayerNorms kept in float32 (a mixed-precision recipe ATen
+    takes) trains on "cpu" as on "torch" (the kernels only take matching dtypes): logits and
+    every gradient by the rule, with bfloat16 as the compute dtype."""
+    model = hk.hiera_tiny_224(input_size=(64, 64), num_classes=10)
+    x = torch.randn(2, 3, 64, 64)
+    results = {}
+    for backend, dtype in (("reference", torch.float64), ("torch", torch.bfloat16), ("cpu", torch.bfloat16)):
+        m = copy.deepcopy(model).to(dtype).set_backend("torch" if backend == "reference" else backend).train()
+        for norm in m.modules():
+            if isinstance(norm, nn.LayerNorm) and dtype != torch.float64:
+                norm.float()
+        logits = m(x.to(dtype))
+        logits.float().square().mean().backward()
+        results[backend] = [logits.detach()] + [p.grad for p in m.parameters()]
+    for r, t, c in zip(results["reference"], results["torch"], results["cpu"]):
+        verdict = error_rule.judge(c, t, r, torch.bfloat16)
+        assert verdict.passed, verdict.describe()
 
 
 def test_ops_keep_only_their_inputs_statistics_and_fc1_output():
@@ -155,13 +174,26 @@ def test_where_the_model_does_not_use_them():
 
 
 def test_model_hooks_still_see_their_calls_in_training():
-    """A hook on a block's attention or MLP keeps that branch on the plain modules."""
+    """A hook (forward, backward, on a submodule such as the GELU, or global) keeps that
+    branch on the plain modules."""
     model = hk.hiera_tiny_224(input_size=(64, 64), num_classes=10, backend="cpu").train()
     seen = []
-    model.blocks[0].mlp.register_forward_hook(lambda m, args, out: seen.append(out.shape))
-    model.blocks[0].norm1.register_forward_hook(lambda m, args, out: seen.append("norm1"))
+    blocks = model.blocks
+    blocks[0].mlp.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    blocks[0].norm1.register_forward_hook(lambda m, args, out: seen.append("norm1"))
+    blocks[1].mlp.act.register_forward_hook(lambda m, args, out: seen.append("act"))
+    blocks[2].mlp.fc1.register_full_backward_hook(lambda m, gin, gout: seen.append("fc1 backward"))
+    blocks[3].attn.register_forward_hook(lambda m, args, out: seen.append("attn"))
     model(torch.randn(2, 3, 64, 64)).sum().backward()
-    assert seen == ["norm1", torch.Size([2, 256, 96])]
+    assert seen == ["norm1", torch.Size([2, 256, 96]), "act", "attn", "fc1 backward"]
+    x = torch.randn(2, 10, 96, requires_grad=True)
+    norm, fc1, _ = modules()
+    handle = nn.modules.module.register_module_forward_hook(lambda *a: None)
+    try:
+        assert not recompute.applies(norm, (fc1,), x, "cpu")
+    finally:
+        handle.remove()
+    assert recompute.applies(norm, (fc1,), x, "cpu")
 
 
 def _official():
@@ -221,7 +253,7 @@ gelu_op = torch.ops.hiera_kernels.gelu_recompute_backward.default
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [1, 15, 300, 5000])  # vector and 256-element block tails
 def test_gelu_recompute_backward_passes_the_rule(dtype, n):
-    if not recompute.EXTENSION.loaded:
+    if not EXTENSION.loaded:
         pytest.skip("the C++ extension is not built")
     g = torch.Generator().manual_seed(n)
     h, grad = torch.randn(n, generator=g) * 3, torch.randn(n, generator=g)
@@ -237,7 +269,7 @@ def test_gelu_recompute_backward_passes_the_rule(dtype, n):
 
 
 def test_gelu_recompute_backward_non_finite_empty_and_errors():
-    if not recompute.EXTENSION.loaded:
+    if not EXTENSION.loaded:
         pytest.skip("the C++ extension is not built")
     h = torch.tensor([float("nan"), float("inf"), float("-inf"), 1.0] + [0.5] * 20)
     out, grad_h = gelu_op(torch.ones_like(h), h)

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -50,7 +51,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cpu(const at::Tensor& 
   at::Tensor y = at::empty(x.sizes(), x.options());
   at::Tensor mean = at::empty(stat_shape, x.options());
   at::Tensor rstd = at::empty(stat_shape, x.options());
-  if (rows == 0) return {y, mean, rstd};
+  if (rows == 0) {
+    // No channels: ATen's mean of nothing is 0 and its rstd NaN (1 / sqrt(0 / 0 + eps)).
+    mean.zero_();
+    rstd.fill_(std::numeric_limits<double>::quiet_NaN());
+    return {y, mean, rstd};
+  }
   const int64_t bytes = layer_norm_workspace(C) * (dtype == CpuDtype::kFloat64 ? 8 : 4);
   const void* src = x.const_data_ptr();
   void* dst = y.mutable_data_ptr();

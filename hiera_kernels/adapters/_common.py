@@ -145,12 +145,6 @@ def mlp_branch(norm: nn.Module, mlp: nn.Module, parts: Optional[Tuple[nn.Linear,
     return mlp(layer_norm(norm, x, backend))
 
 
-def recomputes_qkv(block: nn.Module, x: torch.Tensor, backend: Optional[str]) -> bool:
-    """Whether a block (not a stage transition, whose normed input feeds proj too) runs
-    ``attn.qkv(norm1(x))`` as the :mod:`hiera_kernels.recompute` op."""
-    return block.dim == block.dim_out and recompute.applies(block.norm1, (block.attn.qkv,), x, backend, block.attn)
-
-
 def pool(module: nn.Module, x: torch.Tensor, stride: int) -> torch.Tensor:
     """Every family's residual ``do_pool``: [B, N, C] -> [B, N // stride, C], the max over
     the leading stride digit of the unrolled order (a 2x2 max-pool of the grid)."""

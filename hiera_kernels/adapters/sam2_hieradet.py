@@ -37,7 +37,7 @@ import torch.nn as nn
 
 from .. import epilogues, ops, recompute
 from ..layer_norm import layer_norm
-from ._common import Binding, Rule, backend_of, find, inactive, recomputes_qkv
+from ._common import Binding, Rule, backend_of, find, inactive
 
 NAME = "sam2"
 MODULE = "sam2.modeling.backbones.hieradet"
@@ -85,7 +85,7 @@ def block_body(self, x: torch.Tensor, window_size: int, mlp: Optional[Tuple[nn.L
     ``mlp``: (fc1, activation, fc2) where the MLP is fc2(act(fc1)) and nothing else (None:
     call the MLP module); ls*/drop_path*: what wraps each branch (Identity where none)."""
     backend = backend_of(self)
-    if recomputes_qkv(self, x, backend):
+    if recompute.qkv_applies(self, x, backend):
         # Training on a kernel backend: norm1(x) is recomputed in the backward, not saved.
         x = x + drop_path1(ls1(attend(self.attn, recompute.layer_norm_linear(self.norm1, self.attn.qkv, x), window_size)))
     else:
