@@ -14,13 +14,16 @@ each). Two ops keep only what cannot be recomputed cheaply:
 
 ``mean``, ``rstd`` and ``h`` are outputs only so that autograd can save them (not
 differentiable; callers drop them). The forward runs the plain modules' ops in their
-order, the LayerNorm on :mod:`hiera_kernels.layer_norm`'s CPU kernel for CPU tensors
-(ATen's elsewhere). The backward recomputes ``layer_norm(x)`` with the forward's function
-(the same bits) and ``gelu(h)`` together with the GELU's backward (for the exact GELU of
-CPU tensors, one pass of a C++ kernel, ``hiera_kernels::gelu_recompute_backward``, whose
-erf is ATen's vectorised formula: within an ulp or so of the forward's, where ATen runs
-two passes with an erf each), then the Linears' and LayerNorm's own backward formulas. The ops are composite: they run on every device, and only the memory
-they keep differs from the plain modules.
+order, the LayerNorm on :mod:`hiera_kernels.layer_norm`'s CPU kernel for CPU tensors whose
+norm parameters share x's dtype (ATen's elsewhere). The backward recomputes
+``layer_norm(x)`` with the forward's function (the same bits) and ``gelu(h)`` together
+with the GELU's backward (for the exact GELU of CPU tensors, one pass of a C++ kernel,
+``hiera_kernels::gelu_recompute_backward``, whose erf is ATen's vectorised formula: within
+an ulp or so of the forward's, where ATen runs two passes with an erf each), then the
+Linears' and LayerNorm's own backward formulas, for the inputs that need a gradient.
+Under ``create_graph`` the backward is itself differentiable (ATen's GELU, h recomputed
+from x). The ops are composite: they run on every device, and only the memory they keep
+differs from the plain modules.
 
 The drop-in model and patched official, timm and SAM 2 blocks use them in training on
 every backend but ``"torch"`` (the plain oracle), not under ``torch.compile`` (inductor's
