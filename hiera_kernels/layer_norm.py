@@ -71,3 +71,13 @@ def native_layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Opt
     if cpu_kernel_takes(x, weight, bias):
         return torch.ops.hiera_kernels.layer_norm(x, weight, bias, eps)
     return torch.ops.aten.native_layer_norm(x, [x.shape[-1]], weight, bias, eps)
+
+
+def status() -> str:
+    """One line for ``info``: where the blocks' LayerNorms and the recompute ops' GELU
+    backward run on the C++ kernels, or why they do not."""
+    where = f"backends {'/'.join(KERNEL_BACKENDS)}, CPU tensors"
+    if not EXTENSION.loaded:
+        return f"LayerNorm and GELU-backward CPU kernels ({where}): unavailable, ATen's instead: the extension is not built"
+    return (f"LayerNorm and GELU-backward CPU kernels ({where}): available (hiera_kernels::layer_norm for the "
+            "blocks' norm1/norm2; hiera_kernels::gelu_recompute_backward in training's layer_norm_mlp)")

@@ -190,6 +190,7 @@ def test_info_reports_every_backend_and_why():
     assert "cuda    ops [unroll, reroll, query_pool, mask_unit_attention, window_attention]  unavailable: runs on cuda tensors, not cpu" in done.stdout
     assert "triton  ops [unroll, reroll, query_pool, mask_unit_attention, window_attention]  unavailable: runs on cuda tensors" in done.stdout
     assert "no CUDA device is available" in done.stdout
+    assert "LayerNorm and GELU-backward CPU kernels (backends cpu/auto, CPU tensors): available" in done.stdout
 
 
 def test_hiera_optim_shim_restores_the_official_module():

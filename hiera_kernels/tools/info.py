@@ -6,7 +6,7 @@ import platform
 
 import torch
 
-from .. import __version__, backends, epilogues
+from .. import __version__, backends, epilogues, layer_norm
 from .._extension import EXTENSION
 
 
@@ -48,3 +48,4 @@ def info(print_fn=print) -> None:
             ops = ", ".join(backend.OPS) or "-"
             print_fn(f"  {name:7s} ops [{ops}]  {status}")
     print_fn(epilogues.status())
+    print_fn(layer_norm.status())
