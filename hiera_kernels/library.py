@@ -243,15 +243,20 @@ def _setup_layer_norm(ctx, inputs, output):
     ctx.save_for_backward(x, weight, bias, mean, rstd)
 
 
-def _layer_norm_backward(ctx, grad_y, _grad_mean, _grad_rstd):
+def layer_norm_backward(grad_y, x, mean, rstd, weight, bias, needs):
+    """(grad_x, grad_weight, grad_bias) of a LayerNorm over the last dim from its saved
+    mean and rstd (ATen's formula), each computed only where ``needs`` (three bools) says
+    so; shared with hiera_kernels.recompute."""
+    mask = [needs[0], weight is not None and needs[1], bias is not None and needs[2]]
+    return torch.ops.aten.native_layer_norm_backward(grad_y.contiguous(), x, [x.shape[-1]], mean, rstd, weight, bias, mask)
+
+
+def _layer_norm_autograd(ctx, grad_y, _grad_mean, _grad_rstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
-    grads = torch.ops.aten.native_layer_norm_backward(
-        grad_y.contiguous(), x, [x.shape[-1]], mean, rstd, weight, bias, [True, weight is not None, bias is not None])
-    return grads[0], grads[1], grads[2], None
+    return (*layer_norm_backward(grad_y, x, mean, rstd, weight, bias, ctx.needs_input_grad[:3]), None)
 
 
-torch.library.register_autograd(f"{NAMESPACE}::layer_norm", _layer_norm_backward, setup_context=_setup_layer_norm, lib=_lib)
-
+torch.library.register_autograd(f"{NAMESPACE}::layer_norm", _layer_norm_autograd, setup_context=_setup_layer_norm, lib=_lib)
 
 
 # -------------------------------------------------------- gelu_recompute_backward

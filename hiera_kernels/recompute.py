@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from . import backends
 from .epilogues import Linear, hooked
 from .layer_norm import cpu_kernel_takes, native_layer_norm, plain_layer_norm
-from .library import NAMESPACE
+from .library import NAMESPACE, layer_norm_backward
 
 SCHEMAS = {
     "layer_norm_linear": "(Tensor x, Tensor? norm_weight, Tensor? norm_bias, float eps, Tensor weight, Tensor? bias) "
@@ -57,19 +57,14 @@ for _name, _schema in SCHEMAS.items():
     _lib.define(_name + _schema)
 
 
-def _layer_norm(x, norm_weight, norm_bias, eps):
-    """(y, mean, rstd): LayerNorm over the last dim (the C++ kernel on CPU, else ATen's)."""
-    return native_layer_norm(x, norm_weight, norm_bias, eps)
-
-
 def _layer_norm_linear(x, norm_weight, norm_bias, eps, weight, bias):
-    y, mean, rstd = _layer_norm(x, norm_weight, norm_bias, eps)
+    y, mean, rstd = native_layer_norm(x, norm_weight, norm_bias, eps)
     return F.linear(y, weight, bias), mean, rstd
 
 
 def _layer_norm_mlp(x, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate):
     torch._check(approximate in APPROXIMATIONS, lambda: f"layer_norm_mlp: approximate must be 'none' or 'tanh', got {approximate!r}")
-    y, mean, rstd = _layer_norm(x, norm_weight, norm_bias, eps)
+    y, mean, rstd = native_layer_norm(x, norm_weight, norm_bias, eps)
     h = F.linear(y, fc1_weight, fc1_bias)
     return F.linear(F.gelu(h, approximate=approximate), fc2_weight, fc2_bias), mean, rstd, h
 
@@ -89,11 +84,6 @@ def _linear_backward(grad_out: torch.Tensor, inp: torch.Tensor, weight: torch.Te
     return grad_inp, g2.t() @ i2 if needs[1] else None, g2.sum(0) if needs[2] else None
 
 
-def _layer_norm_backward(grad_y, x, mean, rstd, norm_weight, norm_bias, needs: Tuple[bool, bool, bool]):
-    mask = [needs[0], norm_weight is not None and needs[1], norm_bias is not None and needs[2]]
-    return torch.ops.aten.native_layer_norm_backward(grad_y, x, [x.shape[-1]], mean, rstd, norm_weight, norm_bias, mask)
-
-
 def _setup_layer_norm_linear(ctx, inputs, output):
     x, norm_weight, norm_bias, ctx.eps, weight, bias = inputs
     _, mean, rstd = output
@@ -104,12 +94,12 @@ def _setup_layer_norm_linear(ctx, inputs, output):
 def _backward_layer_norm_linear(ctx, grad_out, _grad_mean, _grad_rstd):
     x, norm_weight, norm_bias, weight, mean, rstd = ctx.saved_tensors
     needs_x, needs_nw, needs_nb, _, needs_w, needs_b = ctx.needs_input_grad
-    y = _layer_norm(x, norm_weight, norm_bias, ctx.eps)[0]  # the forward's y, recomputed
+    y = native_layer_norm(x, norm_weight, norm_bias, ctx.eps)[0]  # the forward's y, recomputed
     norm_needs = (needs_x, needs_nw, needs_nb)
     grad_y, grad_weight, grad_bias = _linear_backward(grad_out, y, weight, (any(norm_needs), needs_w, needs_b))
     grad_x = grad_norm_weight = grad_norm_bias = None
     if any(norm_needs):
-        grad_x, grad_norm_weight, grad_norm_bias = _layer_norm_backward(grad_y, x, mean, rstd, norm_weight, norm_bias, norm_needs)
+        grad_x, grad_norm_weight, grad_norm_bias = layer_norm_backward(grad_y, x, mean, rstd, norm_weight, norm_bias, norm_needs)
     return grad_x, grad_norm_weight, grad_norm_bias, None, grad_weight, grad_bias
 
 
@@ -137,7 +127,7 @@ def _backward_layer_norm_mlp(ctx, grad_out, _grad_mean, _grad_rstd, _grad_h):
     if torch.is_grad_enabled():
         # create_graph (double backward): h recomputed as a function of x and the weights;
         # the saved h is a non-differentiable output.
-        y = _layer_norm(x, norm_weight, norm_bias, ctx.eps)[0]
+        y = native_layer_norm(x, norm_weight, norm_bias, ctx.eps)[0]
         h = F.linear(y, fc1_weight, fc1_bias)
     g2 = grad_out.reshape(-1, grad_out.shape[-1])
     # fc2 read gelu(h): recomputed with the GELU's backward ([rows, hidden], the block's
@@ -147,12 +137,12 @@ def _backward_layer_norm_mlp(ctx, grad_out, _grad_mean, _grad_rstd, _grad_h):
     grad_fc2_bias = g2.sum(0) if needs_b2 else None
     del a
     if y is None:
-        y = _layer_norm(x, norm_weight, norm_bias, ctx.eps)[0]
+        y = native_layer_norm(x, norm_weight, norm_bias, ctx.eps)[0]
     grad_y, grad_fc1_weight, grad_fc1_bias = _linear_backward(grad_h, y, fc1_weight, (any(norm_needs), needs_w1, needs_b1))
     del grad_h, y
     grad_x = grad_norm_weight = grad_norm_bias = None
     if any(norm_needs):
-        grad_x, grad_norm_weight, grad_norm_bias = _layer_norm_backward(grad_y, x, mean, rstd, norm_weight, norm_bias, norm_needs)
+        grad_x, grad_norm_weight, grad_norm_bias = layer_norm_backward(grad_y, x, mean, rstd, norm_weight, norm_bias, norm_needs)
     return (grad_x, grad_norm_weight, grad_norm_bias, None, grad_fc1_weight, grad_fc1_bias,
             grad_fc2_weight, grad_fc2_bias, None)
 

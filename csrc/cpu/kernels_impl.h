@@ -138,12 +138,55 @@ void permute_tokens(bool to_unrolled, const TokenGeometry& g, const int64_t* uni
   }
 }
 
+// ------------------------------------------------------------------ vectors
+// The build's vector: HK_VECTOR_BYTES (one SSE, AVX2 or AVX-512 register) of T, and
+// at most HK_MAX_TILE_VECTORS of them per micro-kernel row, so that a 6-row tile's
+// accumulators, the B vectors and one broadcast fit the register file (16 xmm/ymm:
+// 6 x 2 + 2 + 1; 32 zmm: 6 x 4 + 4 + 1).
+constexpr int64_t kVectorBytes = HK_VECTOR_BYTES;
+constexpr int kMaxTileVectors = HK_MAX_TILE_VECTORS;
+
+// Loads and stores dereference the vector type itself (unaligned, may_alias) rather
+// than memcpy: under the default tuning GCC expands a 32-byte memcpy as two 16-byte
+// halves through the stack, and the reload of the whole vector then stalls on store
+// forwarding (the AVX2 build ran attention 5-10x slower than the baseline build).
+template <typename T>
+struct Simd {
+  static constexpr int64_t kLanes = kVectorBytes / sizeof(T);
+  typedef T Vec __attribute__((vector_size(kVectorBytes), aligned(alignof(T)), may_alias));
+  static Vec load(const T* p) { return *reinterpret_cast<const Vec*>(p); }
+  static void store(T* p, Vec v) { *reinterpret_cast<Vec*>(p) = v; }
+};
+static_assert(kQueryBlock % Simd<float>::kLanes == 0, "query blocks must start on whole vectors");
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+using FloatVec = Simd<float>::Vec;
+typedef uint32_t U32Vec __attribute__((vector_size(kVectorBytes), aligned(alignof(uint32_t)), may_alias));
+// kLanes 16-bit words: a U32Vec narrowed (bfloat16 bits), half a register.
+typedef uint16_t U16HalfVec __attribute__((vector_size(kVectorBytes / 2), aligned(alignof(uint16_t)), may_alias));
+
+// fp32 lanes rounded to bfloat16 (to nearest even), the bf16 bits in each lane's upper
+// half; NaN stays a (quiet) NaN instead of rounding up into an infinity.
+inline U32Vec bf16_rounded(FloatVec x) {
+  const U32Vec u = (U32Vec)x | ((U32Vec)(x != x) & 0x400000u);  // vector casts keep the bits
+  return (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+}
+
 // ------------------------------------------------------------------ pooling
-// Widen n elements to the accumulation type. c10::Half's scalar conversion does not
-// vectorise, so fp16 uses F16C where the build has it.
+// Widen n elements to the accumulation type. c10's scalar conversions do not vectorise,
+// so bfloat16 is widened in whole vectors (its bits shifted into a float's upper half)
+// and fp16 through F16C where the build has it.
 template <typename scalar_t, typename acc_t>
 inline void load_as_acc(const scalar_t* src, acc_t* dst, int64_t n) {
   int64_t k = 0;
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    using S = Simd<float>;
+    for (; k + S::kLanes <= n; k += S::kLanes) {
+      const U32Vec bits = __builtin_convertvector(*reinterpret_cast<const U16HalfVec*>(src + k), U32Vec) << 16;
+      S::store(dst + k, (FloatVec)bits);
+    }
+  }
 #if HK_CPU_F16C
   if constexpr (std::is_same_v<scalar_t, c10::Half> && std::is_same_v<acc_t, float>) {
     for (; k + 8 <= n; k += 8) {
@@ -246,28 +289,6 @@ void query_pool_backward(int64_t element_size, const void* grad_out, const uint8
 }
 
 // ------------------------------------------------------------------ attention
-// The build's vector: HK_VECTOR_BYTES (one SSE, AVX2 or AVX-512 register) of T, and
-// at most HK_MAX_TILE_VECTORS of them per micro-kernel row, so that a 6-row tile's
-// accumulators, the B vectors and one broadcast fit the register file (16 xmm/ymm:
-// 6 x 2 + 2 + 1; 32 zmm: 6 x 4 + 4 + 1).
-constexpr int64_t kVectorBytes = HK_VECTOR_BYTES;
-constexpr int kMaxTileVectors = HK_MAX_TILE_VECTORS;
-
-// Loads and stores dereference the vector type itself (unaligned, may_alias) rather
-// than memcpy: under the default tuning GCC expands a 32-byte memcpy as two 16-byte
-// halves through the stack, and the reload of the whole vector then stalls on store
-// forwarding (the AVX2 build ran attention 5-10x slower than the baseline build).
-template <typename T>
-struct Simd {
-  static constexpr int64_t kLanes = kVectorBytes / sizeof(T);
-  typedef T Vec __attribute__((vector_size(kVectorBytes), aligned(alignof(T)), may_alias));
-  static Vec load(const T* p) { return *reinterpret_cast<const Vec*>(p); }
-  static void store(T* p, Vec v) { *reinterpret_cast<Vec*>(p) = v; }
-};
-static_assert(kQueryBlock % Simd<float>::kLanes == 0, "query blocks must start on whole vectors");
-
-inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
-
 // How a micro-kernel multiplies: C (Acc vectors) += A element (broadcast) x B vector,
 // one k step at a time. FmaProduct: T x T in T (fp32 FMAs; fp64 for float64).
 template <typename T>
@@ -358,17 +379,6 @@ void gemm_rows(int64_t M, int64_t K, int64_t N, const T* a, int64_t a_row, int64
   gemm_rows_with<FmaProduct<T>>(M, K, N, a, a_row, a_col, b, ldb, c, ldc, accumulate);
 }
 
-using FloatVec = Simd<float>::Vec;
-typedef uint32_t U32Vec __attribute__((vector_size(kVectorBytes), aligned(alignof(uint32_t)), may_alias));
-// kLanes 16-bit words: a U32Vec narrowed (bfloat16 bits), half a register.
-typedef uint16_t U16HalfVec __attribute__((vector_size(kVectorBytes / 2), aligned(alignof(uint16_t)), may_alias));
-
-// fp32 lanes rounded to bfloat16 (to nearest even), the bf16 bits in each lane's upper
-// half; NaN stays a (quiet) NaN instead of rounding up into an infinity.
-inline U32Vec bf16_rounded(FloatVec x) {
-  const U32Vec u = (U32Vec)x | ((U32Vec)(x != x) & 0x400000u);  // vector casts keep the bits
-  return (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
-}
 typedef int32_t IntVec __attribute__((vector_size(kVectorBytes)));
 
 // exp(x) lane by lane: x = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-6
@@ -858,6 +868,7 @@ void attention_backward(CpuDtype dtype, const Layout& L, const void* grad_out, c
 // (Hiera-B: C = 96 .. 768), so one row's reductions are a chain of dependent adds and a
 // square root; the rows of a block are summed side by side (independent chains, each in
 // Simd lanes in a fixed order) and their square roots taken together.
+
 // The sum of a vector's lanes, pairwise in registers: the upper half added onto the
 // lower, log2(kLanes) times (GCC extracts the halves; its _mm512_reduce_add_* and
 // 512-bit extract intrinsics warn of their own undefined-register idiom).
@@ -925,20 +936,6 @@ inline void store_from_acc(const acc_t* src, scalar_t* dst, int64_t n) {
   for (; k < n; ++k) dst[k] = static_cast<scalar_t>(src[k]);
 }
 
-// Widen n elements to the accumulation type: load_as_acc, with bfloat16 in whole vectors.
-template <typename scalar_t, typename acc_t>
-inline void widen(const scalar_t* src, acc_t* dst, int64_t n) {
-  int64_t k = 0;
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    using S = Simd<float>;
-    for (; k + S::kLanes <= n; k += S::kLanes) {
-      const U32Vec bits = __builtin_convertvector(*reinterpret_cast<const U16HalfVec*>(src + k), U32Vec) << 16;
-      S::store(dst + k, (FloatVec)bits);
-    }
-  }
-  load_as_acc(src + k, dst + k, n - k);
-}
-
 template <typename scalar_t>
 void layer_norm_typed(const scalar_t* x, const scalar_t* weight, const scalar_t* bias, double eps, int64_t C,
                       scalar_t* y, scalar_t* mean_out, scalar_t* rstd_out, int64_t begin, int64_t end,
@@ -954,7 +951,7 @@ void layer_norm_typed(const scalar_t* x, const scalar_t* weight, const scalar_t*
   }
   for (int64_t r0 = begin; r0 < end; r0 += kLayerNormRows) {
     const int64_t nr = std::min(kLayerNormRows, end - r0);
-    for (int64_t i = 0; i < nr; ++i) widen(x + (r0 + i) * C, rows + i * C, C);
+    for (int64_t i = 0; i < nr; ++i) load_as_acc(x + (r0 + i) * C, rows + i * C, C);
     std::fill(rows + nr * C, rows + kLayerNormRows * C, acc_t(0));  // a last, partial block
     const acc_t zero[kLayerNormRows] = {};
     acc_t mean[kLayerNormRows], rstd[kLayerNormRows];
@@ -1030,8 +1027,8 @@ void gelu_recompute_backward_typed(const scalar_t* grad_out, const scalar_t* h, 
     float hv[kGeluBlock], gv[kGeluBlock];
     for (int64_t k0 = begin; k0 < end; k0 += kGeluBlock) {
       const int64_t n = std::min(kGeluBlock, end - k0), nv = round_up(n, S::kLanes);
-      widen(h + k0, hv, n);
-      widen(grad_out + k0, gv, n);
+      load_as_acc(h + k0, hv, n);
+      load_as_acc(grad_out + k0, gv, n);
       std::fill(hv + n, hv + nv, 0.f);  // whole vectors; the tail lanes are not stored
       std::fill(gv + n, gv + nv, 0.f);
       for (int64_t k = 0; k < nv; k += S::kLanes) {
