@@ -313,11 +313,12 @@ struct Bf16PairProduct {
   using Acc = float;
   using BVec = __m512bh;
   static_assert(kVectorBytes == 64, "the bf16 dot build has 16 fp32 lanes a vector");
-  // Vector casts, not reinterpret_cast through references: those made GCC keep the
-  // accumulators on the stack (a store and a load around every vdpbf16ps).
+  // GCC's builtin with vector casts, not the _mm512_dpbf16_ps wrapper nor reinterpret_cast
+  // through references: with those, GCC 12 keeps part of gemm_tile's accumulators on the
+  // stack, a store after every vdpbf16ps, and the bf16 products ran no faster than fp32.
   static BVec load_b(const B* p) { return (BVec)_mm512_loadu_si512(p); }
   static Simd<float>::Vec madd(Simd<float>::Vec acc, A a, BVec b) {
-    return (Simd<float>::Vec)_mm512_dpbf16_ps((__m512)acc, (BVec)_mm512_set1_epi32(a), b);
+    return (Simd<float>::Vec)__builtin_ia32_dpbf16ps_v16sf((__m512)acc, (BVec)_mm512_set1_epi32(a), b);
   }
 };
 #endif
@@ -557,67 +558,120 @@ struct WidenedForward {
 };
 
 #if HK_CPU_BF16_DOT
+// ---- the bfloat16 dot path's operands: pairs of bfloat16 in 32-bit words
+// (Bf16PairProduct), the first of a pair in the low half; an odd count pads its last
+// pair with a zero. Copies of bf16 inputs are exact; fp32 tiles are rounded to nearest.
+using bf16 = c10::BFloat16;
+inline uint32_t* as_pairs(float* tile) { return reinterpret_cast<uint32_t*>(tile); }
+inline U32Vec widen_bits(const bf16* p) {  // kLanes bfloat16 bits, one per 32-bit lane
+  return __builtin_convertvector(*reinterpret_cast<const U16HalfVec*>(p), U32Vec);
+}
+inline U16HalfVec rounded_bits(const float* p) {  // kLanes fp32 rounded to bfloat16 bits
+  return __builtin_convertvector(bf16_rounded(Simd<float>::load(p)) >> 16, U16HalfVec);
+}
 
-// The same products for bfloat16 on AVX512-BF16 (Bf16PairProduct), keeping the fp32
-// online softmax between them: K rows are copied as raw bf16 pairs along the head dim
-// (t.k_rows, [kb, hd / 2] pairs), Q^T is rounded to bf16 pairs along the head dim per
-// query lane (t.q_cols, [hd / 2, mqp]), V is interleaved in key pairs per head-dim lane
-// (t.v_rows, [kb / 2, hd_pad]), and P is rounded to bf16 key pairs per query lane
-// (t.p_pairs, [kb / 2, mqp]). Odd counts pad the last pair with a zero. Rounding Q and P
-// to bf16 is what a bf16 flash attention does on any matrix unit.
+// Rows [j0, j0 + n) of k or v (which) of (b, h, w), pairs along the head dim (an A
+// operand): [n, hd_pairs], a plain copy.
+template <typename Layout>
+void copy_row_pairs(const Layout& L, const bf16* qkv, const bf16* pad, int which, int64_t b, int64_t h, int64_t w,
+                    int64_t j0, int64_t n, uint32_t* rows) {
+  const int64_t hd = L.head_dim, hd_pairs = (hd + 1) / 2;
+  uint16_t* words = reinterpret_cast<uint16_t*>(rows);
+  for (int64_t j = 0; j < n; ++j) {
+    const bf16* src = row_or_pad(qkv, pad, L.key_offset(b, which, h, j0 + j, w), which, L.dim, h, hd);
+    std::memcpy(words + j * 2 * hd_pairs, src, hd * sizeof(bf16));
+    if (hd % 2) words[j * 2 * hd_pairs + hd] = 0;
+  }
+}
+
+// The same rows in pairs of rows (a B operand, the "VNNI" layout): [(n + 1) / 2, hd_pad],
+// lane d of pair p = (row 2p [d], row 2p + 1 [d]), lanes from the head dim on 0.
+template <typename Layout>
+void interleave_row_pairs(const Layout& L, const bf16* qkv, const bf16* pad, int which, int64_t b, int64_t h,
+                          int64_t w, int64_t j0, int64_t n, int64_t hd_pad, uint32_t* pairs) {
+  constexpr int64_t lanes = Simd<float>::kLanes;
+  const int64_t hd = L.head_dim;
+  for (int64_t p = 0; p < (n + 1) / 2; ++p) {
+    const bf16* lo = row_or_pad(qkv, pad, L.key_offset(b, which, h, j0 + 2 * p, w), which, L.dim, h, hd);
+    const bf16* hi = 2 * p + 1 < n ? row_or_pad(qkv, pad, L.key_offset(b, which, h, j0 + 2 * p + 1, w), which, L.dim,
+                                                h, hd)
+                                   : nullptr;
+    uint32_t* dst = pairs + p * hd_pad;
+    int64_t d = 0;
+    for (; d + lanes <= hd; d += lanes)
+      *reinterpret_cast<U32Vec*>(dst + d) = widen_bits(lo + d) | (hi != nullptr ? widen_bits(hi + d) << 16 : U32Vec{});
+    for (; d < hd; ++d) dst[d] = lo[d].x | (hi != nullptr ? uint32_t(hi[d].x) << 16 : 0u);
+    std::fill(dst + hd, dst + hd_pad, 0u);
+  }
+}
+
+// fp32 rows [n, ld] in pairs of rows (a B operand, or an A operand read down columns):
+// out [(n + 1) / 2, ld_out], lane c of pair p = (row 2p [c], row 2p + 1 [c]) for c <
+// width, a whole number of vectors.
+inline void pack_row_pairs(const float* rows, int64_t n, int64_t ld, int64_t width, uint32_t* out, int64_t ld_out) {
+  using S = Simd<float>;
+  for (int64_t p = 0; p < (n + 1) / 2; ++p)
+    for (int64_t c = 0; c < width; c += S::kLanes) {
+      const U32Vec lo = bf16_rounded(S::load(rows + 2 * p * ld + c)) >> 16;
+      const U32Vec hi = 2 * p + 1 < n ? bf16_rounded(S::load(rows + (2 * p + 1) * ld + c)) : U32Vec{};
+      *reinterpret_cast<U32Vec*>(out + p * ld_out + c) = lo | hi;
+    }
+}
+
+// fp32 rows [n, ld] in pairs of columns (an A operand): out [n, width / 2] pairs, width
+// a whole number of vectors. Products read the pairs up to the one holding column
+// valid - 1, so an odd valid's partner column is set to 0 (it may hold padding's 1s).
+inline void pack_column_pairs(const float* rows, int64_t n, int64_t ld, int64_t width, int64_t valid, uint32_t* out) {
+  uint16_t* words = reinterpret_cast<uint16_t*>(out);
+  for (int64_t r = 0; r < n; ++r) {
+    uint16_t* dst = words + r * width;
+    for (int64_t c = 0; c < width; c += Simd<float>::kLanes)
+      *reinterpret_cast<U16HalfVec*>(dst + c) = rounded_bits(rows + r * ld + c);
+    if (valid % 2) dst[valid] = 0;
+  }
+}
+
+// fp32 rows [n, ld] (0 from hd to ld, ld a whole number of vectors) transposed into
+// columns of head-dim pairs (a B operand): cols [hd_pairs, n_pad], lane i of pair p =
+// (row i [2p], row i [2p + 1]), lanes from n on 0.
+inline void transpose_to_pairs(const float* rows, int64_t n, int64_t hd, int64_t ld, uint32_t* cols, int64_t n_pad) {
+  constexpr int64_t lanes = Simd<float>::kLanes;
+  const int64_t hd_pairs = (hd + 1) / 2;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t c = 0; c < ld; c += lanes) {
+      const U16HalfVec words = rounded_bits(rows + i * ld + c);  // pairs c / 2 .. c / 2 + lanes / 2
+      uint32_t pair[lanes / 2];
+      std::memcpy(pair, &words, sizeof pair);
+      for (int64_t k = 0; k < lanes / 2 && c / 2 + k < hd_pairs; ++k) cols[(c / 2 + k) * n_pad + i] = pair[k];
+    }
+  for (int64_t p = 0; p < hd_pairs; ++p) std::fill(cols + p * n_pad + n, cols + (p + 1) * n_pad, 0u);
+}
+
+// The forward's products for bfloat16 on AVX512-BF16, keeping the fp32 online softmax
+// between them: scores^T = K . Q^T with K's rows copied as pairs along the head dim
+// (t.k_rows) and Q^T rounded to pairs along the head dim per query lane (t.q_cols); o +=
+// P . V with P rounded to key pairs per query lane (t.p_pairs) and V interleaved in key
+// pairs (t.v_rows). Rounding Q and P to bf16 is what a bf16 flash attention does on any
+// matrix unit.
 template <typename acc_t>
 struct BF16Forward {
-  using bf16 = c10::BFloat16;
-  static uint32_t* pairs(acc_t* tile) { return reinterpret_cast<uint32_t*>(tile); }
-  static uint16_t bits(const bf16* p) { return p->x; }
-
   template <typename Layout>
   static void prepare_queries(const Layout& L, int64_t mq, int64_t mqp, ForwardTiles<acc_t>& t) {
-    const int64_t hd_pairs = (L.head_dim + 1) / 2;  // q_rows is zero past head_dim
-    uint32_t* q = pairs(t.q_cols);
-    for (int64_t p = 0; p < hd_pairs; ++p)
-      for (int64_t i = 0; i < mqp; ++i) {
-        const acc_t* row = t.q_rows + i * t.hd_pad + 2 * p;
-        q[p * mqp + i] = i < mq ? (bf16(row[0]).x | uint32_t(bf16(row[1]).x) << 16) : 0u;
-      }
+    transpose_to_pairs(t.q_rows, mq, L.head_dim, t.hd_pad, as_pairs(t.q_cols), mqp);
   }
   template <typename Layout>
   static void scores(const Layout& L, const bf16* qkv, const bf16* pad, int64_t b, int64_t h, int64_t w, int64_t j0,
                      int64_t kb, int64_t mqp, ForwardTiles<acc_t>& t) {
-    const int64_t hd = L.head_dim, hd_pairs = (hd + 1) / 2, hdp = t.hd_pad;
-    uint16_t* k = reinterpret_cast<uint16_t*>(t.k_rows);
-    uint32_t* v = pairs(t.v_rows);
-    const bf16* v_row[2];
-    for (int64_t j = 0; j < kb; ++j) {
-      const bf16* src = row_or_pad(qkv, pad, L.key_offset(b, kKeyPart, h, j0 + j, w), kKeyPart, L.dim, h, hd);
-      std::memcpy(k + j * 2 * hd_pairs, src, hd * sizeof(bf16));
-      if (hd % 2) k[j * 2 * hd_pairs + hd] = 0;
-    }
-    for (int64_t p = 0; p < (kb + 1) / 2; ++p) {
-      for (int64_t r = 0; r < 2; ++r) {
-        const int64_t j = j0 + 2 * p + r;
-        v_row[r] = 2 * p + r < kb ? row_or_pad(qkv, pad, L.key_offset(b, kValuePart, h, j, w), kValuePart, L.dim, h, hd)
-                                  : nullptr;
-      }
-      uint32_t* dst = v + p * hdp;
-      for (int64_t d = 0; d < hd; ++d)
-        dst[d] = bits(v_row[0] + d) | (v_row[1] != nullptr ? uint32_t(bits(v_row[1] + d)) << 16 : 0u);
-      std::fill(dst + hd, dst + hdp, 0u);
-    }
-    gemm_rows_with<Bf16PairProduct>(kb, hd_pairs, mqp, pairs(t.k_rows), hd_pairs, 1, pairs(t.q_cols), mqp, t.scores,
-                                    mqp, false);
+    const int64_t hd_pairs = (L.head_dim + 1) / 2;
+    copy_row_pairs(L, qkv, pad, kKeyPart, b, h, w, j0, kb, as_pairs(t.k_rows));
+    interleave_row_pairs(L, qkv, pad, kValuePart, b, h, w, j0, kb, t.hd_pad, as_pairs(t.v_rows));
+    gemm_rows_with<Bf16PairProduct>(kb, hd_pairs, mqp, as_pairs(t.k_rows), hd_pairs, 1, as_pairs(t.q_cols), mqp,
+                                    t.scores, mqp, false);
   }
   static void add_pv(int64_t mq, int64_t kb, int64_t mqp, ForwardTiles<acc_t>& t) {
-    using S = Simd<float>;
-    uint32_t* p_pairs = pairs(t.p_pairs);
-    for (int64_t p = 0; p < (kb + 1) / 2; ++p)
-      for (int64_t c = 0; c < mqp; c += S::kLanes) {
-        const U32Vec lo = bf16_rounded(S::load(t.scores + 2 * p * mqp + c)) >> 16;
-        const U32Vec hi = 2 * p + 1 < kb ? bf16_rounded(S::load(t.scores + (2 * p + 1) * mqp + c)) : U32Vec{};
-        *reinterpret_cast<U32Vec*>(p_pairs + p * mqp + c) = lo | hi;
-      }
-    gemm_rows_with<Bf16PairProduct>(mq, (kb + 1) / 2, t.hd_pad, p_pairs, 1, mqp, pairs(t.v_rows), t.hd_pad, t.o,
-                                    t.hd_pad, true);
+    pack_row_pairs(t.scores, kb, mqp, mqp, as_pairs(t.p_pairs), mqp);
+    gemm_rows_with<Bf16PairProduct>(mq, (kb + 1) / 2, t.hd_pad, as_pairs(t.p_pairs), 1, mqp, as_pairs(t.v_rows),
+                                    t.hd_pad, t.o, t.hd_pad, true);
   }
 };
 
@@ -714,6 +768,7 @@ template <typename acc_t>
 struct BackwardTiles {
   int64_t hd_pad, q_pad, elements;
   acc_t *q_rows, *q_cols, *d_out_rows, *d_out_cols, *dq, *k_rows, *v_rows, *dk, *dv, *p, *ds, *lse, *delta;
+  acc_t *q_pairs, *d_out_pairs, *k_pairs, *p_pairs, *ds_pairs, *ds_key_pairs;  // the bf16 dot path's (BF16Backward)
   template <typename Layout>
   BackwardTiles(const Layout& L, acc_t* workspace) {
     constexpr int64_t lanes = Simd<acc_t>::kLanes;
@@ -734,9 +789,98 @@ struct BackwardTiles {
     ds = ws.take(kb * kQueryBlock);
     lse = ws.take(q_pad);
     delta = ws.take(q_pad);
+    q_pairs = ws.take((L.queries + 1) / 2 * hd_pad);
+    d_out_pairs = ws.take((L.queries + 1) / 2 * hd_pad);
+    k_pairs = ws.take((kb + 1) / 2 * hd_pad);
+    p_pairs = ws.take(kb * kQueryBlock / 2);
+    ds_pairs = ws.take(kb * kQueryBlock / 2);
+    ds_key_pairs = ws.take((kb + 1) / 2 * kQueryBlock);
     elements = ws.used;
   }
 };
+
+// The backward's five products per (key block, query block), in the accumulation type:
+// s^T = K . Q^T and dp^T = V . dO^T [kb, mqp] into t.p and t.ds, then (with p and ds
+// computed in place) dv += p^T . dO, dk += ds^T . q and dq += ds . K.
+template <typename scalar_t, typename acc_t>
+struct WidenedBackward {
+  template <typename Layout>
+  static void prepare_queries(const Layout& L, BackwardTiles<acc_t>& t) {
+    transpose_rows(t.q_rows, L.queries, L.head_dim, t.hd_pad, t.q_cols, t.q_pad);
+    transpose_rows(t.d_out_rows, L.queries, L.head_dim, t.hd_pad, t.d_out_cols, t.q_pad);
+  }
+  template <typename Layout>
+  static void load_keys(const Layout& L, const scalar_t* qkv, const scalar_t* pad, int64_t b, int64_t h, int64_t w,
+                        int64_t j0, int64_t kb, BackwardTiles<acc_t>& t) {
+    load_rows(L, qkv, pad, kKeyPart, b, h, w, j0, kb, t.hd_pad, t.k_rows);
+    load_rows(L, qkv, pad, kValuePart, b, h, w, j0, kb, t.hd_pad, t.v_rows);
+  }
+  static void scores(int64_t hd, int64_t kb, int64_t i0, int64_t mqp, BackwardTiles<acc_t>& t) {
+    gemm_rows(kb, hd, mqp, t.k_rows, t.hd_pad, 1, t.q_cols + i0, t.q_pad, t.p, mqp, false);       // s^T
+    gemm_rows(kb, hd, mqp, t.v_rows, t.hd_pad, 1, t.d_out_cols + i0, t.q_pad, t.ds, mqp, false);  // dp^T
+  }
+  static void add_gradients(int64_t kb, int64_t i0, int64_t mq, int64_t mqp, BackwardTiles<acc_t>& t) {
+    const int64_t hdp = t.hd_pad;
+    gemm_rows(kb, mq, hdp, t.p, mqp, 1, t.d_out_rows + i0 * hdp, hdp, t.dv, hdp);
+    gemm_rows(kb, mq, hdp, t.ds, mqp, 1, t.q_rows + i0 * hdp, hdp, t.dk, hdp);
+    gemm_rows(mq, kb, hdp, t.ds, 1, mqp, t.k_rows, hdp, t.dq + i0 * hdp, hdp);
+  }
+};
+
+#if HK_CPU_BF16_DOT
+// The same products for bfloat16 on AVX512-BF16: every operand in bf16 pairs (see the
+// forward's), fp32 accumulation; the softmax backward between them stays fp32. Q (pre-
+// scaled) and dO go both ways once per task: pairs along the head dim per query lane
+// (t.q_cols, t.d_out_cols) and pairs of query rows (t.q_pairs, t.d_out_pairs); per key
+// block, K and V rows are copied as head-dim pairs (t.k_rows, t.v_rows) and K also
+// interleaved in key pairs (t.k_pairs); p and ds are rounded to query pairs (t.p_pairs,
+// t.ds_pairs) and ds to key pairs (t.ds_key_pairs). Q is rounded as in the forward, so
+// s^T is the forward's bit for bit and p matches its lse.
+template <typename acc_t>
+struct BF16Backward {
+  template <typename Layout>
+  static void prepare_queries(const Layout& L, BackwardTiles<acc_t>& t) {
+    const int64_t nq = L.queries, hdp = t.hd_pad;
+    transpose_to_pairs(t.q_rows, nq, L.head_dim, hdp, as_pairs(t.q_cols), t.q_pad);
+    transpose_to_pairs(t.d_out_rows, nq, L.head_dim, hdp, as_pairs(t.d_out_cols), t.q_pad);
+    pack_row_pairs(t.q_rows, nq, hdp, hdp, as_pairs(t.q_pairs), hdp);
+    pack_row_pairs(t.d_out_rows, nq, hdp, hdp, as_pairs(t.d_out_pairs), hdp);
+  }
+  template <typename Layout>
+  static void load_keys(const Layout& L, const bf16* qkv, const bf16* pad, int64_t b, int64_t h, int64_t w,
+                        int64_t j0, int64_t kb, BackwardTiles<acc_t>& t) {
+    copy_row_pairs(L, qkv, pad, kKeyPart, b, h, w, j0, kb, as_pairs(t.k_rows));
+    copy_row_pairs(L, qkv, pad, kValuePart, b, h, w, j0, kb, as_pairs(t.v_rows));
+    interleave_row_pairs(L, qkv, pad, kKeyPart, b, h, w, j0, kb, t.hd_pad, as_pairs(t.k_pairs));
+  }
+  static void scores(int64_t hd, int64_t kb, int64_t i0, int64_t mqp, BackwardTiles<acc_t>& t) {
+    const int64_t hd_pairs = (hd + 1) / 2;
+    gemm_rows_with<Bf16PairProduct>(kb, hd_pairs, mqp, as_pairs(t.k_rows), hd_pairs, 1, as_pairs(t.q_cols) + i0,
+                                    t.q_pad, t.p, mqp, false);
+    gemm_rows_with<Bf16PairProduct>(kb, hd_pairs, mqp, as_pairs(t.v_rows), hd_pairs, 1, as_pairs(t.d_out_cols) + i0,
+                                    t.q_pad, t.ds, mqp, false);
+  }
+  static void add_gradients(int64_t kb, int64_t i0, int64_t mq, int64_t mqp, BackwardTiles<acc_t>& t) {
+    const int64_t hdp = t.hd_pad, q_pairs = (mq + 1) / 2;  // i0 is even: a whole number of query blocks
+    pack_column_pairs(t.p, kb, mqp, mqp, mq, as_pairs(t.p_pairs));
+    pack_column_pairs(t.ds, kb, mqp, mqp, mq, as_pairs(t.ds_pairs));
+    pack_row_pairs(t.ds, kb, mqp, mqp, as_pairs(t.ds_key_pairs), mqp);
+    gemm_rows_with<Bf16PairProduct>(kb, q_pairs, hdp, as_pairs(t.p_pairs), mqp / 2, 1,
+                                    as_pairs(t.d_out_pairs) + i0 / 2 * hdp, hdp, t.dv, hdp, true);
+    gemm_rows_with<Bf16PairProduct>(kb, q_pairs, hdp, as_pairs(t.ds_pairs), mqp / 2, 1,
+                                    as_pairs(t.q_pairs) + i0 / 2 * hdp, hdp, t.dk, hdp, true);
+    gemm_rows_with<Bf16PairProduct>(mq, (kb + 1) / 2, hdp, as_pairs(t.ds_key_pairs), 1, mqp, as_pairs(t.k_pairs), hdp,
+                                    t.dq + i0 * hdp, hdp, true);
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+using BackwardProducts = std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, BF16Backward<acc_t>,
+                                            WidenedBackward<scalar_t, acc_t>>;
+#else
+template <typename scalar_t, typename acc_t>
+using BackwardProducts = WidenedBackward<scalar_t, acc_t>;
+#endif
 
 // dq, dk and dv of one (b, h, w): recompute p = exp(s - lse) block by block. A padded
 // key's dk and dv add up in grad_pad [2, dim] (this (b, w)'s slot of the pad partials).
@@ -750,8 +894,8 @@ void backward_task(const Layout& L, const scalar_t* grad_out, const scalar_t* qk
   using Vec = typename S::Vec;
   const acc_t scale = acc_t(1) / std::sqrt(static_cast<acc_t>(L.head_dim));
   const int64_t hd = L.head_dim, hdp = t.hd_pad, nq = L.queries, nqp = t.q_pad;
+  using Products = BackwardProducts<scalar_t, acc_t>;
   load_queries<scalar_t, false, acc_t>(L, qkv, pad, argmax, nullptr, b, h, w, 0, nq, hdp, t.q_rows);
-  transpose_rows(t.q_rows, nq, hd, hdp, t.q_cols, nqp);
   std::fill(t.lse, t.lse + nqp, acc_t(0));
   std::fill(t.delta, t.delta + nqp, acc_t(0));
   for (int64_t i = 0; i < nq; ++i) {
@@ -772,20 +916,18 @@ void backward_task(const Layout& L, const scalar_t* grad_out, const scalar_t* qk
     t.delta[i] = delta;
     t.lse[i] = lse[L.lse_offset(b, h, w, i)];
   }
-  transpose_rows(t.d_out_rows, nq, hd, hdp, t.d_out_cols, nqp);
+  Products::prepare_queries(L, t);
   std::fill(t.dq, t.dq + nq * hdp, acc_t(0));
   for (int64_t j0 = 0; j0 < L.per_window; j0 += kKeyBlock) {
     const int64_t kb = std::min(kKeyBlock, L.per_window - j0);
-    load_rows(L, qkv, pad, kKeyPart, b, h, w, j0, kb, hdp, t.k_rows);
-    load_rows(L, qkv, pad, kValuePart, b, h, w, j0, kb, hdp, t.v_rows);
+    Products::load_keys(L, qkv, pad, b, h, w, j0, kb, t);
     std::fill(t.dk, t.dk + kb * hdp, acc_t(0));
     std::fill(t.dv, t.dv + kb * hdp, acc_t(0));
     for (int64_t i0 = 0; i0 < nq; i0 += kQueryBlock) {
       const int64_t mq = std::min(kQueryBlock, nq - i0), mqp = round_up(mq, S::kLanes);
       acc_t* pt = t.p;
       acc_t* dst = t.ds;
-      gemm_rows(kb, hd, mqp, t.k_rows, hdp, 1, t.q_cols + i0, nqp, pt, mqp, false);       // s^T
-      gemm_rows(kb, hd, mqp, t.v_rows, hdp, 1, t.d_out_cols + i0, nqp, dst, mqp, false);  // dp^T
+      Products::scores(hd, kb, i0, mqp, t);  // s^T in pt, dp^T in dst
       for (int64_t j = 0; j < kb; ++j) {
         for (int64_t c = 0; c < mqp; c += S::kLanes) {
           const Vec p = exp_vec(S::load(pt + j * mqp + c) - S::load(t.lse + i0 + c));
@@ -794,9 +936,7 @@ void backward_task(const Layout& L, const scalar_t* grad_out, const scalar_t* qk
         }
       }
       // dv += p^T . dO ; dk += ds^T . q (q pre-scaled) ; dq += ds . k (scaled at the end)
-      gemm_rows(kb, mq, hdp, pt, mqp, 1, t.d_out_rows + i0 * hdp, hdp, t.dv, hdp);
-      gemm_rows(kb, mq, hdp, dst, mqp, 1, t.q_rows + i0 * hdp, hdp, t.dk, hdp);
-      gemm_rows(mq, kb, hdp, dst, 1, mqp, t.k_rows, hdp, t.dq + i0 * hdp, hdp);
+      Products::add_gradients(kb, i0, mq, mqp, t);
     }
     for (int64_t j = 0; j < kb; ++j) {
       for (const int which : {kKeyPart, kValuePart}) {
