@@ -173,6 +173,30 @@ inline U32Vec bf16_rounded(FloatVec x) {
   return (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
 }
 
+// The sum of a vector's lanes, pairwise in registers: the upper half added onto the
+// lower, log2(kLanes) times (GCC extracts the halves; its _mm512_reduce_add_* and
+// 512-bit extract intrinsics warn of their own undefined-register idiom).
+template <typename T, int64_t kBytes>
+inline T horizontal_sum_of(const void* v) {
+  if constexpr (kBytes == 2 * static_cast<int64_t>(sizeof(T))) {
+    T pair[2];
+    std::memcpy(pair, v, kBytes);
+    return pair[0] + pair[1];
+  } else {
+    typedef T Half __attribute__((vector_size(kBytes / 2)));
+    Half lo, hi;
+    std::memcpy(&lo, v, kBytes / 2);
+    std::memcpy(&hi, static_cast<const char*>(v) + kBytes / 2, kBytes / 2);
+    const Half sum = lo + hi;
+    return horizontal_sum_of<T, kBytes / 2>(&sum);
+  }
+}
+
+template <typename acc_t>
+inline acc_t horizontal_sum(typename Simd<acc_t>::Vec v) {
+  return horizontal_sum_of<acc_t, kVectorBytes>(&v);
+}
+
 // ------------------------------------------------------------------ pooling
 // Widen n elements to the accumulation type. c10's scalar conversions do not vectorise,
 // so bfloat16 is widened in whole vectors (its bits shifted into a float's upper half)
@@ -740,26 +764,78 @@ int64_t attention_forward_workspace(CpuDtype dtype, const Layout& L, int64_t blo
   return bytes;
 }
 
-// Tasks [begin, end) of (b, h, w, query block), block fastest, then w, then h.
+// A forward task: (b, h, w) and its block of queries [i0, i0 + mq).
+struct ForwardTask {
+  int64_t b, h, w, i0, mq;
+};
+// Task `task` of (b, h, w, query block), block fastest, then w, then h.
+template <typename Layout>
+ForwardTask forward_task_at(const Layout& L, int64_t block_rows, int64_t task) {
+  const int64_t query_blocks = (L.queries + block_rows - 1) / block_rows;
+  const int64_t block = task % query_blocks;
+  task /= query_blocks;
+  const int64_t w = task % L.windows;
+  task /= L.windows;
+  const int64_t i0 = block * block_rows;
+  return {task / L.heads, task % L.heads, w, i0, std::min(block_rows, L.queries - i0)};
+}
+
+// Requests the cache line at p from memory, without waiting for it. An asm statement:
+// GCC counts __builtin_prefetch as free of side effects, so it drops a call to a
+// function that only prefetches (prefetch_forward_rows) as dead code.
+inline void prefetch_line(const char* p) {
+#if defined(__x86_64__)
+  asm volatile("prefetcht0 %0" : : "m"(*p));
+#else
+  __builtin_prefetch(p);
+#endif
+}
+
+// Requests the n elements at row from memory.
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* row, int64_t n) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  const int64_t size = n * static_cast<int64_t>(sizeof(scalar_t));
+  for (int64_t offset = 0; offset < size; offset += 64) prefetch_line(bytes + offset);
+  prefetch_line(bytes + size - 1);
+}
+
+// The qkv rows a forward task reads (its queries' candidates; with_keys, its window's k
+// and v), requested while the task before it computes: a window's rows are `windows`
+// tokens apart in the unrolled layout (a page or more), a stride the hardware
+// prefetchers do not follow, so every row would otherwise wait for memory in turn.
+template <typename scalar_t, typename Layout>
+void prefetch_forward_rows(const Layout& L, const scalar_t* qkv, const ForwardTask& t, bool with_keys) {
+  for (int64_t i = t.i0; i < t.i0 + t.mq; ++i)
+    for (int64_t c = 0; c < L.candidate_count(); ++c) {
+      const int64_t offset = L.candidate_offset(t.b, t.h, i, t.w, c);
+      if (offset >= 0) prefetch_row(qkv + offset, L.head_dim);
+    }
+  if (!with_keys) return;
+  for (int64_t j = 0; j < L.per_window; ++j)
+    for (const int which : {kKeyPart, kValuePart}) {
+      const int64_t offset = L.key_offset(t.b, which, t.h, j, t.w);
+      if (offset >= 0) prefetch_row(qkv + offset, L.head_dim);
+    }
+}
+
+// Tasks [begin, end) (forward_task_at's order), each prefetching the next one's rows.
 template <typename Layout>
 void attention_forward(CpuDtype dtype, const Layout& L, const void* qkv, const void* pad, void* out, void* lse,
                        uint8_t* argmax, int64_t block_rows, int64_t begin, int64_t end, void* workspace) {
-  const int64_t query_blocks = (L.queries + block_rows - 1) / block_rows;
   by_dtype(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = acc_type<scalar_t>;
+    const scalar_t* qkv_data = static_cast<const scalar_t*>(qkv);
     ForwardTiles<acc_t> tiles(L, block_rows, static_cast<acc_t*>(workspace));
     for (int64_t task = begin; task < end; ++task) {
-      int64_t rest = task;
-      const int64_t block = rest % query_blocks;
-      rest /= query_blocks;
-      const int64_t w = rest % L.windows;
-      rest /= L.windows;
-      const int64_t h = rest % L.heads, b = rest / L.heads;
-      const int64_t i0 = block * block_rows;
-      forward_task<scalar_t, acc_t>(L, static_cast<const scalar_t*>(qkv), static_cast<const scalar_t*>(pad),
-                                    static_cast<scalar_t*>(out), static_cast<acc_t*>(lse), argmax, b, h, w, i0,
-                                    std::min(block_rows, L.queries - i0), tiles);
+      const ForwardTask t = forward_task_at(L, block_rows, task);
+      if (task + 1 < end) {
+        const ForwardTask next = forward_task_at(L, block_rows, task + 1);
+        prefetch_forward_rows(L, qkv_data, next, next.w != t.w || next.h != t.h || next.b != t.b);
+      }
+      forward_task<scalar_t, acc_t>(L, qkv_data, static_cast<const scalar_t*>(pad), static_cast<scalar_t*>(out),
+                                    static_cast<acc_t*>(lse), argmax, t.b, t.h, t.w, t.i0, t.mq, tiles);
     }
   });
 }
@@ -905,15 +981,16 @@ void backward_task(const Layout& L, const scalar_t* grad_out, const scalar_t* qk
       std::fill(dOi, dOi + hdp, acc_t(0));
       continue;
     }
-    const scalar_t* go = grad_out + out_offset;
-    const scalar_t* oi = out + out_offset;
-    acc_t delta = 0;  // rowsum(dO * O): the softmax backward's correction
-    for (int64_t d = 0; d < hd; ++d) {
-      dOi[d] = static_cast<acc_t>(go[d]);
-      delta += dOi[d] * static_cast<acc_t>(oi[d]);
-    }
+    // delta = rowsum(dO * O), the softmax backward's correction, in vector lanes; O is
+    // widened into dq's row (zeroed after this loop).
+    acc_t* Oi = t.dq + i * hdp;
+    load_as_acc(grad_out + out_offset, dOi, hd);
+    load_as_acc(out + out_offset, Oi, hd);
     std::fill(dOi + hd, dOi + hdp, acc_t(0));
-    t.delta[i] = delta;
+    std::fill(Oi + hd, Oi + hdp, acc_t(0));
+    Vec delta{};
+    for (int64_t d = 0; d < hdp; d += S::kLanes) delta += S::load(dOi + d) * S::load(Oi + d);
+    t.delta[i] = horizontal_sum<acc_t>(delta);
     t.lse[i] = lse[L.lse_offset(b, h, w, i)];
   }
   Products::prepare_queries(L, t);
@@ -979,8 +1056,38 @@ int64_t attention_backward_workspace(CpuDtype dtype, const Layout& L) {
   return bytes;
 }
 
-// Tasks [begin, end) of (b, h, w), w fastest. grad_pad: the pad partials [B, windows,
-// 2, dim] in the accumulation type, zeroed by the caller (nullptr without padding).
+// The rows a backward task (b, h, w) reads and writes, requested while the task before
+// it computes (see prefetch_forward_rows): its queries' dO, O, argmax and candidates
+// (read, and written with their gradient) and its keys' k and v (the same).
+template <typename scalar_t, typename Layout>
+void prefetch_backward_rows(const Layout& L, const scalar_t* grad_out, const scalar_t* qkv, const scalar_t* out,
+                            const uint8_t* argmax, const scalar_t* grad_qkv, int64_t b, int64_t h, int64_t w) {
+  const int64_t hd = L.head_dim, count = L.candidate_count();
+  for (int64_t i = 0; i < L.queries; ++i) {
+    const int64_t out_offset = L.out_offset(b, h, i, w);
+    if (out_offset < 0) continue;  // cropped: neither read nor written
+    prefetch_row(grad_out + out_offset, hd);
+    prefetch_row(out + out_offset, hd);
+    if (count > 1) prefetch_row(argmax + out_offset, hd);
+    for (int64_t c = 0; c < count; ++c) {
+      const int64_t offset = L.candidate_offset(b, h, i, w, c);
+      if (offset < 0) continue;
+      prefetch_row(qkv + offset, hd);
+      prefetch_row(grad_qkv + offset, hd);
+    }
+  }
+  for (int64_t j = 0; j < L.per_window; ++j)
+    for (const int which : {kKeyPart, kValuePart}) {
+      const int64_t offset = L.key_offset(b, which, h, j, w);
+      if (offset < 0) continue;  // padding: pad's row, in cache
+      prefetch_row(qkv + offset, hd);
+      prefetch_row(grad_qkv + offset, hd);
+    }
+}
+
+// Tasks [begin, end) of (b, h, w), w fastest, each prefetching the next one's rows.
+// grad_pad: the pad partials [B, windows, 2, dim] in the accumulation type, zeroed by
+// the caller (nullptr without padding).
 template <typename Layout>
 void attention_backward(CpuDtype dtype, const Layout& L, const void* grad_out, const void* qkv, const void* pad,
                         const void* out, const void* lse, const uint8_t* argmax, void* grad_qkv, void* grad_pad,
@@ -988,14 +1095,21 @@ void attention_backward(CpuDtype dtype, const Layout& L, const void* grad_out, c
   by_dtype(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = acc_type<scalar_t>;
+    const auto* grad_out_data = static_cast<const scalar_t*>(grad_out);
+    const auto* qkv_data = static_cast<const scalar_t*>(qkv);
+    const auto* out_data = static_cast<const scalar_t*>(out);
+    auto* grad_qkv_data = static_cast<scalar_t*>(grad_qkv);
     BackwardTiles<acc_t> tiles(L, static_cast<acc_t*>(workspace));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t w = task % L.windows, h = (task / L.windows) % L.heads, b = task / (L.windows * L.heads);
+      if (task + 1 < end) {
+        const int64_t next = task + 1;
+        prefetch_backward_rows(L, grad_out_data, qkv_data, out_data, argmax, grad_qkv_data, next / (L.windows * L.heads),
+                               (next / L.windows) % L.heads, next % L.windows);
+      }
       acc_t* pad_slot = grad_pad == nullptr ? nullptr : static_cast<acc_t*>(grad_pad) + (b * L.windows + w) * 2 * L.dim;
-      backward_task<scalar_t, acc_t>(L, static_cast<const scalar_t*>(grad_out), static_cast<const scalar_t*>(qkv),
-                                     static_cast<const scalar_t*>(pad), static_cast<const scalar_t*>(out),
-                                     static_cast<const acc_t*>(lse), argmax, static_cast<scalar_t*>(grad_qkv),
-                                     pad_slot, b, h, w, tiles);
+      backward_task<scalar_t, acc_t>(L, grad_out_data, qkv_data, static_cast<const scalar_t*>(pad), out_data,
+                                     static_cast<const acc_t*>(lse), argmax, grad_qkv_data, pad_slot, b, h, w, tiles);
     }
   });
 }
@@ -1008,30 +1122,6 @@ void attention_backward(CpuDtype dtype, const Layout& L, const void* grad_out, c
 // (Hiera-B: C = 96 .. 768), so one row's reductions are a chain of dependent adds and a
 // square root; the rows of a block are summed side by side (independent chains, each in
 // Simd lanes in a fixed order) and their square roots taken together.
-
-// The sum of a vector's lanes, pairwise in registers: the upper half added onto the
-// lower, log2(kLanes) times (GCC extracts the halves; its _mm512_reduce_add_* and
-// 512-bit extract intrinsics warn of their own undefined-register idiom).
-template <typename T, int64_t kBytes>
-inline T horizontal_sum_of(const void* v) {
-  if constexpr (kBytes == 2 * static_cast<int64_t>(sizeof(T))) {
-    T pair[2];
-    std::memcpy(pair, v, kBytes);
-    return pair[0] + pair[1];
-  } else {
-    typedef T Half __attribute__((vector_size(kBytes / 2)));
-    Half lo, hi;
-    std::memcpy(&lo, v, kBytes / 2);
-    std::memcpy(&hi, static_cast<const char*>(v) + kBytes / 2, kBytes / 2);
-    const Half sum = lo + hi;
-    return horizontal_sum_of<T, kBytes / 2>(&sum);
-  }
-}
-
-template <typename acc_t>
-inline acc_t horizontal_sum(typename Simd<acc_t>::Vec v) {
-  return horizontal_sum_of<acc_t, kVectorBytes>(&v);
-}
 
 // out[i] = sum over k < C of (rows[i * C + k] - shift[i])^kPower for kLayerNormRows rows.
 template <int kPower, typename acc_t>
