@@ -800,17 +800,22 @@ inline void prefetch_row(const scalar_t* row, int64_t n) {
   prefetch_line(bytes + size - 1);
 }
 
-// The qkv rows a forward task reads (its queries' candidates; with_keys, its window's k
-// and v), requested while the task before it computes: a window's rows are `windows`
-// tokens apart in the unrolled layout (a page or more), a stride the hardware
-// prefetchers do not follow, so every row would otherwise wait for memory in turn.
+// The rows a forward task reads and writes (its queries' candidates in qkv and their
+// rows of out; with_keys, its window's k and v), requested while the task before it
+// computes: a window's rows are `windows` tokens apart in the unrolled layout (a page
+// or more), a stride the hardware prefetchers do not follow, so every row would
+// otherwise wait for memory in turn.
 template <typename scalar_t, typename Layout>
-void prefetch_forward_rows(const Layout& L, const scalar_t* qkv, const ForwardTask& t, bool with_keys) {
-  for (int64_t i = t.i0; i < t.i0 + t.mq; ++i)
+void prefetch_forward_rows(const Layout& L, const scalar_t* qkv, const scalar_t* out, const ForwardTask& t,
+                           bool with_keys) {
+  for (int64_t i = t.i0; i < t.i0 + t.mq; ++i) {
     for (int64_t c = 0; c < L.candidate_count(); ++c) {
       const int64_t offset = L.candidate_offset(t.b, t.h, i, t.w, c);
       if (offset >= 0) prefetch_row(qkv + offset, L.head_dim);
     }
+    const int64_t out_offset = L.out_offset(t.b, t.h, i, t.w);
+    if (out_offset >= 0) prefetch_row(out + out_offset, L.head_dim);
+  }
   if (!with_keys) return;
   for (int64_t j = 0; j < L.per_window; ++j)
     for (const int which : {kKeyPart, kValuePart}) {
@@ -826,16 +831,17 @@ void attention_forward(CpuDtype dtype, const Layout& L, const void* qkv, const v
   by_dtype(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = acc_type<scalar_t>;
-    const scalar_t* qkv_data = static_cast<const scalar_t*>(qkv);
+    const auto* qkv_data = static_cast<const scalar_t*>(qkv);
+    auto* out_data = static_cast<scalar_t*>(out);
     ForwardTiles<acc_t> tiles(L, block_rows, static_cast<acc_t*>(workspace));
     for (int64_t task = begin; task < end; ++task) {
       const ForwardTask t = forward_task_at(L, block_rows, task);
       if (task + 1 < end) {
         const ForwardTask next = forward_task_at(L, block_rows, task + 1);
-        prefetch_forward_rows(L, qkv_data, next, next.w != t.w || next.h != t.h || next.b != t.b);
+        prefetch_forward_rows(L, qkv_data, out_data, next, next.w != t.w || next.h != t.h || next.b != t.b);
       }
-      forward_task<scalar_t, acc_t>(L, qkv_data, static_cast<const scalar_t*>(pad), static_cast<scalar_t*>(out),
-                                    static_cast<acc_t*>(lse), argmax, t.b, t.h, t.w, t.i0, t.mq, tiles);
+      forward_task<scalar_t, acc_t>(L, qkv_data, static_cast<const scalar_t*>(pad), out_data, static_cast<acc_t*>(lse),
+                                    argmax, t.b, t.h, t.w, t.i0, t.mq, tiles);
     }
   });
 }
