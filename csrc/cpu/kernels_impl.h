@@ -347,6 +347,16 @@ struct Bf16PairProduct {
 };
 #endif
 
+// bfloat16 attention multiplies on the dot products where the build has them
+// (BF16Forward, BF16Backward, defined only there); every other dtype, and bfloat16 in
+// the other builds, is widened to its accumulation type (WidenedForward, WidenedBackward).
+template <typename scalar_t>
+constexpr bool kBf16Dot = HK_CPU_BF16_DOT && std::is_same_v<scalar_t, c10::BFloat16>;
+template <typename acc_t>
+struct BF16Forward;
+template <typename acc_t>
+struct BF16Backward;
+
 // C[m, n] += sum_k A(m, k) * B[k, n] for a tile of MR rows and NV vectors of
 // columns, accumulated in registers. A(m, k) = a[m * a_row + k * a_col], so a
 // transposed A costs nothing.
@@ -698,14 +708,11 @@ struct BF16Forward {
                                     t.hd_pad, t.o, t.hd_pad, true);
   }
 };
+#endif
 
 template <typename scalar_t, typename acc_t>
-using ForwardProducts = std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, BF16Forward<acc_t>,
-                                           WidenedForward<scalar_t, acc_t>>;
-#else
-template <typename scalar_t, typename acc_t>
-using ForwardProducts = WidenedForward<scalar_t, acc_t>;
-#endif
+using ForwardProducts =
+    std::conditional_t<kBf16Dot<scalar_t>, BF16Forward<acc_t>, WidenedForward<scalar_t, acc_t>>;
 
 template <typename scalar_t, typename acc_t, typename Layout>
 void forward_task(const Layout& L, const scalar_t* qkv, const scalar_t* pad, scalar_t* out, acc_t* lse,
@@ -955,14 +962,11 @@ struct BF16Backward {
                                     t.dq + i0 * hdp, hdp, true);
   }
 };
+#endif
 
 template <typename scalar_t, typename acc_t>
-using BackwardProducts = std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, BF16Backward<acc_t>,
-                                            WidenedBackward<scalar_t, acc_t>>;
-#else
-template <typename scalar_t, typename acc_t>
-using BackwardProducts = WidenedBackward<scalar_t, acc_t>;
-#endif
+using BackwardProducts =
+    std::conditional_t<kBf16Dot<scalar_t>, BF16Backward<acc_t>, WidenedBackward<scalar_t, acc_t>>;
 
 // dq, dk and dv of one (b, h, w): recompute p = exp(s - lse) block by block. A padded
 // key's dk and dv add up in grad_pad [2, dim] (this (b, w)'s slot of the pad partials).
