@@ -165,12 +165,17 @@ using FloatVec = Simd<float>::Vec;
 typedef uint32_t U32Vec __attribute__((vector_size(kVectorBytes), aligned(alignof(uint32_t)), may_alias));
 // kLanes 16-bit words: a U32Vec narrowed (bfloat16 bits), half a register.
 typedef uint16_t U16HalfVec __attribute__((vector_size(kVectorBytes / 2), aligned(alignof(uint16_t)), may_alias));
+// One bfloat16 of a tile the products read as 32-bit pairs: may_alias, or GCC could
+// order a 16-bit store after the 32-bit load of its pair (strict aliasing).
+typedef uint16_t Bf16Word __attribute__((may_alias));
 
 // fp32 lanes rounded to bfloat16 (to nearest even), the bf16 bits in each lane's upper
-// half; NaN stays a (quiet) NaN instead of rounding up into an infinity.
+// half. A NaN is truncated, quiet bit set (rounding could carry it into an infinity or,
+// for payloads from 0x7FFF8000 up, wrap it to zero).
 inline U32Vec bf16_rounded(FloatVec x) {
-  const U32Vec u = (U32Vec)x | ((U32Vec)(x != x) & 0x400000u);  // vector casts keep the bits
-  return (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+  const U32Vec u = (U32Vec)x, nan = (U32Vec)(x != x);  // vector casts keep the bits
+  const U32Vec rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+  return (nan & ((u | 0x400000u) & 0xFFFF0000u)) | (~nan & rounded);
 }
 
 // The sum of a vector's lanes, pairwise in registers: the upper half added onto the
@@ -610,7 +615,7 @@ template <typename Layout>
 void copy_row_pairs(const Layout& L, const bf16* qkv, const bf16* pad, int which, int64_t b, int64_t h, int64_t w,
                     int64_t j0, int64_t n, uint32_t* rows) {
   const int64_t hd = L.head_dim, hd_pairs = (hd + 1) / 2;
-  uint16_t* words = reinterpret_cast<uint16_t*>(rows);
+  Bf16Word* words = reinterpret_cast<Bf16Word*>(rows);
   for (int64_t j = 0; j < n; ++j) {
     const bf16* src = row_or_pad(qkv, pad, L.key_offset(b, which, h, j0 + j, w), which, L.dim, h, hd);
     std::memcpy(words + j * 2 * hd_pairs, src, hd * sizeof(bf16));
@@ -656,9 +661,9 @@ inline void pack_row_pairs(const float* rows, int64_t n, int64_t ld, int64_t wid
 // a whole number of vectors. Products read the pairs up to the one holding column
 // valid - 1, so an odd valid's partner column is set to 0 (it may hold padding's 1s).
 inline void pack_column_pairs(const float* rows, int64_t n, int64_t ld, int64_t width, int64_t valid, uint32_t* out) {
-  uint16_t* words = reinterpret_cast<uint16_t*>(out);
+  Bf16Word* words = reinterpret_cast<Bf16Word*>(out);
   for (int64_t r = 0; r < n; ++r) {
-    uint16_t* dst = words + r * width;
+    Bf16Word* dst = words + r * width;
     for (int64_t c = 0; c < width; c += Simd<float>::kLanes)
       *reinterpret_cast<U16HalfVec*>(dst + c) = rounded_bits(rows + r * ld + c);
     if (valid % 2) dst[valid] = 0;
@@ -831,6 +836,14 @@ void prefetch_forward_rows(const Layout& L, const scalar_t* qkv, const scalar_t*
     }
 }
 
+// Whether a task prefetches the next one's rows: only for windows whose keys fit one key
+// block (mask units, SAM 2's local windows); a longer window's next task is far off, and
+// its rows would push this task's tiles out of the cache.
+template <typename Layout>
+bool prefetches(const Layout& L) {
+  return L.per_window <= kKeyBlock;
+}
+
 // Tasks [begin, end) (forward_task_at's order), each prefetching the next one's rows.
 template <typename Layout>
 void attention_forward(CpuDtype dtype, const Layout& L, const void* qkv, const void* pad, void* out, void* lse,
@@ -843,7 +856,7 @@ void attention_forward(CpuDtype dtype, const Layout& L, const void* qkv, const v
     ForwardTiles<acc_t> tiles(L, block_rows, static_cast<acc_t*>(workspace));
     for (int64_t task = begin; task < end; ++task) {
       const ForwardTask t = forward_task_at(L, block_rows, task);
-      if (task + 1 < end) {
+      if (task + 1 < end && prefetches(L)) {
         const ForwardTask next = forward_task_at(L, block_rows, task + 1);
         prefetch_forward_rows(L, qkv_data, out_data, next, next.w != t.w || next.h != t.h || next.b != t.b);
       }
@@ -1112,7 +1125,7 @@ void attention_backward(CpuDtype dtype, const Layout& L, const void* grad_out, c
     BackwardTiles<acc_t> tiles(L, static_cast<acc_t*>(workspace));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t w = task % L.windows, h = (task / L.windows) % L.heads, b = task / (L.windows * L.heads);
-      if (task + 1 < end) {
+      if (task + 1 < end && prefetches(L)) {
         const int64_t next = task + 1;
         prefetch_backward_rows(L, grad_out_data, qkv_data, out_data, argmax, grad_qkv_data, next / (L.windows * L.heads),
                                (next / L.windows) % L.heads, next % L.windows);
