@@ -176,6 +176,21 @@ def test_cpu_backend_training_step_within_the_error_rule(dtype):
         assert verdict.passed, f"{name}: cpu {verdict.describe()}"
 
 
+def test_patch_conv_runs_channels_last_on_the_kernel_backends():
+    """On CPU the kernel backends feed the patch conv a channels-last image, so its
+    tokens come out contiguous for the pos-embed add and unroll; "torch" keeps official's
+    NCHW conv (transposed tokens). The values are checked by the error rule above and,
+    against official, in test_classifier_matches_official."""
+    model = hk.hiera_tiny_224()
+    x = image_for(model, 2)
+    model.set_backend("torch")
+    assert not model.patch_embed(x).is_contiguous()
+    for backend in ["cpu", "auto"]:
+        model.set_backend(backend)
+        assert model.patch_embed(x).is_contiguous(), backend
+    assert model.patch_embed.backend == "auto"  # set_backend reaches it like every token op
+
+
 def test_backend_argument_and_set_backend():
     model = hk.hiera_tiny_224(backend="torch")
     assert {m.backend for m in model.modules() if isinstance(m, hk.models.hiera.UsesBackend)} == {"torch"}
