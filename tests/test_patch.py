@@ -155,6 +155,23 @@ def test_torch_backend_by_name():
     compare("timm-tiny", torch.float32, backend="torch")
 
 
+@pytest.mark.parametrize("build", [lambda: official.hiera_tiny_224(input_size=(64, 64)),
+                                   lambda: timm.create_model("hiera_tiny_224", img_size=64)], ids=["official", "timm"])
+def test_patched_patch_conv_runs_channels_last_on_cpu(build):
+    """A patched model's PatchEmbed runs its own forward on a channels-last image (on CPU,
+    kernel backends): its tokens come out contiguous; unpatched and on "torch" they stay
+    the transposed NCHW map. (Values: test_patched_equals_unpatched.)"""
+    model, x = build(), torch.randn(IMAGE)
+    assert not model.patch_embed(x).is_contiguous()
+    hk.patch(model, backend="torch")
+    assert not model.patch_embed(x).is_contiguous()
+    hk.unpatch(model)
+    hk.patch(model)
+    assert model.patch_embed(x).is_contiguous()
+    hk.unpatch(model)
+    assert "forward" not in vars(model.patch_embed)
+
+
 def _forward_counts(model):
     """How many of the model's modules run on the ops (have a bound method)."""
     return sum(hk.adapters.RECORD in vars(m) for m in model.modules())

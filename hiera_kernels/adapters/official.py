@@ -8,6 +8,8 @@ gathers with static counts instead of boolean indexing; they use only attributes
 official MAE has), so its training step compiles with ``fullgraph=True``.
 
 =========================  ==============================================================
+``hiera.PatchEmbed``       forward(x, mask): its own, on a channels-last image on CPU
+                           (contiguous tokens for the pos-embed add and unroll)
 ``hiera_utils.Unroll``     forward(x [B, N, C]) -> ops.unroll(x, size, schedule)
 ``hiera_utils.Reroll``     forward(x, block_idx, mask) -> ops.reroll with the block's
                            (schedule, size); [B, *size, C], or [B, K, *mu, C] with a mask
@@ -26,11 +28,17 @@ import torch.nn as nn
 
 from .. import ops, recompute
 from ..layer_norm import layer_norm
+from ..models.hiera import patch_conv_input
 from ..models.hiera_mae import MaskedAutoencoderHiera as GraphSafeMAE
 from ._common import (Binding, Rule, attend, attention, backend_of, check_attention, check_geometry, find, mlp_branch, pool,
                       timm_mlp_parts)
 
 NAME = "official hiera"
+
+
+def patch_embed_forward(self, x: torch.Tensor, mask: torch.Tensor = None) -> torch.Tensor:
+    """The class's own forward on :func:`patch_conv_input`'s image (channels-last on CPU)."""
+    return type(self).forward(self, patch_conv_input(x, backend_of(self)), mask)
 
 
 def unroll_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,6 +111,7 @@ RULES = tuple(
     Rule("hiera.hiera_utils", "Reroll", "forward", reroll_forward, _check_reroll),
     Rule("hiera.hiera", "MaskUnitAttention", "forward", attention_forward, _check_attention),
     Rule("hiera.hiera", "HieraBlock", "forward", block_forward),
+    Rule("hiera.hiera", "PatchEmbed", "forward", patch_embed_forward),
 )
 LOOKS_FOR = tuple(dict.fromkeys(r.qualname for r in RULES))
 

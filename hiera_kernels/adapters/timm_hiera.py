@@ -71,6 +71,7 @@ RULES = (
     Rule(MODULE, "Reroll", "forward", official.reroll_forward, official._check_reroll),
     Rule(MODULE, "MaskUnitAttention", "forward", official.attention_forward, official._check_attention),
     Rule(MODULE, "HieraBlock", "forward", block_forward),
+    Rule(MODULE, "PatchEmbed", "forward", official.patch_embed_forward),
     Rule(SAM2_MODULE, "MultiScaleAttention", "forward", sam2_hieradet.attention_forward, sam2_hieradet.check_attention),
     Rule(SAM2_MODULE, "MultiScaleBlock", "forward", sam2_block_forward, _check_sam2_block),
 )

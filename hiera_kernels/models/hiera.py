@@ -197,14 +197,19 @@ class Head(nn.Module):
         return x if self.training else self.act_func(x)
 
 
-class PatchEmbed(UsesBackend):
-    """Strided conv over 1, 2 or 3 spatial dims; returns [B, N, C] in raster order.
+def patch_conv_input(x: torch.Tensor, backend: Optional[str]) -> torch.Tensor:
+    """The image for the patch conv: on CPU, for the kernel backends, channels-last. oneDNN
+    then writes the conv's output channels-last too, so the [B, N, C] tokens come out
+    contiguous and the pos-embed add and unroll read whole rows instead of a transposed
+    map (Hiera-B/224 bf16 batch 8: conv, add and unroll 3.4 -> 1.8 ms, with their backward
+    15.7 -> 9.4 ms). The ``"torch"`` backend keeps official's NCHW conv."""
+    if x.dim() == 4 and x.device.type == "cpu" and (backend or get_backend()) != "torch":
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
 
-    On CPU the kernel backends give the 2-D conv a channels-last image: oneDNN then writes
-    its output channels-last too, so the [B, N, C] tokens come out contiguous and the
-    pos-embed add and unroll read whole rows instead of a transposed map (Hiera-B/224 bf16
-    batch 8: conv, add and unroll 3.4 -> 1.8 ms, with their backward 15.7 -> 9.4 ms). The
-    ``"torch"`` backend keeps official's NCHW conv."""
+
+class PatchEmbed(UsesBackend):
+    """Strided conv over 1, 2 or 3 spatial dims; returns [B, N, C] in raster order."""
 
     def __init__(self, dim_in: int, dim_out: int, kernel: Tuple[int, ...], stride: Tuple[int, ...], padding: Tuple[int, ...]):
         super().__init__()
@@ -212,9 +217,7 @@ class PatchEmbed(UsesBackend):
         self.proj = conv_nd(self.spatial_dims)(dim_in, dim_out, kernel_size=kernel, stride=stride, padding=padding)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if x.dim() == 4 and x.device.type == "cpu" and (self.backend or get_backend()) != "torch":
-            x = x.contiguous(memory_format=torch.channels_last)
-        x = do_masked_conv(x, self.proj, mask)
+        x = do_masked_conv(patch_conv_input(x, self.backend), self.proj, mask)
         return x.reshape(x.shape[0], x.shape[1], -1).transpose(2, 1)
 
 
