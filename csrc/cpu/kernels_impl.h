@@ -812,6 +812,24 @@ inline void prefetch_row(const scalar_t* row, int64_t n) {
   prefetch_line(bytes + size - 1);
 }
 
+// In `rows` (qkv, or its gradient), the q candidates of query i of window (b, h, w), and
+// the window's k and v rows; a padded one (offset -1) is pad's, already in cache.
+template <typename scalar_t, typename Layout>
+void prefetch_candidate_rows(const Layout& L, const scalar_t* rows, int64_t b, int64_t h, int64_t i, int64_t w) {
+  for (int64_t c = 0; c < L.candidate_count(); ++c) {
+    const int64_t offset = L.candidate_offset(b, h, i, w, c);
+    if (offset >= 0) prefetch_row(rows + offset, L.head_dim);
+  }
+}
+template <typename scalar_t, typename Layout>
+void prefetch_key_rows(const Layout& L, const scalar_t* rows, int64_t b, int64_t h, int64_t w) {
+  for (int64_t j = 0; j < L.per_window; ++j)
+    for (const int which : {kKeyPart, kValuePart}) {
+      const int64_t offset = L.key_offset(b, which, h, j, w);
+      if (offset >= 0) prefetch_row(rows + offset, L.head_dim);
+    }
+}
+
 // The rows a forward task reads and writes (its queries' candidates in qkv and their
 // rows of out; with_keys, its window's k and v), requested while the task before it
 // computes: a window's rows are `windows` tokens apart in the unrolled layout (a page
@@ -821,19 +839,11 @@ template <typename scalar_t, typename Layout>
 void prefetch_forward_rows(const Layout& L, const scalar_t* qkv, const scalar_t* out, const ForwardTask& t,
                            bool with_keys) {
   for (int64_t i = t.i0; i < t.i0 + t.mq; ++i) {
-    for (int64_t c = 0; c < L.candidate_count(); ++c) {
-      const int64_t offset = L.candidate_offset(t.b, t.h, i, t.w, c);
-      if (offset >= 0) prefetch_row(qkv + offset, L.head_dim);
-    }
+    prefetch_candidate_rows(L, qkv, t.b, t.h, i, t.w);
     const int64_t out_offset = L.out_offset(t.b, t.h, i, t.w);
     if (out_offset >= 0) prefetch_row(out + out_offset, L.head_dim);
   }
-  if (!with_keys) return;
-  for (int64_t j = 0; j < L.per_window; ++j)
-    for (const int which : {kKeyPart, kValuePart}) {
-      const int64_t offset = L.key_offset(t.b, which, t.h, j, t.w);
-      if (offset >= 0) prefetch_row(qkv + offset, L.head_dim);
-    }
+  if (with_keys) prefetch_key_rows(L, qkv, t.b, t.h, t.w);
 }
 
 // Whether a task prefetches the next one's rows: only for windows whose keys fit one key
@@ -1079,36 +1089,35 @@ int64_t attention_backward_workspace(CpuDtype dtype, const Layout& L) {
   return bytes;
 }
 
+// A backward task: window (b, h, w); task `task` of them, w fastest, then h.
+struct BackwardTask {
+  int64_t b, h, w;
+};
+template <typename Layout>
+BackwardTask backward_task_at(const Layout& L, int64_t task) {
+  return {task / (L.windows * L.heads), (task / L.windows) % L.heads, task % L.windows};
+}
+
 // The rows a backward task (b, h, w) reads and writes, requested while the task before
 // it computes (see prefetch_forward_rows): its queries' dO, O, argmax and candidates
 // (read, and written with their gradient) and its keys' k and v (the same).
 template <typename scalar_t, typename Layout>
 void prefetch_backward_rows(const Layout& L, const scalar_t* grad_out, const scalar_t* qkv, const scalar_t* out,
-                            const uint8_t* argmax, const scalar_t* grad_qkv, int64_t b, int64_t h, int64_t w) {
-  const int64_t hd = L.head_dim, count = L.candidate_count();
+                            const uint8_t* argmax, const scalar_t* grad_qkv, const BackwardTask& t) {
   for (int64_t i = 0; i < L.queries; ++i) {
-    const int64_t out_offset = L.out_offset(b, h, i, w);
+    const int64_t out_offset = L.out_offset(t.b, t.h, i, t.w);
     if (out_offset < 0) continue;  // cropped: neither read nor written
-    prefetch_row(grad_out + out_offset, hd);
-    prefetch_row(out + out_offset, hd);
-    if (count > 1) prefetch_row(argmax + out_offset, hd);
-    for (int64_t c = 0; c < count; ++c) {
-      const int64_t offset = L.candidate_offset(b, h, i, w, c);
-      if (offset < 0) continue;
-      prefetch_row(qkv + offset, hd);
-      prefetch_row(grad_qkv + offset, hd);
-    }
+    prefetch_row(grad_out + out_offset, L.head_dim);
+    prefetch_row(out + out_offset, L.head_dim);
+    if (L.candidate_count() > 1) prefetch_row(argmax + out_offset, L.head_dim);
+    prefetch_candidate_rows(L, qkv, t.b, t.h, i, t.w);
+    prefetch_candidate_rows(L, grad_qkv, t.b, t.h, i, t.w);
   }
-  for (int64_t j = 0; j < L.per_window; ++j)
-    for (const int which : {kKeyPart, kValuePart}) {
-      const int64_t offset = L.key_offset(b, which, h, j, w);
-      if (offset < 0) continue;  // padding: pad's row, in cache
-      prefetch_row(qkv + offset, hd);
-      prefetch_row(grad_qkv + offset, hd);
-    }
+  prefetch_key_rows(L, qkv, t.b, t.h, t.w);
+  prefetch_key_rows(L, grad_qkv, t.b, t.h, t.w);
 }
 
-// Tasks [begin, end) of (b, h, w), w fastest, each prefetching the next one's rows.
+// Tasks [begin, end) (backward_task_at's order), each prefetching the next one's rows.
 // grad_pad: the pad partials [B, windows, 2, dim] in the accumulation type, zeroed by
 // the caller (nullptr without padding).
 template <typename Layout>
@@ -1124,15 +1133,14 @@ void attention_backward(CpuDtype dtype, const Layout& L, const void* grad_out, c
     auto* grad_qkv_data = static_cast<scalar_t*>(grad_qkv);
     BackwardTiles<acc_t> tiles(L, static_cast<acc_t*>(workspace));
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t w = task % L.windows, h = (task / L.windows) % L.heads, b = task / (L.windows * L.heads);
-      if (task + 1 < end && prefetches(L)) {
-        const int64_t next = task + 1;
-        prefetch_backward_rows(L, grad_out_data, qkv_data, out_data, argmax, grad_qkv_data, next / (L.windows * L.heads),
-                               (next / L.windows) % L.heads, next % L.windows);
-      }
-      acc_t* pad_slot = grad_pad == nullptr ? nullptr : static_cast<acc_t*>(grad_pad) + (b * L.windows + w) * 2 * L.dim;
+      const BackwardTask t = backward_task_at(L, task);
+      if (task + 1 < end && prefetches(L))
+        prefetch_backward_rows(L, grad_out_data, qkv_data, out_data, argmax, grad_qkv_data, backward_task_at(L, task + 1));
+      acc_t* pad_slot =
+          grad_pad == nullptr ? nullptr : static_cast<acc_t*>(grad_pad) + (t.b * L.windows + t.w) * 2 * L.dim;
       backward_task<scalar_t, acc_t>(L, grad_out_data, qkv_data, static_cast<const scalar_t*>(pad), out_data,
-                                     static_cast<const acc_t*>(lse), argmax, grad_qkv_data, pad_slot, b, h, w, tiles);
+                                     static_cast<const acc_t*>(lse), argmax, grad_qkv_data, pad_slot, t.b, t.h, t.w,
+                                     tiles);
     }
   });
 }
