@@ -1,11 +1,14 @@
-"""LayerNorm on the C++ CPU kernel (``hiera_kernels::layer_norm``, csrc/cpu/layer_norm.cpp):
-the Hiera blocks' norm1 and norm2 (the drop-in model's and patched models').
+"""LayerNorm on the C++ CPU kernels (``hiera_kernels::layer_norm`` and
+``hiera_kernels::layer_norm_backward``, csrc/cpu/layer_norm.cpp): the Hiera blocks' norm1
+and norm2 (the drop-in model's and patched models'), and the recompute ops' LayerNorm.
 
 ATen's CPU LayerNorm over Hiera's short rows (C = 96 .. 1024) runs a dependent chain of
 adds per row; the kernel sums eight rows side by side and takes 0.5-0.6x ATen's time on
 Hiera-B's bf16 rows (``bench/bench_ops.py``). The op has ATen's ``native_layer_norm``
-contract over the last dim (mean and rstd in x's dtype, [..., 1]), so its backward is
-ATen's ``native_layer_norm_backward``.
+contract over the last dim (mean and rstd in x's dtype, [..., 1]); its backward
+(:func:`native_layer_norm_backward`, also the recompute ops') is the backward kernel
+where :func:`cpu_kernel_takes` the tensors, ATen's ``native_layer_norm_backward``
+elsewhere and under ``create_graph`` (the kernel is not differentiable).
 
 :func:`runs_kernel` says where a model's LayerNorm module runs it: a plain LayerNorm
 (:func:`plain_layer_norm`, no hooks) on CPU float tensors with its weight and bias in x's
@@ -25,8 +28,10 @@ import torch.nn as nn
 from . import backends
 from ._extension import EXTENSION
 from .epilogues import hooked
+from .library import NAMESPACE
 
 KERNEL_BACKENDS = ("cpu", "auto")
+_lib = torch.library.Library(NAMESPACE, "FRAGMENT")  # layer_norm's autograd (its schema: library.py)
 
 
 def plain_layer_norm(norm: nn.Module) -> bool:
@@ -73,11 +78,40 @@ def native_layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Opt
     return torch.ops.aten.native_layer_norm(x, [x.shape[-1]], weight, bias, eps)
 
 
+def native_layer_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                               weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], needs):
+    """(grad_x, grad_weight, grad_bias) of a LayerNorm over the last dim from its saved
+    mean and rstd, as ``aten::native_layer_norm_backward``: each computed only where
+    ``needs`` (three bools) says so, else None; on the kernel for CPU tensors where the
+    extension is built, outside ``create_graph``."""
+    mask = [bool(needs[0]), weight is not None and bool(needs[1]), bias is not None and bool(needs[2])]
+    if not torch.is_grad_enabled() and cpu_kernel_takes(x, grad_y, mean, rstd, weight, bias):
+        grads = torch.ops.hiera_kernels.layer_norm_backward(grad_y, x, mean, rstd, weight, mask)
+        return tuple(grad if wanted else None for grad, wanted in zip(grads, mask))
+    return torch.ops.aten.native_layer_norm_backward(grad_y.contiguous(), x, [x.shape[-1]], mean, rstd, weight, bias, mask)
+
+
+def _setup_layer_norm(ctx, inputs, output):
+    x, weight, bias, _ = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+
+
+def _layer_norm_autograd(ctx, grad_y, _grad_mean, _grad_rstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    return (*native_layer_norm_backward(grad_y, x, mean, rstd, weight, bias, ctx.needs_input_grad[:3]), None)
+
+
+torch.library.register_autograd(f"{NAMESPACE}::layer_norm", _layer_norm_autograd, setup_context=_setup_layer_norm, lib=_lib)
+
+
 def status() -> str:
     """One line for ``info``: where the blocks' LayerNorms and the recompute ops' GELU
     backward run on the C++ kernels, or why they do not."""
     where = f"backends {'/'.join(KERNEL_BACKENDS)}, CPU tensors"
     if not EXTENSION.loaded:
         return f"LayerNorm and GELU-backward CPU kernels ({where}): unavailable, ATen's instead: the extension is not built"
-    return (f"LayerNorm and GELU-backward CPU kernels ({where}): available (hiera_kernels::layer_norm for the "
-            "blocks' norm1/norm2; hiera_kernels::gelu_recompute_backward in training's layer_norm_mlp)")
+    return (f"LayerNorm and GELU-backward CPU kernels ({where}): available (hiera_kernels::layer_norm and "
+            "layer_norm_backward for the blocks' norm1/norm2 and training's recompute ops; "
+            "hiera_kernels::gelu_recompute_backward in training's layer_norm_mlp)")

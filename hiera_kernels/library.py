@@ -224,10 +224,15 @@ TRITON_OPS = _define_family(TRITON_SUFFIX)
 
 
 # --------------------------------------------------------------------- layer_norm
-# A C++ CPU kernel only (csrc/cpu/layer_norm.cpp): aten::native_layer_norm's contract over
-# the last dim (mean and rstd [..., 1] in x's dtype, as ATen's CPU kernel returns them),
-# so its backward is ATen's. hiera_kernels.layer_norm decides where it runs.
+# C++ CPU kernels only (csrc/cpu/layer_norm.cpp). layer_norm has aten::native_layer_norm's
+# contract over the last dim (mean and rstd [..., 1] in x's dtype, as ATen's CPU kernel
+# returns them); layer_norm_backward is aten::native_layer_norm_backward's from those mean
+# and rstd, each output computed where output_mask says so, else an empty [0] tensor; it
+# is not itself differentiable (like the other *_backward ops). hiera_kernels.layer_norm
+# decides where they run and registers layer_norm's autograd.
 _lib.define("layer_norm(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)")
+_lib.define("layer_norm_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, "
+            "bool[3] output_mask) -> (Tensor, Tensor, Tensor)")
 
 
 @torch.library.register_fake(f"{NAMESPACE}::layer_norm", lib=_lib)
@@ -236,27 +241,11 @@ def _layer_norm_fake(x, weight, bias, eps):
     return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
 
 
-def _setup_layer_norm(ctx, inputs, output):
-    x, weight, bias, _ = inputs
-    _, mean, rstd = output
-    ctx.mark_non_differentiable(mean, rstd)
-    ctx.save_for_backward(x, weight, bias, mean, rstd)
-
-
-def layer_norm_backward(grad_y, x, mean, rstd, weight, bias, needs):
-    """(grad_x, grad_weight, grad_bias) of a LayerNorm over the last dim from its saved
-    mean and rstd (ATen's formula), each computed only where ``needs`` (three bools) says
-    so; shared with hiera_kernels.recompute."""
-    mask = [needs[0], weight is not None and needs[1], bias is not None and needs[2]]
-    return torch.ops.aten.native_layer_norm_backward(grad_y.contiguous(), x, [x.shape[-1]], mean, rstd, weight, bias, mask)
-
-
-def _layer_norm_autograd(ctx, grad_y, _grad_mean, _grad_rstd):
-    x, weight, bias, mean, rstd = ctx.saved_tensors
-    return (*layer_norm_backward(grad_y, x, mean, rstd, weight, bias, ctx.needs_input_grad[:3]), None)
-
-
-torch.library.register_autograd(f"{NAMESPACE}::layer_norm", _layer_norm_autograd, setup_context=_setup_layer_norm, lib=_lib)
+@torch.library.register_fake(f"{NAMESPACE}::layer_norm_backward", lib=_lib)
+def _layer_norm_backward_fake(grad_y, x, mean, rstd, weight, output_mask):
+    torch._check(grad_y.shape == x.shape, lambda: f"layer_norm_backward: grad_y {list(grad_y.shape)} != x {list(x.shape)}")
+    grad_x = torch.empty_like(x, memory_format=torch.contiguous_format) if output_mask[0] else x.new_empty(0)
+    return grad_x, *(x.new_empty(x.shape[-1] if wanted else 0) for wanted in output_mask[1:])
 
 
 # -------------------------------------------------------- gelu_recompute_backward

@@ -41,8 +41,8 @@ import torch.nn.functional as F
 
 from . import backends
 from .epilogues import Linear, hooked
-from .layer_norm import cpu_kernel_takes, native_layer_norm, plain_layer_norm
-from .library import NAMESPACE, layer_norm_backward
+from .layer_norm import cpu_kernel_takes, native_layer_norm, native_layer_norm_backward, plain_layer_norm
+from .library import NAMESPACE
 
 SCHEMAS = {
     "layer_norm_linear": "(Tensor x, Tensor? norm_weight, Tensor? norm_bias, float eps, Tensor weight, Tensor? bias) "
@@ -99,7 +99,7 @@ def _backward_layer_norm_linear(ctx, grad_out, _grad_mean, _grad_rstd):
     grad_y, grad_weight, grad_bias = _linear_backward(grad_out, y, weight, (any(norm_needs), needs_w, needs_b))
     grad_x = grad_norm_weight = grad_norm_bias = None
     if any(norm_needs):
-        grad_x, grad_norm_weight, grad_norm_bias = layer_norm_backward(grad_y, x, mean, rstd, norm_weight, norm_bias, norm_needs)
+        grad_x, grad_norm_weight, grad_norm_bias = native_layer_norm_backward(grad_y, x, mean, rstd, norm_weight, norm_bias, norm_needs)
     return grad_x, grad_norm_weight, grad_norm_bias, None, grad_weight, grad_bias
 
 
@@ -142,7 +142,7 @@ def _backward_layer_norm_mlp(ctx, grad_out, _grad_mean, _grad_rstd, _grad_h):
     del grad_h, y
     grad_x = grad_norm_weight = grad_norm_bias = None
     if any(norm_needs):
-        grad_x, grad_norm_weight, grad_norm_bias = layer_norm_backward(grad_y, x, mean, rstd, norm_weight, norm_bias, norm_needs)
+        grad_x, grad_norm_weight, grad_norm_bias = native_layer_norm_backward(grad_y, x, mean, rstd, norm_weight, norm_bias, norm_needs)
     return (grad_x, grad_norm_weight, grad_norm_bias, None, grad_fc1_weight, grad_fc1_bias,
             grad_fc2_weight, grad_fc2_bias, None)
 

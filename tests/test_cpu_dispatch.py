@@ -149,16 +149,26 @@ CHECK_SCRIPT = textwrap.dedent(
                 verdict = judge(result, torch_result, ref)
                 if not verdict.passed:
                     failures.append(f"{name} {dtype} {what}: {verdict.describe()}")
-    # LayerNorm: rows of 40 and 7 channels (vector tails), 13 rows (a partial row block).
+    # LayerNorm and its backward: rows of 40 and 7 channels (vector tails), 13 rows (partial
+    # row blocks).
     for C in (40, 7):
-        x, w, b = torch.randn(13, C) * 3 + 2, torch.randn(C), torch.randn(C)
-        reference = torch.nn.functional.layer_norm(x.double(), (C,), w.double(), b.double(), 1e-6)
+        x, w, b, dy = torch.randn(13, C) * 3 + 2, torch.randn(C), torch.randn(C), torch.randn(13, C)
+        def layer_norm_grads(fn, dtype):
+            leaves = [t.to(dtype).requires_grad_() for t in (x, w, b)]
+            y = fn(*leaves)
+            return [y.detach(), *torch.autograd.grad(y, leaves, dy.to(dtype))]
+        plain = lambda *a: torch.nn.functional.layer_norm(a[0], (C,), *a[1:], 1e-6)
+        kernel = lambda *a: torch.ops.hiera_kernels.layer_norm(*a, 1e-6)[0]
+        reference = layer_norm_grads(plain, torch.float64)
         for dtype in [torch.float32, torch.float16, torch.bfloat16, torch.float64]:
-            args = (x.to(dtype), w.to(dtype), b.to(dtype))
-            verdict = judge(torch.ops.hiera_kernels.layer_norm(*args, 1e-6)[0],
-                            torch.nn.functional.layer_norm(args[0], (C,), *args[1:], 1e-6), reference)
-            if not verdict.passed:
-                failures.append(f"layer_norm C={C} {dtype}: {verdict.describe()}")
+            # float64's gradients: the reference is ATen's float64 itself, so only y (its
+            # gradients are gradcheck's, in test_layer_norm.py).
+            outputs = 1 if dtype == torch.float64 else 4
+            for what, o, t, r in list(zip(["y", "dx", "dweight", "dbias"], layer_norm_grads(kernel, dtype),
+                                          layer_norm_grads(plain, dtype), reference))[:outputs]:
+                verdict = judge(o, t, r)
+                if not verdict.passed:
+                    failures.append(f"layer_norm {what} C={C} {dtype}: {verdict.describe()}")
     # GELU recomputed with its backward: 300 elements (vector and block tails).
     h, g = torch.randn(300) * 3, torch.randn(300)
     reference = (torch.nn.functional.gelu(h.double()), torch.ops.aten.gelu_backward(g.double(), h.double()))

@@ -1,7 +1,9 @@
-"""LayerNorm on the C++ CPU kernel (hiera_kernels.layer_norm): against F.layer_norm by
-the shared rule (float64 reference), forward and backward; ATen's contract (mean and
-rstd); non-finite rows stay in their row; empty, non-contiguous, opcheck, compile, clear
-errors; where the models run it."""
+"""LayerNorm on the C++ CPU kernels (hiera_kernels.layer_norm, its backward
+hiera_kernels::layer_norm_backward): against F.layer_norm by the shared rule (float64
+reference), forward and backward; ATen's contract (mean and rstd, the backward's output
+mask); non-finite rows stay in their row; the column sums' bits do not depend on the
+thread count; empty, non-contiguous, opcheck, compile, clear errors; where the models
+run it."""
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from hiera_kernels.backends import EXTENSION
 pytestmark = pytest.mark.skipif(not EXTENSION.loaded, reason="the C++ extension is not built")
 
 op = torch.ops.hiera_kernels.layer_norm.default
+backward_op = torch.ops.hiera_kernels.layer_norm_backward.default
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -103,6 +106,83 @@ def test_opcheck_gradcheck_and_compile(affine):
     torch.testing.assert_close(compiled(*args), op(*args)[0].square().sum())
 
 
+@pytest.mark.parametrize("dtype", DTYPES)  # float64: gradcheck (test_opcheck_gradcheck_and_compile)
+def test_backward_is_atens_contract(dtype):
+    """The backward op on the forward's mean and rstd: each output where output_mask says,
+    an empty [0] tensor elsewhere; the values by the shared rule against ATen's
+    native_layer_norm_backward (the "torch" path) and float64; 37 rows: several row
+    blocks and a partial one; 3-D x."""
+    x, w, b = case(37, 100)
+    x, w, b = x.view(1, 37, 100).to(dtype), w.to(dtype), b.to(dtype)
+    dy = torch.randn(x.shape).to(dtype)
+    _, mean, rstd = op(x, w, b, 1e-6)
+    reference = torch.ops.aten.native_layer_norm_backward(
+        dy.double(), x.double(), [100], mean.double(), rstd.double(), w.double(), b.double(), [True] * 3)
+    aten = torch.ops.aten.native_layer_norm_backward(dy, x, [100], mean, rstd, w, b, [True] * 3)
+    ours = backward_op(dy, x, mean, rstd, w, [True] * 3)
+    for what, o, t, r in zip(["dx", "dweight", "dbias"], ours, aten, reference):
+        assert o.dtype == dtype and o.shape == t.shape
+        verdict = error_rule.judge(o, t, r)
+        assert verdict.passed, f"{what}: {verdict.describe()}"
+    for mask in ([True, False, False], [False, True, True], [False, False, True], [False] * 3):
+        got = backward_op(dy, x, mean, rstd, w, mask)
+        for wanted, g, full in zip(mask, got, ours):
+            assert torch.equal(g, full) if wanted else g.shape == (0,)
+    # No weight: g = grad_y.
+    mask = [True, False, True]
+    no_weight = backward_op(dy, x, mean, rstd, None, mask)
+    aten = torch.ops.aten.native_layer_norm_backward(dy, x, [100], mean, rstd, None, b, mask)
+    reference = torch.ops.aten.native_layer_norm_backward(
+        dy.double(), x.double(), [100], mean.double(), rstd.double(), None, b.double(), mask)
+    for what in (0, 2):
+        verdict = error_rule.judge(no_weight[what], aten[what], reference[what])
+        assert verdict.passed, f"no weight, output {what}: {verdict.describe()}"
+
+
+def test_backward_column_sums_do_not_depend_on_threads():
+    """grad_weight and grad_bias add fixed row chunks in a fixed order: the same bits on
+    one thread as on several (5000 rows of 96: many chunks)."""
+    x, w, b = case(5000, 96)
+    dy = torch.randn(x.shape)
+    _, mean, rstd = op(x, w, b, 1e-6)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = backward_op(dy, x, mean, rstd, w, [True] * 3)
+        torch.set_num_threads(max(2, threads))
+        several = backward_op(dy, x, mean, rstd, w, [True] * 3)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b_ in zip(one, several):
+        assert torch.equal(a, b_)
+
+
+def test_backward_non_finite_values_stay_in_their_row():
+    x, w, b = case(20, 96)
+    x[3, 5], x[12, 95] = float("nan"), float("inf")
+    _, mean, rstd = op(x, w, b, 1e-6)
+    dy = torch.randn(x.shape)
+    dx, dw, db = backward_op(dy, x, mean, rstd, w, [True] * 3)
+    good = [r for r in range(20) if r not in (3, 12)]
+    assert dx[[3, 12]].isnan().all() and dx[good].isfinite().all()
+    assert db.isfinite().all() and dw.isnan().all()  # as ATen: every column's sum meets a NaN row
+
+
+def test_backward_empty_non_contiguous_opcheck_and_compile():
+    x, w, b = case(6, 12)
+    dy = torch.randn(x.shape)
+    _, mean, rstd = op(x, w, b, 1e-6)
+    dx, dw, db = backward_op(dy[:0], x[:0], mean[:0], rstd[:0], w, [True] * 3)
+    assert dx.shape == (0, 12) and torch.equal(dw, torch.zeros(12)) and torch.equal(db, torch.zeros(12))
+    strided = backward_op(dy.t().contiguous().t(), x.t().contiguous().t(), mean, rstd, w, [True] * 3)
+    for s_, c in zip(strided, backward_op(dy, x, mean, rstd, w, [True] * 3)):
+        assert torch.equal(s_, c)
+    torch.library.opcheck(backward_op, (dy, x, mean, rstd, w, [True, True, False]))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: backward_op(*a)[0].sum(), fullgraph=True)
+    torch.testing.assert_close(compiled(dy, x, mean, rstd, w, [True] * 3), backward_op(dy, x, mean, rstd, w, [True] * 3)[0].sum())
+
+
 def test_clear_errors():
     x, w, b = case(4, 8)
     with pytest.raises(RuntimeError, match=r"hiera_kernels::layer_norm: weight must have shape \[8\], got \[9\]"):
@@ -113,6 +193,13 @@ def test_clear_errors():
         op(x, w, b, -1.0)
     with pytest.raises(RuntimeError, match=r"hiera_kernels::layer_norm: x has dtype int64"):
         op(torch.ones(2, 8, dtype=torch.long), None, None, 1e-6)
+    _, mean, rstd = op(x, w, b, 1e-6)
+    with pytest.raises(RuntimeError, match=r"hiera_kernels::layer_norm_backward: grad_y must have shape \[4, 8\], got \[4, 9\]"):
+        backward_op(torch.ones(4, 9), x, mean, rstd, w, [True] * 3)
+    with pytest.raises(RuntimeError, match=r"hiera_kernels::layer_norm_backward: rstd must have one value per row of x \(4\), got 3"):
+        backward_op(x, x, mean, rstd[:3], w, [True] * 3)
+    with pytest.raises(RuntimeError, match=r"hiera_kernels::layer_norm_backward: mean must be float32 \(like x: the forward's\), got float64"):
+        backward_op(x, x, mean.double(), rstd, w, [True] * 3)
 
 
 def test_where_the_models_run_it():

@@ -1245,6 +1245,140 @@ void layer_norm(CpuDtype dtype, const void* x, const void* weight, const void* b
   });
 }
 
+// ------------------------------------------------------------------ layer norm backward
+// ATen's native_layer_norm_backward over the last dim, from the forward's saved mean and
+// rstd: with xhat = (x - mean) * rstd and g = grad_y * weight (C channels),
+//   grad_x = rstd * (g - sum_C(g) / C - xhat * sum_C(g * xhat) / C)
+// (ATen's a * g + b * x + c, with x - mean taken first), and this range's share of the
+// column sums grad_weight = sum over rows of grad_y * xhat, grad_bias = sum of grad_y,
+// always (one code path: grad_x's bits do not depend on which outputs are wanted, as
+// they would if GCC contracted the sums into FMAs differently in two versions).
+// kLayerNormBackwardRows rows at a time are walked side by side: each row's two sums are
+// independent chains in registers, and a block's column sums are read and written once
+// per block; the second walk (grad_x) finds the block's rows in L1 and recomputes xhat
+// and g from them rather than storing them.
+
+// Simd<acc_t>::kLanes elements of src in the accumulation type (load_as_acc's widening),
+// and back (store_from_acc's rounding).
+template <typename scalar_t, typename acc_t>
+inline typename Simd<acc_t>::Vec load_widened(const scalar_t* src) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return Simd<acc_t>::load(src);
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    return (FloatVec)(__builtin_convertvector(*reinterpret_cast<const U16HalfVec*>(src), U32Vec) << 16);
+  } else {
+    acc_t lanes[Simd<acc_t>::kLanes];
+    load_as_acc(src, lanes, Simd<acc_t>::kLanes);
+    return Simd<acc_t>::load(lanes);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void store_narrowed(typename Simd<acc_t>::Vec v, scalar_t* dst) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    Simd<acc_t>::store(dst, v);
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    *reinterpret_cast<U16HalfVec*>(dst) = __builtin_convertvector(bf16_rounded(v) >> 16, U16HalfVec);
+  } else {
+    acc_t lanes[Simd<acc_t>::kLanes];
+    Simd<acc_t>::store(lanes, v);
+    store_from_acc(lanes, dst, Simd<acc_t>::kLanes);
+  }
+}
+
+// Rows [r0, r0 + kRows) of layer_norm_backward_typed; gamma [C] the widened weight.
+template <int64_t kRows, typename scalar_t, typename acc_t>
+inline void layer_norm_backward_rows(const scalar_t* grad_y, const scalar_t* x, const scalar_t* mean,
+                                     const scalar_t* rstd, const acc_t* gamma, int64_t C, scalar_t* grad_x,
+                                     acc_t* column_sums, int64_t r0) {
+  using S = Simd<acc_t>;
+  using Vec = typename S::Vec;
+  const int64_t vector_end = C / S::kLanes * S::kLanes;
+  const scalar_t* xs = x + r0 * C;
+  const scalar_t* dys = grad_y + r0 * C;
+  acc_t m[kRows], s[kRows], sum_g[kRows], sum_gx[kRows];
+  for (int64_t i = 0; i < kRows; ++i) {
+    m[i] = static_cast<acc_t>(mean[r0 + i]);
+    s[i] = static_cast<acc_t>(rstd[r0 + i]);
+  }
+  {
+    Vec lanes_g[kRows] = {}, lanes_gx[kRows] = {};
+    for (int64_t c = 0; c < vector_end; c += S::kLanes) {
+      const Vec gam = S::load(gamma + c);
+      Vec block_weight{}, block_bias{};
+      for (int64_t i = 0; i < kRows; ++i) {
+        const Vec xh = (load_widened<scalar_t, acc_t>(xs + i * C + c) - m[i]) * s[i];
+        const Vec dy = load_widened<scalar_t, acc_t>(dys + i * C + c), gw = dy * gam;
+        block_weight += dy * xh;
+        block_bias += dy;
+        lanes_g[i] += gw;
+        lanes_gx[i] += gw * xh;
+      }
+      S::store(column_sums + c, S::load(column_sums + c) + block_weight);
+      S::store(column_sums + C + c, S::load(column_sums + C + c) + block_bias);
+    }
+    for (int64_t i = 0; i < kRows; ++i) {
+      sum_g[i] = horizontal_sum<acc_t>(lanes_g[i]);
+      sum_gx[i] = horizontal_sum<acc_t>(lanes_gx[i]);
+    }
+  }
+  for (int64_t c = vector_end; c < C; ++c) {  // the vector tail
+    acc_t block_weight = 0, block_bias = 0;
+    for (int64_t i = 0; i < kRows; ++i) {
+      const acc_t xh = (static_cast<acc_t>(xs[i * C + c]) - m[i]) * s[i], dy = static_cast<acc_t>(dys[i * C + c]);
+      block_weight += dy * xh;
+      block_bias += dy;
+      sum_g[i] += dy * gamma[c];
+      sum_gx[i] += dy * gamma[c] * xh;
+    }
+    column_sums[c] += block_weight;
+    column_sums[C + c] += block_bias;
+  }
+  if (grad_x == nullptr) return;
+  for (int64_t i = 0; i < kRows; ++i) {
+    const acc_t mean_g = sum_g[i] / static_cast<acc_t>(C), mean_gx = sum_gx[i] / static_cast<acc_t>(C);
+    scalar_t* dx = grad_x + (r0 + i) * C;
+    int64_t c = 0;
+    for (; c < vector_end; c += S::kLanes) {
+      const Vec xh = (load_widened<scalar_t, acc_t>(xs + i * C + c) - m[i]) * s[i];
+      const Vec gw = load_widened<scalar_t, acc_t>(dys + i * C + c) * S::load(gamma + c);
+      store_narrowed<scalar_t, acc_t>((gw - mean_g - xh * mean_gx) * s[i], dx + c);
+    }
+    for (; c < C; ++c) {
+      const acc_t xh = (static_cast<acc_t>(xs[i * C + c]) - m[i]) * s[i];
+      dx[c] = static_cast<scalar_t>((static_cast<acc_t>(dys[i * C + c]) * gamma[c] - mean_g - xh * mean_gx) * s[i]);
+    }
+  }
+}
+
+template <typename scalar_t>
+void layer_norm_backward_typed(const scalar_t* grad_y, const scalar_t* x, const scalar_t* mean, const scalar_t* rstd,
+                               const scalar_t* weight, int64_t C, scalar_t* grad_x, acc_type<scalar_t>* column_sums,
+                               int64_t begin, int64_t end, acc_type<scalar_t>* workspace) {
+  using acc_t = acc_type<scalar_t>;
+  acc_t* gamma = workspace;  // [C] weight, or ones
+  for (int64_t c = 0; c < C; ++c) gamma[c] = weight == nullptr ? acc_t(1) : static_cast<acc_t>(weight[c]);
+  std::fill(column_sums, column_sums + 2 * C, acc_t(0));
+  int64_t r = begin;
+  for (; r + kLayerNormBackwardRows <= end; r += kLayerNormBackwardRows)
+    layer_norm_backward_rows<kLayerNormBackwardRows>(grad_y, x, mean, rstd, gamma, C, grad_x, column_sums, r);
+  for (; r < end; ++r)  // a last, partial block
+    layer_norm_backward_rows<1>(grad_y, x, mean, rstd, gamma, C, grad_x, column_sums, r);
+}
+
+void layer_norm_backward(CpuDtype dtype, const void* grad_y, const void* x, const void* mean, const void* rstd,
+                         const void* weight, int64_t C, void* grad_x, void* column_sums, int64_t begin, int64_t end,
+                         void* workspace) {
+  by_dtype(dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = acc_type<scalar_t>;
+    layer_norm_backward_typed(static_cast<const scalar_t*>(grad_y), static_cast<const scalar_t*>(x),
+                              static_cast<const scalar_t*>(mean), static_cast<const scalar_t*>(rstd),
+                              static_cast<const scalar_t*>(weight), C, static_cast<scalar_t*>(grad_x),
+                              static_cast<acc_t*>(column_sums), begin, end, static_cast<acc_t*>(workspace));
+  });
+}
+
 // ------------------------------------------------------------------ GELU backward
 // The exact GELU recomputed together with its backward, one pass (training's recompute
 // ops keep fc1's output h, not gelu(h)): out = h * cdf(h) and grad_h = grad_out * (cdf(h)
@@ -1326,6 +1460,7 @@ extern const CpuKernels kernels = {
     {&attention_forward_workspace<WindowLayout>, &attention_forward<WindowLayout>,
      &attention_backward_workspace<WindowLayout>, &attention_backward<WindowLayout>},
     &layer_norm,
+    &layer_norm_backward,
     &gelu_recompute_backward,
 };
 

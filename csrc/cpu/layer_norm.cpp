@@ -1,17 +1,22 @@
-// CPU entry point of LayerNorm over the last dim: ATen's native_layer_norm contract
+// CPU entry points of LayerNorm over the last dim: ATen's native_layer_norm contract
 // (y in x's dtype; mean and rstd [..., 1] in x's dtype, as ATen's CPU kernel returns
-// them, so that aten::native_layer_norm_backward takes them). The rows are the chosen
-// build's layer_norm (cpu_kernels.h).
+// them, so that aten::native_layer_norm_backward takes them too), and its backward from
+// those mean and rstd. The rows are the chosen build's layer_norm and
+// layer_norm_backward (cpu_kernels.h).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "cpu_dispatch.h"
@@ -70,10 +75,89 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cpu(const at::Tensor& 
   return {y, mean, rstd};
 }
 
+// The column sums out of the chunks' partial sums [chunks, 2, C] (accumulation type),
+// chunk by chunk in order, so that they do not depend on how many threads ran the
+// chunks; each rounded once to x's dtype into grad_weight / grad_bias (where wanted).
+template <typename scalar_t>
+void add_up_chunks(const at::Tensor& partials, std::array<bool, 3> output_mask, at::Tensor& grad_weight,
+                   at::Tensor& grad_bias) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t chunks = partials.size(0), C = partials.size(2);
+  const acc_t* partial = partials.const_data_ptr<acc_t>();
+  std::vector<acc_t> total(2 * C, acc_t(0));
+  for (int64_t chunk = 0; chunk < chunks; ++chunk)
+    for (int64_t k = 0; k < 2 * C; ++k) total[k] += partial[chunk * 2 * C + k];
+  for (int which : {1, 2}) {
+    if (!output_mask[which]) continue;
+    at::Tensor& out = which == 1 ? grad_weight : grad_bias;
+    out = at::empty({C}, partials.options().dtype(c10::CppTypeToScalarType<scalar_t>::value));
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<scalar_t>(total[(which - 1) * C + c]);
+  }
+}
+
+// (grad_x, grad_weight, grad_bias), each computed where output_mask says so, else an
+// empty [0] tensor (a schema cannot return undefined tensors).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(const at::Tensor& grad_y_in,
+                                                                       const at::Tensor& x_in, const at::Tensor& mean_in,
+                                                                       const at::Tensor& rstd_in,
+                                                                       const std::optional<at::Tensor>& weight,
+                                                                       std::array<bool, 3> output_mask) {
+  constexpr const char* op = "hiera_kernels::layer_norm_backward";
+  TORCH_CHECK(x_in.dim() >= 1, op, ": x must have at least one dim (the channels), got a scalar");
+  check_float_dtype(op, "x", x_in);
+  const CpuDtype dtype = cpu_dtype(op, x_in.scalar_type());
+  check_same_device(op, "grad_y", grad_y_in, "x", x_in);
+  check_dtype(op, "grad_y", grad_y_in, x_in.scalar_type(), " (like x)");
+  check_shape(op, "grad_y", grad_y_in, x_in.sizes());
+  const int64_t C = x_in.size(-1), rows = C == 0 ? 0 : x_in.numel() / C;
+  for (const auto& [name, stat] : {std::pair<const char*, const at::Tensor&>{"mean", mean_in}, {"rstd", rstd_in}}) {
+    check_same_device(op, name, stat, "x", x_in);
+    check_dtype(op, name, stat, x_in.scalar_type(), " (like x: the forward's)");
+    TORCH_CHECK(stat.numel() == rows, op, ": ", name, " must have one value per row of x (", rows, "), got ",
+                stat.numel());
+  }
+  at::Tensor w;
+  const void* w_ptr = affine_ptr(op, "weight", weight, x_in, w);
+  const at::Tensor x = x_in.contiguous(), grad_y = grad_y_in.contiguous();
+  const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
+  at::Tensor grad_x = output_mask[0] ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  const at::ScalarType acc = dtype == CpuDtype::kFloat64 ? at::kDouble : at::kFloat;
+  const int64_t rows_per_chunk = std::max<int64_t>(1, kLayerNormGrain / std::max<int64_t>(C, 1));
+  const int64_t chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
+  // Each chunk's column sums, computed whatever the mask says (see the kernel).
+  at::Tensor partials = at::empty({chunks, 2, C}, x.options().dtype(acc));
+  if (rows > 0) {
+    const int64_t bytes = layer_norm_backward_workspace(C) * (dtype == CpuDtype::kFloat64 ? 8 : 4);
+    const void* dy = grad_y.const_data_ptr();
+    const void* src = x.const_data_ptr();
+    const void* m = mean.const_data_ptr();
+    const void* r = rstd.const_data_ptr();
+    unsigned char* dx = output_mask[0] ? static_cast<unsigned char*>(grad_x.mutable_data_ptr()) : nullptr;
+    unsigned char* partial = static_cast<unsigned char*>(partials.mutable_data_ptr());
+    const CpuKernels& kernels = cpu_kernels();
+    // One chunk per task, of a fixed number of rows: each writes its own column sums.
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      const auto scratch = workspace(bytes);
+      for (int64_t chunk = begin; chunk < end; ++chunk) {
+        const int64_t first = chunk * rows_per_chunk, last = std::min(rows, first + rows_per_chunk);
+        void* chunk_sums = partial + chunk * partials.stride(0) * partials.element_size();
+        kernels.layer_norm_backward(dtype, dy, src, m, r, w_ptr, C, dx, chunk_sums, first, last, scratch.get());
+      }
+    });
+  }
+  at::Tensor grad_weight = at::empty({0}, x.options()), grad_bias = at::empty({0}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
+    add_up_chunks<scalar_t>(partials, output_mask, grad_weight, grad_bias);
+  });
+  return {grad_x, grad_weight, grad_bias};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hiera_kernels, CPU, m) {
   m.impl("layer_norm", &layer_norm_cpu);
+  m.impl("layer_norm_backward", &layer_norm_backward_cpu);
 }
 
 }  // namespace hiera_kernels
