@@ -116,6 +116,39 @@ def test_plain_path_where_fusing_is_not_valid():
         m(x, "relu")
 
 
+def test_mlp_chunks_bound_the_hidden_activation():
+    fp32_hidden = 25088 * 384 * 4  # Hiera-B/224 stage 1 at batch 8: 36.75 MiB
+    assert epilogues.mlp_chunks(25088, 384, torch.float32) == -(-fp32_hidden // epilogues.MLP_CHUNK_BYTES) == 3
+    assert epilogues.mlp_chunks(25088, 384, torch.bfloat16) == 2
+    assert epilogues.mlp_chunks(1568, 1536, torch.float32) == 1  # stage 3, 9.2 MiB: whole
+    assert epilogues.mlp_chunks(0, 384, torch.float32) == 1 and epilogues.mlp_chunks(3, 1 << 30, torch.float32) == 3
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("residual", [False, True])
+def test_fused_mlp_in_chunks_passes_the_error_rule(monkeypatch, dtype, residual):
+    """fc2(gelu(fc1(x))) (+ residual) in chunks of rows: 4-D input (SAM 2's maps), 7 x 11
+    rows in chunks of at most 24 (the last one short); against the "torch" path and
+    float64 by the shared rule, and against the whole-at-once fused path."""
+    fc1, fc2 = linear(40, 160, dtype=dtype), linear(160, 40, dtype=dtype)
+    x, skip = torch.randn(2, 7, 11, 40).to(dtype), torch.randn(2, 7, 11, 40).to(dtype)
+    skip = skip if residual else None
+    monkeypatch.setattr(epilogues, "MLP_CHUNK_BYTES", 24 * 160 * x.element_size())
+    assert epilogues.mlp_chunks(154, 160, dtype) == 7
+    with torch.no_grad():
+        assert fc1.fuses(x) and fc2.fuses(x, skip)
+        chunked = epilogues.fused_mlp(fc1, "gelu", fc2, x, skip)
+        monkeypatch.setattr(epilogues, "MLP_CHUNK_BYTES", 1 << 40)
+        whole = epilogues.fused_mlp(fc1, "gelu", fc2, x, skip)
+        torch_path = plain(fc2, plain(fc1, x, "gelu"), "none") + (0 if skip is None else skip)
+        reference = F.linear(F.gelu(F.linear(x.double(), fc1.weight.double(), fc1.bias.double())),
+                             fc2.weight.double(), fc2.bias.double()) + (0 if skip is None else skip.double())
+    assert chunked.shape == x.shape and chunked.dtype == dtype
+    for got in (chunked, whole):
+        verdict = error_rule.judge(got, torch_path, reference)
+        assert verdict.passed, verdict.describe()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", ["cpu", "auto"])
 def test_whole_model_inference_passes_the_error_rule(dtype, backend):
@@ -128,6 +161,25 @@ def test_whole_model_inference_passes_the_error_rule(dtype, backend):
         fused = model.set_backend(backend)(x.to(dtype))
     linears = [m for m in model.modules() if isinstance(m, epilogues.Linear)]
     assert len(linears) == 12 * 4 + 3 + 1 and all(epilogues.is_packed(m) for m in linears)  # 12 blocks x 4, 3 transition projs, the head: all fused
+    verdict = error_rule.judge(fused, torch_path, reference)
+    assert verdict.passed, verdict.describe()
+
+
+def test_whole_model_runs_its_mlps_in_chunks(monkeypatch):
+    """With a 1 MiB chunk bound, the drop-in model's MLPs run in chunks (stage 1 of
+    Hiera-T at batch 2: 6272 rows x 384 x 4 bytes = 9.2 MiB, 10 chunks) and the logits
+    still pass the rule."""
+    model = hk.hiera_tiny_224(num_classes=10).train()
+    x = torch.randn(2, 3, 224, 224)
+    chunks = []
+    original = epilogues.mlp_chunks
+    monkeypatch.setattr(epilogues, "MLP_CHUNK_BYTES", 1 << 20)
+    monkeypatch.setattr(epilogues, "mlp_chunks", lambda *a: chunks.append(original(*a)) or chunks[-1])
+    with torch.no_grad():
+        reference = copy.deepcopy(model).double().set_backend("torch")(x.double())
+        torch_path = model.set_backend("torch")(x)
+        fused = model.set_backend("auto")(x)
+    assert len(chunks) == 12 and chunks[0] == 10  # every block's MLP
     verdict = error_rule.judge(fused, torch_path, reference)
     assert verdict.passed, verdict.describe()
 

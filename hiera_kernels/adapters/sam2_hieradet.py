@@ -108,7 +108,7 @@ def block_body(self, x: torch.Tensor, window_size: int, mlp: Optional[Tuple[nn.L
     if (mlp is not None and isinstance(ls2, nn.Identity) and inactive(drop_path2)
             and epilogues.fuses(mlp[0], h, None, backend) and epilogues.fuses(mlp[2], h, x, backend)):
         fc1, activation, fc2 = mlp
-        return epilogues.fused_linear(fc2, epilogues.fused_linear(fc1, h, activation), residual=x)
+        return epilogues.fused_mlp(fc1, activation, fc2, h, x)
     return x + drop_path2(ls2(self.mlp(h)))
 
 

@@ -75,7 +75,8 @@ class DropPath(nn.Module):
 
 class Mlp(nn.Module):
     """fc1 -> exact GELU -> fc2 (timm ``Mlp`` at dropout 0; keys ``fc1``, ``fc2``).
-    Where fc1 fuses (CPU inference on "cpu"/"auto"), the GELU runs inside fc1's GEMM."""
+    Where fc1 fuses (CPU inference on "cpu"/"auto"), the GELU runs inside fc1's GEMM, and
+    where fc2 fuses too, the two run in chunks of rows (:func:`~hiera_kernels.epilogues.fused_mlp`)."""
 
     def __init__(self, in_features: int, hidden_features: int, act_layer: Callable[[], nn.Module] = nn.GELU):
         super().__init__()
@@ -87,6 +88,8 @@ class Mlp(nn.Module):
         """fc2(act(fc1(x))), plus ``residual`` if given (added in fc2's epilogue where it fuses)."""
         activation = epilogues.activation_name(self.act)
         if activation is not None and self.fc1.fuses(x):
+            if self.fc2.fuses(x, residual):  # (fc2's input has x's dtype, device and grad mode)
+                return epilogues.fused_mlp(self.fc1, activation, self.fc2, x, residual)
             return self.fc2(self.fc1(x, activation), residual=residual)
         return self.fc2(self.act(self.fc1(x)), residual=residual)
 
