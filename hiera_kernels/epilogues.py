@@ -28,7 +28,9 @@ is passed as it is on every call, so nothing of it is cached.
 ``hiera_kernels.patch`` uses them on other packages' Linears (SAM 2's Hiera), whose
 class it must not change.
 :func:`fused_mlp` runs a whole MLP (fc1 with its GELU, fc2 with the skip connection) on
-that path in chunks of rows, so that fc1's output never exceeds :data:`MLP_CHUNK_BYTES`.
+that path in chunks of rows, so that fc1's output never exceeds :data:`CHUNK_BYTES`; the
+drop-in attention runs its qkv Linear and attention in chunks of images by the same rule
+(:func:`chunk_count`).
 """
 
 from __future__ import annotations
@@ -183,30 +185,33 @@ def fused_linear(linear: nn.Linear, x: torch.Tensor, activation: str = "none", r
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, attr, [], algorithm)
 
 
-# fused_mlp runs an MLP's rows in chunks whose hidden activation (fc1's output) is at most
-# this many bytes. Hiera-B/224 at batch 8 has a [25088, 384] hidden in stage 1: 38.5 MB in
-# fp32, over glibc's largest mmap threshold (32 MB), so malloc maps it afresh and the
-# kernel faults and zeroes its pages on every call (the whole stage-1 MLP took 20 ms
-# alone, 9-13 ms in 3-4 chunks of rows, the same bits); in chunks the hidden also stays in
-# L3 between fc1 and fc2 (bf16: 5.9 -> 5.4 ms). Below it nothing is chunked: smaller
-# GEMMs lose more than they gain (fp32 stage 3, 9 MB: 8.0 ms whole, 8.3 in two).
-MLP_CHUNK_BYTES = 16 << 20
+# The fused paths split their work so that an intermediate (an MLP's fc1 output, an
+# attention's qkv) is at most this many bytes at a time. Hiera-B/224 at batch 8 in fp32
+# has a [25088, 384] stage-1 MLP hidden (38.5 MB) and a [8, 3136, 576] qkv in its first
+# pooled block (57.8 MB): over glibc's largest mmap threshold (32 MB), so malloc maps them
+# afresh and the kernel faults and zeroes their pages on every call (alone: the stage-1
+# MLP 20 -> 9-13 ms in 3-4 chunks of rows; that block's qkv and attention 25.8 -> 9.2-9.7
+# ms in 2-4 chunks of images; the same bits). In chunks the intermediate also stays in L3
+# (bf16 stage-1 MLP 5.9 -> 5.4 ms). Below it nothing is split: smaller GEMMs lose more
+# than they gain (fp32 stage-3 MLP, 9 MB: 8.0 ms whole, 8.3 in two).
+CHUNK_BYTES = 16 << 20
 
 
-def mlp_chunks(rows: int, hidden: int, dtype: torch.dtype) -> int:
-    """How many chunks of rows :func:`fused_mlp` runs ``rows`` in (1: all at once)."""
-    hidden_bytes = rows * hidden * torch.empty((), dtype=dtype).element_size()
-    return max(1, min(rows, -(-hidden_bytes // MLP_CHUNK_BYTES)))
+def chunk_count(items: int, item_elements: int, dtype: torch.dtype) -> int:
+    """In how many chunks a fused path runs ``items`` (rows, images) whose intermediate
+    holds ``item_elements`` elements of ``dtype`` each (1: all at once); see CHUNK_BYTES."""
+    total_bytes = items * item_elements * torch.empty((), dtype=dtype).element_size()
+    return max(1, min(items, -(-total_bytes // CHUNK_BYTES)))
 
 
 def fused_mlp(fc1: nn.Linear, activation: str, fc2: nn.Linear, x: torch.Tensor,
               residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``fc2(activation(fc1(x)))`` (+ ``residual``) on the fused path, where :func:`fuses`
-    said yes for both Linears: x [..., in] in :func:`mlp_chunks` chunks of rows (see
-    MLP_CHUNK_BYTES), each chunk's hidden [rows, hidden] freed before the next."""
+    said yes for both Linears: x [..., in] in :func:`chunk_count` chunks of rows, each
+    chunk's hidden [rows, hidden] freed before the next."""
     x2 = x.reshape(-1, x.shape[-1])
     r2 = None if residual is None else residual.reshape(-1, residual.shape[-1])
-    chunks = mlp_chunks(x2.shape[0], fc1.out_features, x.dtype)
+    chunks = chunk_count(x2.shape[0], fc1.out_features, x.dtype)
     if chunks == 1:
         out = fused_linear(fc2, fused_linear(fc1, x2, activation), residual=r2)
     else:

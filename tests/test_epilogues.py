@@ -116,12 +116,13 @@ def test_plain_path_where_fusing_is_not_valid():
         m(x, "relu")
 
 
-def test_mlp_chunks_bound_the_hidden_activation():
-    fp32_hidden = 25088 * 384 * 4  # Hiera-B/224 stage 1 at batch 8: 36.75 MiB
-    assert epilogues.mlp_chunks(25088, 384, torch.float32) == -(-fp32_hidden // epilogues.MLP_CHUNK_BYTES) == 3
-    assert epilogues.mlp_chunks(25088, 384, torch.bfloat16) == 2
-    assert epilogues.mlp_chunks(1568, 1536, torch.float32) == 1  # stage 3, 9.2 MiB: whole
-    assert epilogues.mlp_chunks(0, 384, torch.float32) == 1 and epilogues.mlp_chunks(3, 1 << 30, torch.float32) == 3
+def test_chunk_count_bounds_the_intermediate():
+    fp32_hidden = 25088 * 384 * 4  # Hiera-B/224 stage-1 MLP at batch 8: 36.75 MiB
+    assert epilogues.chunk_count(25088, 384, torch.float32) == -(-fp32_hidden // epilogues.CHUNK_BYTES) == 3
+    assert epilogues.chunk_count(25088, 384, torch.bfloat16) == 2
+    assert epilogues.chunk_count(1568, 1536, torch.float32) == 1  # stage 3, 9.2 MiB: whole
+    assert epilogues.chunk_count(8, 3136 * 576, torch.float32) == 4  # the first pooled block's qkv, 55 MiB
+    assert epilogues.chunk_count(0, 384, torch.float32) == 1 and epilogues.chunk_count(3, 1 << 30, torch.float32) == 3
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -133,12 +134,12 @@ def test_fused_mlp_in_chunks_passes_the_error_rule(monkeypatch, dtype, residual)
     fc1, fc2 = linear(40, 160, dtype=dtype), linear(160, 40, dtype=dtype)
     x, skip = torch.randn(2, 7, 11, 40).to(dtype), torch.randn(2, 7, 11, 40).to(dtype)
     skip = skip if residual else None
-    monkeypatch.setattr(epilogues, "MLP_CHUNK_BYTES", 24 * 160 * x.element_size())
-    assert epilogues.mlp_chunks(154, 160, dtype) == 7
+    monkeypatch.setattr(epilogues, "CHUNK_BYTES", 24 * 160 * x.element_size())
+    assert epilogues.chunk_count(154, 160, dtype) == 7
     with torch.no_grad():
         assert fc1.fuses(x) and fc2.fuses(x, skip)
         chunked = epilogues.fused_mlp(fc1, "gelu", fc2, x, skip)
-        monkeypatch.setattr(epilogues, "MLP_CHUNK_BYTES", 1 << 40)
+        monkeypatch.setattr(epilogues, "CHUNK_BYTES", 1 << 40)
         whole = epilogues.fused_mlp(fc1, "gelu", fc2, x, skip)
         torch_path = plain(fc2, plain(fc1, x, "gelu"), "none") + (0 if skip is None else skip)
         reference = F.linear(F.gelu(F.linear(x.double(), fc1.weight.double(), fc1.bias.double())),
@@ -165,21 +166,24 @@ def test_whole_model_inference_passes_the_error_rule(dtype, backend):
     assert verdict.passed, verdict.describe()
 
 
-def test_whole_model_runs_its_mlps_in_chunks(monkeypatch):
-    """With a 1 MiB chunk bound, the drop-in model's MLPs run in chunks (stage 1 of
-    Hiera-T at batch 2: 6272 rows x 384 x 4 bytes = 9.2 MiB, 10 chunks) and the logits
-    still pass the rule."""
+def test_whole_model_runs_its_mlps_and_attentions_in_chunks(monkeypatch):
+    """With a 1 MiB chunk bound, the drop-in model's MLPs run in chunks of rows (stage 1 of
+    Hiera-T at batch 2: 6272 rows x 384 x 4 bytes = 9.2 MiB, 10 chunks) and its
+    attentions in chunks of images (every qkv over 1 MiB: one image a chunk), and the
+    logits still pass the rule."""
     model = hk.hiera_tiny_224(num_classes=10).train()
     x = torch.randn(2, 3, 224, 224)
-    chunks = []
-    original = epilogues.mlp_chunks
-    monkeypatch.setattr(epilogues, "MLP_CHUNK_BYTES", 1 << 20)
-    monkeypatch.setattr(epilogues, "mlp_chunks", lambda *a: chunks.append(original(*a)) or chunks[-1])
+    counts = []
+    original = epilogues.chunk_count
+    monkeypatch.setattr(epilogues, "CHUNK_BYTES", 1 << 20)
+    monkeypatch.setattr(epilogues, "chunk_count", lambda *a: counts.append((a[0], original(*a))) or counts[-1][1])
     with torch.no_grad():
         reference = copy.deepcopy(model).double().set_backend("torch")(x.double())
         torch_path = model.set_backend("torch")(x)
         fused = model.set_backend("auto")(x)
-    assert len(chunks) == 12 and chunks[0] == 10  # every block's MLP
+    mlps, attentions = counts[1::2], counts[0::2]  # each block: attention, then MLP
+    assert len(mlps) == len(attentions) == 12 and mlps[0] == (6272, 10)
+    assert all(images == 2 and chunks == 2 for images, chunks in attentions[:3])  # stages 1-2: 2 chunks of one image
     verdict = error_rule.judge(fused, torch_path, reference)
     assert verdict.passed, verdict.describe()
 

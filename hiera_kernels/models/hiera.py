@@ -123,8 +123,20 @@ class MaskUnitAttention(UsesBackend):
         self.use_mask_unit_attn = use_mask_unit_attn
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The attention's output projection, plus ``residual`` [B, N // q_stride, dim_out] if given."""
-        return self.attend(self.qkv(x), residual)
+        """The attention's output projection, plus ``residual`` [B, N // q_stride, dim_out] if given.
+        Where qkv fuses (CPU inference on "cpu"/"auto"), qkv and the attention run in chunks
+        of images whose qkv [b, N, 3 * dim_out] is at most epilogues.CHUNK_BYTES."""
+        B, N = x.shape[0], x.shape[1]
+        chunks = epilogues.chunk_count(B, N * 3 * self.dim_out, x.dtype) if self.qkv.fuses(x) else 1
+        if chunks == 1:
+            return self.attend(self.qkv(x), residual)
+        out = x.new_empty(B, N // self.q_stride, self.dim_out)
+        step = -(-B // chunks)
+        for start in range(0, B, step):
+            images = slice(start, start + step)
+            out[images] = ops.mask_unit_attention(self.qkv(x[images]), self.heads, self.q_stride, self.window_size,
+                                                  self.use_mask_unit_attn, backend=self.backend)
+        return self.proj(out, residual=residual)
 
     def attend(self, qkv: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """:meth:`forward` from the qkv Linear's output [B, N, 3 * dim_out] on."""
