@@ -250,13 +250,16 @@ def _layer_norm_backward_fake(grad_y, x, mean, rstd, weight, output_mask):
 
 # -------------------------------------------------------- gelu_recompute_backward
 # A C++ CPU kernel only (csrc/cpu/gelu.cpp): the exact GELU of h recomputed together with
-# its backward, (gelu(h), grad_out * gelu'(h)), in one pass; used inside the backward of
-# hiera_kernels.recompute's layer_norm_mlp (so not itself differentiable, like the other
-# *_backward ops).
-_lib.define("gelu_recompute_backward(Tensor grad_out, Tensor h) -> (Tensor, Tensor)")
+# its backward, (gelu(h), grad_out * gelu'(h)), in one pass, and where bias_grad also
+# grad_h summed over every dim but the last (fc1's bias gradient when h is fc1's output;
+# else an empty [0] tensor); used inside the backward of hiera_kernels.recompute's
+# layer_norm_mlp (so not itself differentiable, like the other *_backward ops).
+_lib.define("gelu_recompute_backward(Tensor grad_out, Tensor h, bool bias_grad=False) -> (Tensor, Tensor, Tensor)")
 
 
 @torch.library.register_fake(f"{NAMESPACE}::gelu_recompute_backward", lib=_lib)
-def _gelu_recompute_backward_fake(grad_out, h):
+def _gelu_recompute_backward_fake(grad_out, h, bias_grad=False):
     torch._check(grad_out.shape == h.shape, lambda: f"gelu_recompute_backward: grad_out {list(grad_out.shape)} != h {list(h.shape)}")
-    return torch.empty_like(h, memory_format=torch.contiguous_format), torch.empty_like(h, memory_format=torch.contiguous_format)
+    torch._check(not bias_grad or h.dim() >= 1, lambda: "gelu_recompute_backward: bias_grad needs h with at least one dim")
+    same = torch.empty_like(h, memory_format=torch.contiguous_format)
+    return same, torch.empty_like(same), h.new_empty(h.shape[-1] if bias_grad else 0)

@@ -19,8 +19,9 @@ norm parameters share x's dtype (ATen's elsewhere). The backward recomputes
 ``layer_norm(x)`` with the forward's function (the same bits) and ``gelu(h)`` together
 with the GELU's backward (for the exact GELU of CPU tensors, one pass of a C++ kernel,
 ``hiera_kernels::gelu_recompute_backward``, whose erf is ATen's vectorised formula: within
-an ulp or so of the forward's, where ATen runs two passes with an erf each), then the
-Linears' and LayerNorm's own backward formulas, for the inputs that need a gradient.
+an ulp or so of the forward's, where ATen runs two passes with an erf each; the same pass
+sums fc1's bias gradient), then the Linears' and LayerNorm's own backward formulas, for
+the inputs that need a gradient.
 Under ``create_graph`` the backward is itself differentiable (ATen's GELU, h recomputed
 from x). The ops are composite: they run on every device, and only the memory they keep
 differs from the plain modules.
@@ -110,13 +111,16 @@ def _setup_layer_norm_mlp(ctx, inputs, output):
     ctx.save_for_backward(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, mean, rstd, h)
 
 
-def gelu_recompute_backward(grad_a: torch.Tensor, h: torch.Tensor, approximate: str):
-    """(gelu(h), grad_a * gelu'(h)): one pass on the C++ CPU kernel for the exact GELU of
-    CPU tensors (where the extension is built), else ATen's gelu and gelu_backward."""
+def gelu_recompute_backward(grad_a: torch.Tensor, h: torch.Tensor, approximate: str, bias_grad: bool):
+    """(gelu(h), grad_h = grad_a * gelu'(h), grad_h summed over all dims but the last where
+    ``bias_grad``, else None): one pass on the C++ CPU kernel for the exact GELU of CPU
+    tensors (where the extension is built), else ATen's gelu, gelu_backward and sum."""
     # Under create_graph (double backward) ATen's ops, which are differentiable; the kernel is not.
     if approximate == "none" and not torch.is_grad_enabled() and cpu_kernel_takes(h, grad_a):
-        return torch.ops.hiera_kernels.gelu_recompute_backward(grad_a, h)
-    return F.gelu(h, approximate=approximate), torch.ops.aten.gelu_backward(grad_a, h, approximate=approximate)
+        a, grad_h, grad_bias = torch.ops.hiera_kernels.gelu_recompute_backward(grad_a, h, bias_grad)
+        return a, grad_h, grad_bias if bias_grad else None
+    grad_h = torch.ops.aten.gelu_backward(grad_a, h, approximate=approximate)
+    return F.gelu(h, approximate=approximate), grad_h, grad_h.reshape(-1, h.shape[-1]).sum(0) if bias_grad else None
 
 
 def _backward_layer_norm_mlp(ctx, grad_out, _grad_mean, _grad_rstd, _grad_h):
@@ -131,14 +135,15 @@ def _backward_layer_norm_mlp(ctx, grad_out, _grad_mean, _grad_rstd, _grad_h):
         h = F.linear(y, fc1_weight, fc1_bias)
     g2 = grad_out.reshape(-1, grad_out.shape[-1])
     # fc2 read gelu(h): recomputed with the GELU's backward ([rows, hidden], the block's
-    # largest activations) and freed before fc1's backward allocates its own.
-    a, grad_h = gelu_recompute_backward((g2 @ fc2_weight).view(h.shape), h, ctx.approximate)
+    # largest activations) and freed before fc1's backward allocates its own; fc1's bias
+    # gradient is summed in the same pass.
+    a, grad_h, grad_fc1_bias = gelu_recompute_backward((g2 @ fc2_weight).view(h.shape), h, ctx.approximate, needs_b1)
     grad_fc2_weight = g2.t() @ a.reshape(-1, a.shape[-1]) if needs_w2 else None
     grad_fc2_bias = g2.sum(0) if needs_b2 else None
     del a
     if y is None:
         y = native_layer_norm(x, norm_weight, norm_bias, ctx.eps)[0]
-    grad_y, grad_fc1_weight, grad_fc1_bias = _linear_backward(grad_h, y, fc1_weight, (any(norm_needs), needs_w1, needs_b1))
+    grad_y, grad_fc1_weight, _ = _linear_backward(grad_h, y, fc1_weight, (any(norm_needs), needs_w1, False))
     del grad_h, y
     grad_x = grad_norm_weight = grad_norm_bias = None
     if any(norm_needs):

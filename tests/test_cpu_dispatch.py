@@ -169,13 +169,16 @@ CHECK_SCRIPT = textwrap.dedent(
                 verdict = judge(o, t, r)
                 if not verdict.passed:
                     failures.append(f"layer_norm {what} C={C} {dtype}: {verdict.describe()}")
-    # GELU recomputed with its backward: 300 elements (vector and block tails).
-    h, g = torch.randn(300) * 3, torch.randn(300)
-    reference = (torch.nn.functional.gelu(h.double()), torch.ops.aten.gelu_backward(g.double(), h.double()))
+    # GELU recomputed with its backward and the bias gradient: 3 rows of 300 (vector and
+    # block tails).
+    h, g = torch.randn(3, 300) * 3, torch.randn(3, 300)
+    def gelu_grads(dtype):
+        grad_h = torch.ops.aten.gelu_backward(g.to(dtype), h.to(dtype))
+        return torch.nn.functional.gelu(h.to(dtype)), grad_h, grad_h.sum(0)
+    reference = gelu_grads(torch.float64)
     for dtype in [torch.float32, torch.float16, torch.bfloat16, torch.float64]:
-        aten = (torch.nn.functional.gelu(h.to(dtype)), torch.ops.aten.gelu_backward(g.to(dtype), h.to(dtype)))
-        got = torch.ops.hiera_kernels.gelu_recompute_backward(g.to(dtype), h.to(dtype))
-        for what, o, t, r in zip(["gelu", "grad_h"], got, aten, reference):
+        got = torch.ops.hiera_kernels.gelu_recompute_backward(g.to(dtype), h.to(dtype), True)
+        for what, o, t, r in zip(["gelu", "grad_h", "grad_bias"], got, gelu_grads(dtype), reference):
             verdict = judge(o, t, r)
             if not verdict.passed:
                 failures.append(f"gelu_recompute_backward {what} {dtype}: {verdict.describe()}")

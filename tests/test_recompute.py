@@ -265,14 +265,41 @@ def test_gelu_recompute_backward_passes_the_rule(dtype, n):
         assert o.dtype == dtype
         verdict = error_rule.judge(o, t, r)
         assert verdict.passed, f"{what}: {verdict.describe()}"
-    torch.testing.assert_close(gelu_op(grad.double(), h.double()), want, atol=1e-14, rtol=0)  # float64: libm
+    torch.testing.assert_close(gelu_op(grad.double(), h.double())[:2], want, atol=1e-14, rtol=0)  # float64: libm
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, width", [(1, 5000), (37, 300), (2000, 40)])  # one row; block tails; many chunks
+def test_gelu_recompute_backward_sums_the_bias_gradient(dtype, rows, width):
+    """bias_grad: grad_h summed over the rows (fc1's bias gradient), by the rule against
+    ATen's gelu_backward(...).sum(0) and float64; the same gelu(h) and grad_h bits as
+    without it; the same bits on one thread as on several."""
+    if not EXTENSION.loaded:
+        pytest.skip("the C++ extension is not built")
+    g = torch.Generator().manual_seed(rows)
+    h, grad = torch.randn(rows, width, generator=g) * 3, torch.randn(rows, width, generator=g)
+    want = torch.ops.aten.gelu_backward(grad.double(), h.double()).sum(0)
+    aten = torch.ops.aten.gelu_backward(grad.to(dtype), h.to(dtype)).sum(0)
+    out, grad_h, grad_bias = gelu_op(grad.to(dtype), h.to(dtype), True)
+    assert grad_bias.shape == (width,) and grad_bias.dtype == dtype
+    verdict = error_rule.judge(grad_bias, aten, want)
+    assert verdict.passed, verdict.describe()
+    plain_out, plain_grad_h, nothing = gelu_op(grad.to(dtype), h.to(dtype))
+    assert torch.equal(out, plain_out) and torch.equal(grad_h, plain_grad_h) and nothing.shape == (0,)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = gelu_op(grad.to(dtype), h.to(dtype), True)[2]
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, grad_bias)
 
 
 def test_gelu_recompute_backward_non_finite_empty_and_errors():
     if not EXTENSION.loaded:
         pytest.skip("the C++ extension is not built")
     h = torch.tensor([float("nan"), float("inf"), float("-inf"), 1.0] + [0.5] * 20)
-    out, grad_h = gelu_op(torch.ones_like(h), h)
+    out, grad_h, _ = gelu_op(torch.ones_like(h), h)
     assert out[0].isnan() and out[2].isnan()  # NaN stays; gelu(-inf) = -inf * 0, as in ATen
     assert out[1] == float("inf")  # as float64 ATen (float32 ATen's vectorised erf gives NaN)
     assert grad_h[:3].isnan().all()  # inf * pdf(inf) = inf * 0, as ATen's gelu_backward
@@ -283,7 +310,13 @@ def test_gelu_recompute_backward_non_finite_empty_and_errors():
         gelu_op(torch.ones(5), torch.ones(4))
     with pytest.raises(RuntimeError, match=r"gelu_recompute_backward: grad_out must be float32 \(like h\), got bfloat16"):
         gelu_op(torch.ones(4).bfloat16(), torch.ones(4))
+    sums = gelu_op(torch.ones(2, 4), torch.tensor([[float("nan"), 1.0, 2.0, 3.0]] * 2), True)[2]
+    assert sums[0].isnan() and sums[1:].isfinite().all()  # a NaN stays in its column
+    assert torch.equal(gelu_op(torch.empty(0, 4), torch.empty(0, 4), True)[2], torch.zeros(4))
+    with pytest.raises(RuntimeError, match=r"gelu_recompute_backward: bias_grad needs h with at least one dim"):
+        gelu_op(torch.ones(()), torch.ones(()), True)
     torch.library.opcheck(gelu_op, (torch.randn(3, 7), torch.randn(3, 7)))
+    torch.library.opcheck(gelu_op, (torch.randn(3, 7), torch.randn(3, 7), True))
     torch._dynamo.reset()
     compiled = torch.compile(lambda g, h: gelu_op(g, h)[1].sum(), fullgraph=True)
     g, h = torch.randn(64), torch.randn(64)

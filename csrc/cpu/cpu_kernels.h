@@ -113,10 +113,12 @@ struct CpuKernels {
                               const void* weight, int64_t C, void* grad_x, void* column_sums, int64_t begin,
                               int64_t end, void* workspace);
 
-  // The exact GELU recomputed with its backward, elementwise over h and grad_out (same
-  // shape): out = gelu(h), grad_h = grad_out * gelu'(h); a task is an element.
+  // The exact GELU recomputed with its backward, over rows [begin, end) of h and grad_out
+  // [rows, width]: out = gelu(h), grad_h = grad_out * gelu'(h); and, unless column_sums is
+  // nullptr, this range's column sums [width] of grad_h (as stored) in the accumulation
+  // type (fc1's bias gradient; the entry point adds the ranges up). A task is a row.
   void (*gelu_recompute_backward)(CpuDtype dtype, const void* grad_out, const void* h, void* out, void* grad_h,
-                                  int64_t begin, int64_t end);
+                                  int64_t width, void* column_sums, int64_t begin, int64_t end);
 };
 
 // Each build's table, defined (constant-initialised, so loading the library runs none

@@ -1,11 +1,14 @@
 // CPU entry point of the exact GELU recomputed with its backward (training's recompute
-// ops, hiera_kernels/recompute.py): (gelu(h), grad_out * gelu'(h)) in one pass. The
-// elements are the chosen build's gelu_recompute_backward (cpu_kernels.h).
+// ops, hiera_kernels/recompute.py): (gelu(h), grad_out * gelu'(h)) in one pass, and fc1's
+// bias gradient (grad_h's column sums) in the same pass where asked. The rows are the
+// chosen build's gelu_recompute_backward (cpu_kernels.h).
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 
 #include "cpu_dispatch.h"
@@ -14,28 +17,51 @@
 namespace hiera_kernels {
 namespace {
 
-constexpr int64_t kGeluGrain = 32 << 10;  // elements per task
+constexpr int64_t kGeluGrain = 32 << 10;  // elements per task (whole rows, at least one)
 
-std::tuple<at::Tensor, at::Tensor> gelu_recompute_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& h_in) {
+// (gelu(h), grad_h, grad_bias): grad_bias = grad_h summed over every dim but the last (fc1's
+// bias gradient, h its output) where bias_grad, else an empty [0] tensor.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_recompute_backward_cpu(const at::Tensor& grad_out_in,
+                                                                           const at::Tensor& h_in, bool bias_grad) {
   constexpr const char* op = "hiera_kernels::gelu_recompute_backward";
   check_float_dtype(op, "h", h_in);
   check_same_device(op, "grad_out", grad_out_in, "h", h_in);
   check_dtype(op, "grad_out", grad_out_in, h_in.scalar_type(), " (like h)");
   check_shape(op, "grad_out", grad_out_in, h_in.sizes());
+  TORCH_CHECK(!bias_grad || h_in.dim() >= 1, op,
+              ": bias_grad needs h with at least one dim (the features), got a scalar");
   const CpuDtype dtype = cpu_dtype(op, h_in.scalar_type());
   const at::Tensor h = h_in.contiguous(), grad_out = grad_out_in.contiguous();
   at::Tensor out = at::empty(h.sizes(), h.options());
   at::Tensor grad_h = at::empty(h.sizes(), h.options());
-  if (h.numel() == 0) return {out, grad_h};
-  const void* g = grad_out.const_data_ptr();
-  const void* x = h.const_data_ptr();
-  void* o = out.mutable_data_ptr();
-  void* gh = grad_h.mutable_data_ptr();
-  const CpuKernels& kernels = cpu_kernels();
-  at::parallel_for(0, h.numel(), kGeluGrain, [&](int64_t begin, int64_t end) {
-    kernels.gelu_recompute_backward(dtype, g, x, o, gh, begin, end);
-  });
-  return {out, grad_h};
+  const int64_t width = h.dim() == 0 ? 1 : h.size(-1), rows = width == 0 ? 0 : h.numel() / width;
+  const int64_t rows_per_chunk = std::max<int64_t>(1, kGeluGrain / std::max<int64_t>(width, 1));
+  const int64_t chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
+  // Each chunk's column sums of grad_h, added up in order below (the same bits on any
+  // number of threads).
+  const at::ScalarType acc = dtype == CpuDtype::kFloat64 ? at::kDouble : at::kFloat;
+  at::Tensor partials = at::empty({bias_grad ? chunks : 0, width}, h.options().dtype(acc));
+  if (rows > 0) {
+    const void* g = grad_out.const_data_ptr();
+    const void* x = h.const_data_ptr();
+    void* o = out.mutable_data_ptr();
+    void* gh = grad_h.mutable_data_ptr();
+    unsigned char* partial = bias_grad ? static_cast<unsigned char*>(partials.mutable_data_ptr()) : nullptr;
+    const CpuKernels& kernels = cpu_kernels();
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t chunk = begin; chunk < end; ++chunk) {
+        const int64_t first = chunk * rows_per_chunk, last = std::min(rows, first + rows_per_chunk);
+        void* sums = partial == nullptr ? nullptr : partial + chunk * partials.stride(0) * partials.element_size();
+        kernels.gelu_recompute_backward(dtype, g, x, o, gh, width, sums, first, last);
+      }
+    });
+  }
+  at::Tensor grad_bias = at::empty({bias_grad ? width : 0}, h.options());
+  if (bias_grad) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), op,
+                                    [&] { add_up_chunks<scalar_t>(partials, 0, width, grad_bias); });
+  }
+  return {out, grad_h, grad_bias};
 }
 
 }  // namespace

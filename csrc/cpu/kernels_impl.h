@@ -1407,43 +1407,58 @@ inline void gelu_and_slope(FloatVec h, FloatVec& out, FloatVec& slope) {
 
 constexpr int64_t kGeluBlock = 256;  // elements widened at a time (L1)
 
+// Rows [begin, end) of grad_out and h [rows, width]; column_sums (or nullptr) [width] in the
+// accumulation type: this range's sums of grad_h as stored (rounded to scalar_t, the values
+// a separate grad_h.sum(0) would add), for fc1's bias gradient.
 template <typename scalar_t>
 void gelu_recompute_backward_typed(const scalar_t* grad_out, const scalar_t* h, scalar_t* out, scalar_t* grad_h,
-                                   int64_t begin, int64_t end) {
-  if constexpr (std::is_same_v<scalar_t, double>) {  // float64 (gradcheck): libm, ATen's formula
-    for (int64_t k = begin; k < end; ++k) {
-      const double cdf = 0.5 * (1.0 + std::erf(h[k] * M_SQRT1_2));
-      const double pdf = std::exp(-0.5 * h[k] * h[k]) * 0.5 * M_2_SQRTPI * M_SQRT1_2;
-      out[k] = h[k] * cdf;
-      grad_h[k] = grad_out[k] * (cdf + h[k] * pdf);
-    }
-  } else {
-    using S = Simd<float>;
-    float hv[kGeluBlock], gv[kGeluBlock];
-    for (int64_t k0 = begin; k0 < end; k0 += kGeluBlock) {
-      const int64_t n = std::min(kGeluBlock, end - k0), nv = round_up(n, S::kLanes);
-      load_as_acc(h + k0, hv, n);
-      load_as_acc(grad_out + k0, gv, n);
-      std::fill(hv + n, hv + nv, 0.f);  // whole vectors; the tail lanes are not stored
-      std::fill(gv + n, gv + nv, 0.f);
-      for (int64_t k = 0; k < nv; k += S::kLanes) {
-        FloatVec o, slope;
-        gelu_and_slope(S::load(hv + k), o, slope);
-        S::store(hv + k, o);
-        S::store(gv + k, S::load(gv + k) * slope);
+                                   int64_t width, acc_type<scalar_t>* column_sums, int64_t begin, int64_t end) {
+  using acc_t = acc_type<scalar_t>;
+  if (column_sums != nullptr) std::fill(column_sums, column_sums + width, acc_t(0));
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t row = r * width;
+    if constexpr (std::is_same_v<scalar_t, double>) {  // float64 (gradcheck): libm, ATen's formula
+      for (int64_t k = row; k < row + width; ++k) {
+        const double cdf = 0.5 * (1.0 + std::erf(h[k] * M_SQRT1_2));
+        const double pdf = std::exp(-0.5 * h[k] * h[k]) * 0.5 * M_2_SQRTPI * M_SQRT1_2;
+        out[k] = h[k] * cdf;
+        grad_h[k] = grad_out[k] * (cdf + h[k] * pdf);
       }
-      store_from_acc(hv, out + k0, n);
-      store_from_acc(gv, grad_h + k0, n);
+      if (column_sums != nullptr)
+        for (int64_t c = 0; c < width; ++c) column_sums[c] += grad_h[row + c];
+    } else {
+      using S = Simd<float>;
+      float hv[kGeluBlock], gv[kGeluBlock];
+      for (int64_t c0 = 0; c0 < width; c0 += kGeluBlock) {
+        const int64_t k0 = row + c0, n = std::min(kGeluBlock, width - c0), nv = round_up(n, S::kLanes);
+        load_as_acc(h + k0, hv, n);
+        load_as_acc(grad_out + k0, gv, n);
+        std::fill(hv + n, hv + nv, 0.f);  // whole vectors; the tail lanes are not stored
+        std::fill(gv + n, gv + nv, 0.f);
+        for (int64_t k = 0; k < nv; k += S::kLanes) {
+          FloatVec o, slope;
+          gelu_and_slope(S::load(hv + k), o, slope);
+          S::store(hv + k, o);
+          S::store(gv + k, S::load(gv + k) * slope);
+        }
+        store_from_acc(hv, out + k0, n);
+        store_from_acc(gv, grad_h + k0, n);
+        if (column_sums != nullptr) {
+          load_as_acc(grad_h + k0, gv, n);  // the stored, rounded values
+          for (int64_t c = 0; c < n; ++c) column_sums[c0 + c] += gv[c];
+        }
+      }
     }
   }
 }
 
 void gelu_recompute_backward(CpuDtype dtype, const void* grad_out, const void* h, void* out, void* grad_h,
-                             int64_t begin, int64_t end) {
+                             int64_t width, void* column_sums, int64_t begin, int64_t end) {
   by_dtype(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
     gelu_recompute_backward_typed(static_cast<const scalar_t*>(grad_out), static_cast<const scalar_t*>(h),
-                                  static_cast<scalar_t*>(out), static_cast<scalar_t*>(grad_h), begin, end);
+                                  static_cast<scalar_t*>(out), static_cast<scalar_t*>(grad_h), width,
+                                  static_cast<acc_type<scalar_t>*>(column_sums), begin, end);
   });
 }
 

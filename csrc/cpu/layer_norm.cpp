@@ -4,7 +4,6 @@
 // those mean and rstd. The rows are the chosen build's layer_norm and
 // layer_norm_backward (cpu_kernels.h).
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -75,27 +74,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cpu(const at::Tensor& 
   return {y, mean, rstd};
 }
 
-// The column sums out of the chunks' partial sums [chunks, 2, C] (accumulation type),
-// chunk by chunk in order, so that they do not depend on how many threads ran the
-// chunks; each rounded once to x's dtype into grad_weight / grad_bias (where wanted).
-template <typename scalar_t>
-void add_up_chunks(const at::Tensor& partials, std::array<bool, 3> output_mask, at::Tensor& grad_weight,
-                   at::Tensor& grad_bias) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t chunks = partials.size(0), C = partials.size(2);
-  const acc_t* partial = partials.const_data_ptr<acc_t>();
-  std::vector<acc_t> total(2 * C, acc_t(0));
-  for (int64_t chunk = 0; chunk < chunks; ++chunk)
-    for (int64_t k = 0; k < 2 * C; ++k) total[k] += partial[chunk * 2 * C + k];
-  for (int which : {1, 2}) {
-    if (!output_mask[which]) continue;
-    at::Tensor& out = which == 1 ? grad_weight : grad_bias;
-    out = at::empty({C}, partials.options().dtype(c10::CppTypeToScalarType<scalar_t>::value));
-    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<scalar_t>(total[(which - 1) * C + c]);
-  }
-}
-
 // (grad_x, grad_weight, grad_bias), each computed where output_mask says so, else an
 // empty [0] tensor (a schema cannot return undefined tensors).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(const at::Tensor& grad_y_in,
@@ -146,9 +124,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(const at:
       }
     });
   }
-  at::Tensor grad_weight = at::empty({0}, x.options()), grad_bias = at::empty({0}, x.options());
+  at::Tensor grad_weight = at::empty({output_mask[1] ? C : 0}, x.options());
+  at::Tensor grad_bias = at::empty({output_mask[2] ? C : 0}, x.options());
+  const at::Tensor sums = partials.view({chunks, 2 * C});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
-    add_up_chunks<scalar_t>(partials, output_mask, grad_weight, grad_bias);
+    if (output_mask[1]) add_up_chunks<scalar_t>(sums, 0, C, grad_weight);
+    if (output_mask[2]) add_up_chunks<scalar_t>(sums, C, C, grad_bias);
   });
   return {grad_x, grad_weight, grad_bias};
 }
