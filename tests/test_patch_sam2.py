@@ -153,7 +153,8 @@ def test_whole_sam2_model_image_encoder():
         out = model.image_encoder(x)
     assert hk.adapters.RECORD in vars(model.image_encoder.trunk.blocks[0])
     patched_types = {type(m).__name__ for m in model.modules() if hk.adapters.RECORD in vars(m)}
-    assert patched_types == {"MultiScaleBlock", "MultiScaleAttention"}
+    assert patched_types == {"MultiScaleBlock", "MultiScaleAttention", "PatchEmbed"}
+    assert hk.adapters.RECORD in vars(model.image_encoder.trunk.patch_embed)  # the trunk's: SAM 2's only one
     for key in ("vision_features", "backbone_fpn"):
         for o, r in zip(tensors(out[key]), tensors(ref[key])):
             assert_within_scale(o, r, key)
@@ -234,6 +235,21 @@ def test_autocast_bf16_and_compile():
         eager = base(x)
     for c, e in zip(compiled, eager):
         torch.testing.assert_close(c, e, atol=1e-5, rtol=1e-5)
+
+
+def test_patched_patch_conv_runs_channels_last_on_cpu():
+    """The patched trunk's PatchEmbed runs its own forward on a channels-last image (CPU,
+    kernel backends): the [B, H, W, C] map comes out contiguous; unpatched and on "torch"
+    it stays the permuted NCHW conv output. (Values: test_sam2_trunk_patched_equals_unpatched.)"""
+    model, x = trunk("T"), torch.randn(1, 3, 64, 64)
+    assert not model.patch_embed(x).is_contiguous()
+    hk.patch(model, backend="torch")
+    assert not model.patch_embed(x).is_contiguous()
+    hk.unpatch(model)
+    hk.patch(model)
+    assert model.patch_embed(x).is_contiguous()
+    hk.unpatch(model)
+    assert "forward" not in vars(model.patch_embed)
 
 
 def test_patch_keeps_model_and_unpatch_restores_it():

@@ -4,7 +4,10 @@ it (``timm.models.hieradet_sam2``: ``sam2_hiera_*``, ``hieradet_small``) shares,
 :mod:`.timm_hiera`.
 
 The trunk works on channels-last maps [B, H, W, C]; its token ops are all in
-``MultiScaleBlock.forward`` and ``MultiScaleAttention.forward``, so those two are bound:
+``MultiScaleBlock.forward`` and ``MultiScaleAttention.forward``, so those two are bound,
+and its ``PatchEmbed.forward`` (sam2.modeling.backbones.utils) runs its own code on a
+channels-last image on CPU (:func:`~hiera_kernels.models.hiera.patch_conv_input`: the conv
+writes NHWC, so the map it returns, and the pos-embed sum after it, are contiguous):
 
 =============================  =========================================================
 ``MultiScaleAttention``        forward(x [B, H, W, dim], window_size=0, residual=None):
@@ -37,10 +40,12 @@ import torch.nn as nn
 
 from .. import epilogues, ops, recompute
 from ..layer_norm import layer_norm
+from ..models.hiera import patch_conv_input
 from ._common import Binding, Rule, backend_of, find, inactive
 
 NAME = "sam2"
 MODULE = "sam2.modeling.backbones.hieradet"
+UTILS_MODULE = "sam2.modeling.backbones.utils"  # PatchEmbed
 
 
 def _linear(linear: nn.Linear, x: torch.Tensor, backend: Optional[str], residual: Optional[torch.Tensor] = None):
@@ -49,6 +54,11 @@ def _linear(linear: nn.Linear, x: torch.Tensor, backend: Optional[str], residual
     if epilogues.fuses(linear, x, residual, backend):
         return epilogues.fused_linear(linear, x, residual=residual)
     return linear(x) if residual is None else residual + linear(x)
+
+
+def patch_embed_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """The class's own forward on :func:`patch_conv_input`'s image (channels-last on CPU)."""
+    return type(self).forward(self, patch_conv_input(x, backend_of(self)))
 
 
 def pool_stride(pool: Optional[nn.Module], path: str) -> int:
@@ -153,6 +163,7 @@ def _check_block(m: nn.Module, path: str) -> None:
 RULES = (
     Rule(MODULE, "MultiScaleAttention", "forward", attention_forward, check_attention),
     Rule(MODULE, "MultiScaleBlock", "forward", block_forward, _check_block),
+    Rule(UTILS_MODULE, "PatchEmbed", "forward", patch_embed_forward),
 )
 LOOKS_FOR = tuple(r.qualname for r in RULES)
 
