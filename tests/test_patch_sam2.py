@@ -23,6 +23,7 @@ import torch.nn as nn
 
 import hiera_kernels as hk
 from hiera_kernels import epilogues
+from hiera_kernels.adapters import sam2_hieradet as sam2_adapter
 from hiera_kernels.error_rule import judge
 
 from helpers import run, tensors
@@ -153,7 +154,7 @@ def test_whole_sam2_model_image_encoder():
         out = model.image_encoder(x)
     assert hk.adapters.RECORD in vars(model.image_encoder.trunk.blocks[0])
     patched_types = {type(m).__name__ for m in model.modules() if hk.adapters.RECORD in vars(m)}
-    assert patched_types == {"MultiScaleBlock", "MultiScaleAttention", "PatchEmbed"}
+    assert patched_types == {"MultiScaleBlock", "MultiScaleAttention", "PatchEmbed", "Hiera"}
     assert hk.adapters.RECORD in vars(model.image_encoder.trunk.patch_embed)  # the trunk's: SAM 2's only one
     for key in ("vision_features", "backbone_fpn"):
         for o, r in zip(tensors(out[key]), tensors(ref[key])):
@@ -250,6 +251,37 @@ def test_patched_patch_conv_runs_channels_last_on_cpu():
     assert model.patch_embed(x).is_contiguous()
     hk.unpatch(model)
     assert "forward" not in vars(model.patch_embed)
+
+
+def test_patched_trunk_keeps_its_pos_embed():
+    """The trunk's _get_pos_embed result is kept between inference calls (the same tensor,
+    equal to the class's own), recomputed when a parameter changes in place or the map
+    size changes, never kept where its gradient may be needed or on "torch"; unpatch
+    drops it."""
+    model = trunk("T")
+    own = lambda hw: type(model)._get_pos_embed(model, hw)  # noqa: E731
+    hk.patch(model)
+    with torch.no_grad():
+        first = model._get_pos_embed((16, 16))
+        assert model._get_pos_embed((16, 16)) is first and torch.equal(first, own((16, 16)))
+        assert model._get_pos_embed((24, 24)).shape == (1, 24, 24, 96)
+        model.pos_embed.add_(1.0)  # in place: a new version
+        again = model._get_pos_embed((16, 16))
+        assert again is not first and torch.equal(again, own((16, 16)))
+    with torch.inference_mode():
+        kept = model._get_pos_embed((16, 16))
+        assert kept.is_inference() and model._get_pos_embed((16, 16)) is kept
+    assert not model._get_pos_embed((16, 16)).is_inference()  # built outside inference mode again
+    training = model._get_pos_embed((16, 16))
+    assert training.requires_grad and training is not model._get_pos_embed((16, 16))
+    training.sum().backward()
+    assert model.pos_embed.grad is not None
+    hk.unpatch(model)
+    hk.patch(model, backend="torch")
+    with torch.no_grad():
+        assert model._get_pos_embed((16, 16)) is not model._get_pos_embed((16, 16))
+    hk.unpatch(model)
+    assert "_get_pos_embed" not in vars(model) and model not in sam2_adapter._POS_EMBEDS
 
 
 def test_patch_keeps_model_and_unpatch_restores_it():

@@ -98,6 +98,7 @@ def unpatch(model: nn.Module) -> nn.Module:
             vars(module).pop(name, None)
         del vars(module)[RECORD]
         epilogues.forget(module)  # packed weights of the Linears the bound code ran fused (SAM 2's)
+        sam2_hieradet.forget(module)  # a SAM 2 trunk's kept pos embed
     return model
 
 

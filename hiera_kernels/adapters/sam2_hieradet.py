@@ -5,9 +5,10 @@ it (``timm.models.hieradet_sam2``: ``sam2_hiera_*``, ``hieradet_small``) shares,
 
 The trunk works on channels-last maps [B, H, W, C]; its token ops are all in
 ``MultiScaleBlock.forward`` and ``MultiScaleAttention.forward``, so those two are bound,
-and its ``PatchEmbed.forward`` (sam2.modeling.backbones.utils) runs its own code on a
+its ``PatchEmbed.forward`` (sam2.modeling.backbones.utils) runs its own code on a
 channels-last image on CPU (:func:`~hiera_kernels.models.hiera.patch_conv_input`: the conv
-writes NHWC, so the map it returns, and the pos-embed sum after it, are contiguous):
+writes NHWC, so the map it returns, and the pos-embed sum after it, are contiguous), and
+the trunk's ``_get_pos_embed`` keeps its result between calls (:func:`pos_embed`):
 
 =============================  =========================================================
 ``MultiScaleAttention``        forward(x [B, H, W, dim], window_size=0, residual=None):
@@ -33,12 +34,13 @@ they are, so hooks on them fire and autograd sees the package's own Linears.
 
 from __future__ import annotations
 
+import weakref
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from .. import epilogues, ops, recompute
+from .. import backends, epilogues, ops, recompute
 from ..layer_norm import layer_norm
 from ..models.hiera import patch_conv_input
 from ._common import Binding, Rule, backend_of, find, inactive
@@ -59,6 +61,37 @@ def _linear(linear: nn.Linear, x: torch.Tensor, backend: Optional[str], residual
 def patch_embed_forward(self, x: torch.Tensor) -> torch.Tensor:
     """The class's own forward on :func:`patch_conv_input`'s image (channels-last on CPU)."""
     return type(self).forward(self, patch_conv_input(x, backend_of(self)))
+
+
+# Trunk -> (key, its pos embed [1, H, W, C]); weak keys: the entry goes with its trunk.
+_POS_EMBEDS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def pos_embed(self, hw: Tuple[int, int]) -> torch.Tensor:
+    """The trunk's own ``_get_pos_embed(hw)``, kept between calls: SAM 2 upsamples its
+    pos_embed bicubically to the feature map and adds the tiled window embedding on every
+    forward (Hiera-T at 1024 x 1024: a [1, 256, 256, 96] map, ~30 ms on 2 CPU cores). The
+    kept map is recomputed when ``hw``, either parameter (object, data, in-place version,
+    dtype, device) or inference mode changes; it is not kept where its gradient may be
+    needed (grad mode on and a parameter requiring it), under ``torch.compile`` or on the
+    ``"torch"`` backend (the plain oracle). ``unpatch`` drops it."""
+    params = (self.pos_embed, self.pos_embed_window)
+    if (torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params))
+            or (backend_of(self) or backends.get_backend()) == "torch"):
+        return type(self)._get_pos_embed(self, hw)
+    key = (tuple(hw), torch.is_inference_mode_enabled(),
+           tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape)) for p in params))
+    cached = _POS_EMBEDS.get(self)
+    if cached is None or cached[0] != key:
+        cached = (key, type(self)._get_pos_embed(self, hw))
+        _POS_EMBEDS[self] = cached
+    return cached[1]
+
+
+def forget(module: nn.Module) -> None:
+    """Drop the kept pos embeds of ``module``'s trunks (``unpatch``)."""
+    for m in module.modules():
+        _POS_EMBEDS.pop(m, None)
 
 
 def pool_stride(pool: Optional[nn.Module], path: str) -> int:
@@ -164,6 +197,7 @@ RULES = (
     Rule(MODULE, "MultiScaleAttention", "forward", attention_forward, check_attention),
     Rule(MODULE, "MultiScaleBlock", "forward", block_forward, _check_block),
     Rule(UTILS_MODULE, "PatchEmbed", "forward", patch_embed_forward),
+    Rule(MODULE, "Hiera", "_get_pos_embed", pos_embed),
 )
 LOOKS_FOR = tuple(r.qualname for r in RULES)
 
