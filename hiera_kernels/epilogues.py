@@ -200,7 +200,7 @@ CHUNK_BYTES = 16 << 20
 def chunk_count(items: int, item_elements: int, dtype: torch.dtype) -> int:
     """In how many chunks a fused path runs ``items`` (rows, images) whose intermediate
     holds ``item_elements`` elements of ``dtype`` each (1: all at once); see CHUNK_BYTES."""
-    total_bytes = items * item_elements * torch.empty((), dtype=dtype).element_size()
+    total_bytes = items * item_elements * dtype.itemsize
     return max(1, min(items, -(-total_bytes // CHUNK_BYTES)))
 
 
