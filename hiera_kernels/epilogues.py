@@ -204,24 +204,30 @@ def chunk_count(items: int, item_elements: int, dtype: torch.dtype) -> int:
     return max(1, min(items, -(-total_bytes // CHUNK_BYTES)))
 
 
+def run_in_chunks(fn, items: int, chunks: int, out: torch.Tensor) -> torch.Tensor:
+    """``out[part] = fn(part)`` for ``chunks`` slices ``part`` of ``out``'s first dim
+    (``items`` long), as even as they come (so none is larger than :func:`chunk_count`
+    allows); returns ``out``."""
+    for i in range(chunks):
+        part = slice(i * items // chunks, (i + 1) * items // chunks)
+        out[part] = fn(part)
+    return out
+
+
 def fused_mlp(fc1: nn.Linear, activation: str, fc2: nn.Linear, x: torch.Tensor,
               residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``fc2(activation(fc1(x)))`` (+ ``residual``) on the fused path, where :func:`fuses`
     said yes for both Linears: x [..., in] in :func:`chunk_count` chunks of rows, each
-    chunk's hidden [rows, hidden] freed before the next."""
+    chunk's hidden [rows, hidden] freed before the next (each chunk's output is copied into
+    the whole one: an extra pass over the [rows, out] output, small beside the hidden's)."""
     x2 = x.reshape(-1, x.shape[-1])
     r2 = None if residual is None else residual.reshape(-1, residual.shape[-1])
+
+    def mlp(rows: slice) -> torch.Tensor:
+        return fused_linear(fc2, fused_linear(fc1, x2[rows], activation), residual=None if r2 is None else r2[rows])
+
     chunks = chunk_count(x2.shape[0], fc1.out_features, x.dtype)
-    if chunks == 1:
-        out = fused_linear(fc2, fused_linear(fc1, x2, activation), residual=r2)
-    else:
-        out = x2.new_empty(x2.shape[0], fc2.out_features)
-        step = -(-x2.shape[0] // chunks)
-        for start in range(0, x2.shape[0], step):
-            rows = slice(start, start + step)
-            hidden = fused_linear(fc1, x2[rows], activation)
-            out[rows] = fused_linear(fc2, hidden, residual=None if r2 is None else r2[rows])
-            del hidden
+    out = mlp(slice(None)) if chunks == 1 else run_in_chunks(mlp, x2.shape[0], chunks, x2.new_empty(x2.shape[0], fc2.out_features))
     return out.view(*x.shape[:-1], fc2.out_features)
 
 

@@ -116,6 +116,15 @@ def test_plain_path_where_fusing_is_not_valid():
         m(x, "relu")
 
 
+def test_run_in_chunks_splits_evenly_within_the_bound():
+    """Chunks as even as they come: the largest is ceil(items / chunks), never more (9
+    images in 4 chunks: 2, 2, 2, 3, not 3, 3, 3)."""
+    sizes = []
+    out = epilogues.run_in_chunks(lambda part: sizes.append(part.stop - part.start) or torch.full((part.stop - part.start,), len(sizes)),
+                                  9, 4, torch.zeros(9))
+    assert sizes == [2, 2, 2, 3] and out.tolist() == [1, 1, 2, 2, 3, 3, 4, 4, 4]
+
+
 def test_chunk_count_bounds_the_intermediate():
     fp32_hidden = 25088 * 384 * 4  # Hiera-B/224 stage-1 MLP at batch 8: 36.75 MiB
     assert epilogues.chunk_count(25088, 384, torch.float32) == -(-fp32_hidden // epilogues.CHUNK_BYTES) == 3
@@ -128,14 +137,14 @@ def test_chunk_count_bounds_the_intermediate():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("residual", [False, True])
 def test_fused_mlp_in_chunks_passes_the_error_rule(monkeypatch, dtype, residual):
-    """fc2(gelu(fc1(x))) (+ residual) in chunks of rows: 4-D input (SAM 2's maps), 7 x 11
-    rows in chunks of at most 24 (the last one short); against the "torch" path and
-    float64 by the shared rule, and against the whole-at-once fused path."""
+    """fc2(gelu(fc1(x))) (+ residual) in chunks of rows: 4-D input (SAM 2's maps), 2 x 7 x
+    10 = 140 rows in 6 uneven chunks (23 or 24 rows; the bound is 24); the chunked and the
+    whole-at-once fused paths each against the "torch" path and float64 by the shared rule."""
     fc1, fc2 = linear(40, 160, dtype=dtype), linear(160, 40, dtype=dtype)
-    x, skip = torch.randn(2, 7, 11, 40).to(dtype), torch.randn(2, 7, 11, 40).to(dtype)
+    x, skip = torch.randn(2, 7, 10, 40).to(dtype), torch.randn(2, 7, 10, 40).to(dtype)
     skip = skip if residual else None
     monkeypatch.setattr(epilogues, "CHUNK_BYTES", 24 * 160 * x.element_size())
-    assert epilogues.chunk_count(154, 160, dtype) == 7
+    assert epilogues.chunk_count(140, 160, dtype) == 6
     with torch.no_grad():
         assert fc1.fuses(x) and fc2.fuses(x, skip)
         chunked = epilogues.fused_mlp(fc1, "gelu", fc2, x, skip)

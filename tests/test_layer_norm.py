@@ -107,13 +107,13 @@ def test_opcheck_gradcheck_and_compile(affine):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)  # float64: gradcheck (test_opcheck_gradcheck_and_compile)
-def test_backward_is_atens_contract(dtype):
+@pytest.mark.parametrize("rows", [37, 400])  # a partial row block; 400 x 100: three chunks of column sums
+def test_backward_is_atens_contract(dtype, rows):
     """The backward op on the forward's mean and rstd: each output where output_mask says,
     an empty [0] tensor elsewhere; the values by the shared rule against ATen's
-    native_layer_norm_backward (the "torch" path) and float64; 37 rows: several row
-    blocks and a partial one; 3-D x."""
-    x, w, b = case(37, 100)
-    x, w, b = x.view(1, 37, 100).to(dtype), w.to(dtype), b.to(dtype)
+    native_layer_norm_backward (the "torch" path) and float64; 3-D x."""
+    x, w, b = case(rows, 100)
+    x, w, b = x.view(1, rows, 100).to(dtype), w.to(dtype), b.to(dtype)
     dy = torch.randn(x.shape).to(dtype)
     _, mean, rstd = op(x, w, b, 1e-6)
     reference = torch.ops.aten.native_layer_norm_backward(
@@ -174,6 +174,9 @@ def test_backward_empty_non_contiguous_opcheck_and_compile():
     _, mean, rstd = op(x, w, b, 1e-6)
     dx, dw, db = backward_op(dy[:0], x[:0], mean[:0], rstd[:0], w, [True] * 3)
     assert dx.shape == (0, 12) and torch.equal(dw, torch.zeros(12)) and torch.equal(db, torch.zeros(12))
+    no_channels = torch.empty(3, 0, requires_grad=True)  # rows but no channels: empty gradients, as ATen
+    op(no_channels, None, None, 1e-6)[0].sum().backward()
+    assert no_channels.grad.shape == (3, 0)
     strided = backward_op(dy.t().contiguous().t(), x.t().contiguous().t(), mean, rstd, w, [True] * 3)
     for s_, c in zip(strided, backward_op(dy, x, mean, rstd, w, [True] * 3)):
         assert torch.equal(s_, c)

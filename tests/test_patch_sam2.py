@@ -268,10 +268,14 @@ def test_patched_trunk_keeps_its_pos_embed():
         model.pos_embed.add_(1.0)  # in place: a new version
         again = model._get_pos_embed((16, 16))
         assert again is not first and torch.equal(again, own((16, 16)))
+        model.pos_embed.data = model.pos_embed.data * 2  # a swapped tensor: compared by value
+        assert torch.equal(model._get_pos_embed((16, 16)), own((16, 16)))
     with torch.inference_mode():
         kept = model._get_pos_embed((16, 16))
         assert kept.is_inference() and model._get_pos_embed((16, 16)) is kept
-    assert not model._get_pos_embed((16, 16)).is_inference()  # built outside inference mode again
+    with torch.no_grad():
+        outside = model._get_pos_embed((16, 16))
+        assert outside is not kept and not outside.is_inference()  # built outside inference mode again
     training = model._get_pos_embed((16, 16))
     assert training.requires_grad and training is not model._get_pos_embed((16, 16))
     training.sum().backward()

@@ -2,8 +2,6 @@
 // cpu_dispatch.cpp. Baseline code only.
 #pragma once
 
-#include <ATen/OpMathType.h>
-#include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
@@ -41,23 +39,6 @@ int choose_cpu_build(int aten_level, const std::vector<bool>& supported);
 // in baseline code). Uninitialised: the kernels write every element before reading it.
 inline std::unique_ptr<unsigned char[]> workspace(int64_t bytes) {
   return std::unique_ptr<unsigned char[]>(new unsigned char[bytes]);
-}
-
-// Column sums of a reduction over rows split into fixed chunks (the kernels' per-chunk
-// partial sums, partials [chunks, n] in the accumulation type), added chunk by chunk in
-// order, so that they do not depend on how many threads ran the chunks: columns [first,
-// first + count) into out [count] of scalar_t, each rounded once.
-template <typename scalar_t>
-void add_up_chunks(const at::Tensor& partials, int64_t first, int64_t count, at::Tensor& out) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t chunks = partials.size(0), n = partials.size(1);
-  const acc_t* partial = partials.const_data_ptr<acc_t>();
-  scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-  for (int64_t k = 0; k < count; ++k) {
-    acc_t total = 0;
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) total += partial[chunk * n + first + k];
-    dst[k] = static_cast<scalar_t>(total);
-  }
 }
 
 inline CpuDtype cpu_dtype(const char* op, at::ScalarType t) {

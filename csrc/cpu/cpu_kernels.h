@@ -48,8 +48,8 @@ constexpr int64_t kKeyBlock = 256;
 // chains); its workspace holds one block and the widened weight and bias.
 constexpr int64_t kLayerNormRows = 8;
 constexpr int64_t layer_norm_workspace(int64_t C) { return (kLayerNormRows + 2) * C; }
-// Its backward walks kLayerNormBackwardRows rows side by side (more spill GCC's registers:
-// 4 rows ran fp32 Hiera-B stage-1 rows 1.4x slower, bf16 ones 1.15x faster); its
+// Its backward walks kLayerNormBackwardRows rows side by side: 2, because with 4 GCC spills
+// the rows' sums (fp32 Hiera-B stage-1 rows ran 1.4x slower; bf16 ones gained 1.15x); its
 // workspace is the widened weight.
 constexpr int64_t kLayerNormBackwardRows = 2;
 constexpr int64_t layer_norm_backward_workspace(int64_t C) { return C; }

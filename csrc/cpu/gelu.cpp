@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <tuple>
 
+#include "column_sums.h"
 #include "cpu_dispatch.h"
 #include "hiera_kernels/tensor_checks.h"
 
@@ -41,19 +42,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_recompute_backward_cpu(const
   // number of threads).
   const at::ScalarType acc = dtype == CpuDtype::kFloat64 ? at::kDouble : at::kFloat;
   at::Tensor partials = at::empty({bias_grad ? chunks : 0, width}, h.options().dtype(acc));
-  if (rows > 0) {
-    const void* g = grad_out.const_data_ptr();
-    const void* x = h.const_data_ptr();
-    void* o = out.mutable_data_ptr();
-    void* gh = grad_h.mutable_data_ptr();
-    unsigned char* partial = bias_grad ? static_cast<unsigned char*>(partials.mutable_data_ptr()) : nullptr;
-    const CpuKernels& kernels = cpu_kernels();
+  const auto* g = static_cast<const unsigned char*>(grad_out.const_data_ptr());
+  const auto* x = static_cast<const unsigned char*>(h.const_data_ptr());
+  auto* o = static_cast<unsigned char*>(out.mutable_data_ptr());
+  auto* gh = static_cast<unsigned char*>(grad_h.mutable_data_ptr());
+  const CpuKernels& kernels = cpu_kernels();
+  if (bias_grad && rows > 0) {
+    unsigned char* partial = static_cast<unsigned char*>(partials.mutable_data_ptr());
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t chunk = begin; chunk < end; ++chunk) {
         const int64_t first = chunk * rows_per_chunk, last = std::min(rows, first + rows_per_chunk);
-        void* sums = partial == nullptr ? nullptr : partial + chunk * partials.stride(0) * partials.element_size();
+        void* sums = partial + chunk * partials.stride(0) * partials.element_size();
         kernels.gelu_recompute_backward(dtype, g, x, o, gh, width, sums, first, last);
       }
+    });
+  } else if (!bias_grad && h.numel() > 0) {
+    // No column sums: any split of the elements will do (a range is one "row" of its own
+    // length), so a few wide rows or a 1-D h still use every thread.
+    const int64_t size = h.element_size();
+    at::parallel_for(0, h.numel(), kGeluGrain, [&](int64_t begin, int64_t end) {
+      const int64_t at = begin * size;
+      kernels.gelu_recompute_backward(dtype, g + at, x + at, o + at, gh + at, end - begin, nullptr, 0, 1);
     });
   }
   at::Tensor grad_bias = at::empty({bias_grad ? width : 0}, h.options());

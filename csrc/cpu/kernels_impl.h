@@ -178,6 +178,13 @@ inline U32Vec bf16_rounded(FloatVec x) {
   return (nan & ((u | 0x400000u) & 0xFFFF0000u)) | (~nan & rounded);
 }
 
+// The vector conversions of every bfloat16 path: kLanes bfloat16 bits, one per 32-bit lane
+// (the low half); kLanes fp32 rounded to bfloat16 bits (bf16_rounded).
+inline U32Vec widen_bits(const c10::BFloat16* p) {
+  return __builtin_convertvector(*reinterpret_cast<const U16HalfVec*>(p), U32Vec);
+}
+inline U16HalfVec narrowed_bits(FloatVec v) { return __builtin_convertvector(bf16_rounded(v) >> 16, U16HalfVec); }
+
 // The sum of a vector's lanes, pairwise in registers: the upper half added onto the
 // lower, log2(kLanes) times (GCC extracts the halves; its _mm512_reduce_add_* and
 // 512-bit extract intrinsics warn of their own undefined-register idiom).
@@ -212,8 +219,7 @@ inline void load_as_acc(const scalar_t* src, acc_t* dst, int64_t n) {
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
     using S = Simd<float>;
     for (; k + S::kLanes <= n; k += S::kLanes) {
-      const U32Vec bits = __builtin_convertvector(*reinterpret_cast<const U16HalfVec*>(src + k), U32Vec) << 16;
-      S::store(dst + k, (FloatVec)bits);
+      S::store(dst + k, (FloatVec)(widen_bits(src + k) << 16));
     }
   }
 #if HK_CPU_F16C
@@ -602,12 +608,7 @@ struct WidenedForward {
 // pair with a zero. Copies of bf16 inputs are exact; fp32 tiles are rounded to nearest.
 using bf16 = c10::BFloat16;
 inline uint32_t* as_pairs(float* tile) { return reinterpret_cast<uint32_t*>(tile); }
-inline U32Vec widen_bits(const bf16* p) {  // kLanes bfloat16 bits, one per 32-bit lane
-  return __builtin_convertvector(*reinterpret_cast<const U16HalfVec*>(p), U32Vec);
-}
-inline U16HalfVec rounded_bits(const float* p) {  // kLanes fp32 rounded to bfloat16 bits
-  return __builtin_convertvector(bf16_rounded(Simd<float>::load(p)) >> 16, U16HalfVec);
-}
+inline U16HalfVec rounded_bits(const float* p) { return narrowed_bits(Simd<float>::load(p)); }
 
 // Rows [j0, j0 + n) of k or v (which) of (b, h, w), pairs along the head dim (an A
 // operand): [n, hd_pairs], a plain copy.
@@ -1183,7 +1184,7 @@ inline void store_from_acc(const acc_t* src, scalar_t* dst, int64_t n) {
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     using S = Simd<float>;
     for (; k + S::kLanes <= n; k += S::kLanes) {
-      *reinterpret_cast<U16HalfVec*>(dst + k) = __builtin_convertvector(bf16_rounded(S::load(src + k)) >> 16, U16HalfVec);
+      *reinterpret_cast<U16HalfVec*>(dst + k) = narrowed_bits(S::load(src + k));
     }
   }
 #if HK_CPU_F16C
@@ -1265,7 +1266,7 @@ inline typename Simd<acc_t>::Vec load_widened(const scalar_t* src) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return Simd<acc_t>::load(src);
   } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
-    return (FloatVec)(__builtin_convertvector(*reinterpret_cast<const U16HalfVec*>(src), U32Vec) << 16);
+    return (FloatVec)(widen_bits(src) << 16);
   } else {
     acc_t lanes[Simd<acc_t>::kLanes];
     load_as_acc(src, lanes, Simd<acc_t>::kLanes);
@@ -1278,7 +1279,7 @@ inline void store_narrowed(typename Simd<acc_t>::Vec v, scalar_t* dst) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     Simd<acc_t>::store(dst, v);
   } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
-    *reinterpret_cast<U16HalfVec*>(dst) = __builtin_convertvector(bf16_rounded(v) >> 16, U16HalfVec);
+    *reinterpret_cast<U16HalfVec*>(dst) = narrowed_bits(v);
   } else {
     acc_t lanes[Simd<acc_t>::kLanes];
     Simd<acc_t>::store(lanes, v);

@@ -4,6 +4,7 @@
 // those mean and rstd. The rows are the chosen build's layer_norm and
 // layer_norm_backward (cpu_kernels.h).
 #include <ATen/Dispatch.h>
+#include <c10/util/accumulate.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -18,6 +19,7 @@
 #include <utility>
 #include <vector>
 
+#include "column_sums.h"
 #include "cpu_dispatch.h"
 #include "hiera_kernels/tensor_checks.h"
 
@@ -88,11 +90,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(const at:
   check_same_device(op, "grad_y", grad_y_in, "x", x_in);
   check_dtype(op, "grad_y", grad_y_in, x_in.scalar_type(), " (like x)");
   check_shape(op, "grad_y", grad_y_in, x_in.sizes());
-  const int64_t C = x_in.size(-1), rows = C == 0 ? 0 : x_in.numel() / C;
+  // rows: x's leading dims (the forward's mean and rstd count); with no channels there is
+  // nothing to walk.
+  const int64_t C = x_in.size(-1);
+  const int64_t x_rows = c10::multiply_integers(x_in.sizes().begin(), x_in.sizes().end() - 1);
+  const int64_t rows = C == 0 ? 0 : x_rows;
   for (const auto& [name, stat] : {std::pair<const char*, const at::Tensor&>{"mean", mean_in}, {"rstd", rstd_in}}) {
     check_same_device(op, name, stat, "x", x_in);
     check_dtype(op, name, stat, x_in.scalar_type(), " (like x: the forward's)");
-    TORCH_CHECK(stat.numel() == rows, op, ": ", name, " must have one value per row of x (", rows, "), got ",
+    TORCH_CHECK(stat.numel() == x_rows, op, ": ", name, " must have one value per row of x (", x_rows, "), got ",
                 stat.numel());
   }
   at::Tensor w;

@@ -63,7 +63,8 @@ def patch_embed_forward(self, x: torch.Tensor) -> torch.Tensor:
     return type(self).forward(self, patch_conv_input(x, backend_of(self)))
 
 
-# Trunk -> (key, its pos embed [1, H, W, C]); weak keys: the entry goes with its trunk.
+# Trunk -> (key, copies of its two pos-embed parameters, its pos embed [1, H, W, C]);
+# weak keys: the entry goes with its trunk.
 _POS_EMBEDS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
@@ -71,27 +72,28 @@ def pos_embed(self, hw: Tuple[int, int]) -> torch.Tensor:
     """The trunk's own ``_get_pos_embed(hw)``, kept between calls: SAM 2 upsamples its
     pos_embed bicubically to the feature map and adds the tiled window embedding on every
     forward (Hiera-T at 1024 x 1024: a [1, 256, 256, 96] map, ~30 ms on 2 CPU cores). The
-    kept map is recomputed when ``hw``, either parameter (object, data, in-place version,
-    dtype, device) or inference mode changes; it is not kept where its gradient may be
-    needed (grad mode on and a parameter requiring it), under ``torch.compile`` or on the
-    ``"torch"`` backend (the plain oracle). ``unpatch`` drops it."""
+    kept map is recomputed when ``hw``, inference mode or either parameter's dtype, device
+    or values change (the values compared with copies of the small parameters: [1, C, 7,
+    7] and [1, C, 8, 8] for Hiera-T, so no in-place update, reload or swapped tensor can
+    leave it stale); it is not kept where its gradient may be needed (grad mode on and a
+    parameter requiring it), under ``torch.compile`` or on the ``"torch"`` backend (the
+    plain oracle). Every call gets the same tensor: SAM 2 only adds it. ``unpatch`` drops it."""
     params = (self.pos_embed, self.pos_embed_window)
     if (torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params))
             or (backend_of(self) or backends.get_backend()) == "torch"):
         return type(self)._get_pos_embed(self, hw)
-    key = (tuple(hw), torch.is_inference_mode_enabled(),
-           tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape)) for p in params))
+    key = (tuple(hw), torch.is_inference_mode_enabled(), tuple((p.dtype, p.device, tuple(p.shape)) for p in params))
     cached = _POS_EMBEDS.get(self)
-    if cached is None or cached[0] != key:
-        cached = (key, type(self)._get_pos_embed(self, hw))
+    if cached is None or cached[0] != key or not all(torch.equal(p, kept) for p, kept in zip(params, cached[1])):
+        with torch.no_grad():
+            cached = (key, tuple(p.detach().clone() for p in params), type(self)._get_pos_embed(self, hw))
         _POS_EMBEDS[self] = cached
-    return cached[1]
+    return cached[2]
 
 
 def forget(module: nn.Module) -> None:
-    """Drop the kept pos embeds of ``module``'s trunks (``unpatch``)."""
-    for m in module.modules():
-        _POS_EMBEDS.pop(m, None)
+    """Drop the kept pos embed of ``module`` if it is a patched trunk (``unpatch``)."""
+    _POS_EMBEDS.pop(module, None)
 
 
 def pool_stride(pool: Optional[nn.Module], path: str) -> int:

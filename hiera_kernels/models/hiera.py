@@ -130,18 +130,17 @@ class MaskUnitAttention(UsesBackend):
         chunks = epilogues.chunk_count(B, N * 3 * self.dim_out, x.dtype) if self.qkv.fuses(x) else 1
         if chunks == 1:
             return self.attend(self.qkv(x), residual)
-        out = x.new_empty(B, N // self.q_stride, self.dim_out)
-        step = -(-B // chunks)
-        for start in range(0, B, step):
-            images = slice(start, start + step)
-            out[images] = ops.mask_unit_attention(self.qkv(x[images]), self.heads, self.q_stride, self.window_size,
-                                                  self.use_mask_unit_attn, backend=self.backend)
+        out = epilogues.run_in_chunks(lambda images: self.attention(self.qkv(x[images])), B, chunks,
+                                      x.new_empty(B, N // self.q_stride, self.dim_out))
         return self.proj(out, residual=residual)
+
+    def attention(self, qkv: torch.Tensor) -> torch.Tensor:
+        """The qkv Linear's output [B, N, 3 * dim_out] -> the attention's [B, N // q_stride, dim_out]."""
+        return ops.mask_unit_attention(qkv, self.heads, self.q_stride, self.window_size, self.use_mask_unit_attn, backend=self.backend)
 
     def attend(self, qkv: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """:meth:`forward` from the qkv Linear's output [B, N, 3 * dim_out] on."""
-        out = ops.mask_unit_attention(qkv, self.heads, self.q_stride, self.window_size, self.use_mask_unit_attn, backend=self.backend)
-        return self.proj(out, residual=residual)
+        return self.proj(self.attention(qkv), residual=residual)
 
 
 class HieraBlock(UsesBackend):
