@@ -171,3 +171,17 @@ def run(model, x, fn, backward=True):
     grads = {"input": x.grad}
     grads.update({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     return [o.detach() for o in outs], grads
+
+
+def check_patch_conv_runs_channels_last(model, x):
+    """A patched model's ``patch_embed`` runs its own forward on a channels-last image (on
+    CPU, kernel backends): its output comes out contiguous; unpatched and on "torch" it
+    stays the transposed NCHW conv output; unpatch unbinds it."""
+    assert not model.patch_embed(x).is_contiguous()
+    hk.patch(model, backend="torch")
+    assert not model.patch_embed(x).is_contiguous()
+    hk.unpatch(model)
+    hk.patch(model)
+    assert model.patch_embed(x).is_contiguous()
+    hk.unpatch(model)
+    assert "forward" not in vars(model.patch_embed)

@@ -19,7 +19,7 @@ import torch.nn as nn
 import hiera_kernels as hk
 from hiera_kernels.error_rule import judge
 
-from helpers import run, tensors
+from helpers import check_patch_conv_runs_channels_last, run, tensors
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -158,18 +158,8 @@ def test_torch_backend_by_name():
 @pytest.mark.parametrize("build", [lambda: official.hiera_tiny_224(input_size=(64, 64)),
                                    lambda: timm.create_model("hiera_tiny_224", img_size=64)], ids=["official", "timm"])
 def test_patched_patch_conv_runs_channels_last_on_cpu(build):
-    """A patched model's PatchEmbed runs its own forward on a channels-last image (on CPU,
-    kernel backends): its tokens come out contiguous; unpatched and on "torch" they stay
-    the transposed NCHW map. (Values: test_patched_equals_unpatched.)"""
-    model, x = build(), torch.randn(IMAGE)
-    assert not model.patch_embed(x).is_contiguous()
-    hk.patch(model, backend="torch")
-    assert not model.patch_embed(x).is_contiguous()
-    hk.unpatch(model)
-    hk.patch(model)
-    assert model.patch_embed(x).is_contiguous()
-    hk.unpatch(model)
-    assert "forward" not in vars(model.patch_embed)
+    """(Values: test_patched_equals_unpatched.)"""
+    check_patch_conv_runs_channels_last(build(), torch.randn(IMAGE))
 
 
 def _forward_counts(model):

@@ -26,7 +26,7 @@ from hiera_kernels import epilogues
 from hiera_kernels.adapters import sam2_hieradet as sam2_adapter
 from hiera_kernels.error_rule import judge
 
-from helpers import run, tensors
+from helpers import check_patch_conv_runs_channels_last, run, tensors
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -239,18 +239,8 @@ def test_autocast_bf16_and_compile():
 
 
 def test_patched_patch_conv_runs_channels_last_on_cpu():
-    """The patched trunk's PatchEmbed runs its own forward on a channels-last image (CPU,
-    kernel backends): the [B, H, W, C] map comes out contiguous; unpatched and on "torch"
-    it stays the permuted NCHW conv output. (Values: test_sam2_trunk_patched_equals_unpatched.)"""
-    model, x = trunk("T"), torch.randn(1, 3, 64, 64)
-    assert not model.patch_embed(x).is_contiguous()
-    hk.patch(model, backend="torch")
-    assert not model.patch_embed(x).is_contiguous()
-    hk.unpatch(model)
-    hk.patch(model)
-    assert model.patch_embed(x).is_contiguous()
-    hk.unpatch(model)
-    assert "forward" not in vars(model.patch_embed)
+    """(Values: test_sam2_trunk_patched_equals_unpatched.)"""
+    check_patch_conv_runs_channels_last(trunk("T"), torch.randn(1, 3, 64, 64))
 
 
 def test_patched_trunk_keeps_its_pos_embed():
