@@ -233,6 +233,28 @@ inline void load_as_acc(const scalar_t* src, acc_t* dst, int64_t n) {
   for (; k < n; ++k) dst[k] = static_cast<acc_t>(src[k]);
 }
 
+// Narrow n accumulation-type values to scalar_t (round to nearest even); bfloat16 in
+// whole vectors (c10's scalar conversion does not vectorise), fp16 through F16C.
+template <typename scalar_t, typename acc_t>
+inline void store_from_acc(const acc_t* src, scalar_t* dst, int64_t n) {
+  int64_t k = 0;
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    using S = Simd<float>;
+    for (; k + S::kLanes <= n; k += S::kLanes) {
+      *reinterpret_cast<U16HalfVec*>(dst + k) = narrowed_bits(S::load(src + k));
+    }
+  }
+#if HK_CPU_F16C
+  if constexpr (std::is_same_v<scalar_t, c10::Half> && std::is_same_v<acc_t, float>) {
+    for (; k + 8 <= n; k += 8) {
+      const __m128i half = _mm256_cvtps_ph(_mm256_loadu_ps(src + k), _MM_FROUND_TO_NEAREST_INT);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + k), half);
+    }
+  }
+#endif
+  for (; k < n; ++k) dst[k] = static_cast<scalar_t>(src[k]);
+}
+
 constexpr int64_t kPoolRowBlock = 256;  // elements per call: the accumulators stay in L1
 
 // The max over rows, shared by query_pool and both attentions: best[k] = max over s <
@@ -275,8 +297,7 @@ void query_pool_typed(const scalar_t* src, scalar_t* dst, uint8_t* arg, int64_t 
       acc_t best[kPoolRowBlock];
       max_over_rows<scalar_t>([&](int64_t s) { return in + k0 + s * slab; }, stride, n, best, arg + b * slab + k0,
                               [](acc_t c, acc_t best) { return pool_takes(c, best); });
-      scalar_t* out_block = dst + b * slab + k0;
-      for (int64_t k = 0; k < n; ++k) out_block[k] = static_cast<scalar_t>(best[k]);
+      store_from_acc(best, dst + b * slab + k0, n);
     }
     begin += j1 - j0;
   }
@@ -485,7 +506,7 @@ void load_rows(const Layout& L, const scalar_t* qkv, const scalar_t* pad, int wh
     const scalar_t* src =
         row_or_pad(qkv, pad, L.key_offset(b, which, h, j0 + j, w), which, L.dim, h, L.head_dim);
     acc_t* dst = rows + j * hd_pad;
-    for (int64_t d = 0; d < L.head_dim; ++d) dst[d] = static_cast<acc_t>(src[d]);
+    load_as_acc(src, dst, L.head_dim);
     std::fill(dst + L.head_dim, dst + hd_pad, acc_t(0));
   }
 }
@@ -762,8 +783,9 @@ void forward_task(const Layout& L, const scalar_t* qkv, const scalar_t* pad, sca
     const int64_t out_offset = L.out_offset(b, h, i0 + i, w);
     if (out_offset < 0) continue;  // cropped
     const acc_t inv = acc_t(1) / t.col_sum[i];
-    scalar_t* dst = out + out_offset;
-    for (int64_t d = 0; d < hd; ++d) dst[d] = static_cast<scalar_t>(t.o[i * hdp + d] * inv);
+    acc_t* row = t.o + i * hdp;
+    for (int64_t d = 0; d < hd; ++d) row[d] *= inv;
+    store_from_acc(row, out + out_offset, hd);  // vector rounding (c10's scalar one does not vectorise)
   }
 }
 
@@ -1058,8 +1080,7 @@ void backward_task(const Layout& L, const scalar_t* grad_out, const scalar_t* qk
           for (int64_t d = 0; d < hd; ++d) sum[d] += grad[d];
           continue;
         }
-        scalar_t* dst = grad_qkv + offset;
-        for (int64_t d = 0; d < hd; ++d) dst[d] = static_cast<scalar_t>(grad[d]);
+        store_from_acc(grad, grad_qkv + offset, hd);
       }
     }
   }
@@ -1069,13 +1090,16 @@ void backward_task(const Layout& L, const scalar_t* grad_out, const scalar_t* qk
   for (int64_t i = 0; i < nq; ++i) {
     const int64_t out_offset = L.out_offset(b, h, i, w);
     if (out_offset < 0) continue;
-    const uint8_t* arg = count > 1 ? argmax + out_offset : nullptr;
+    acc_t* dq = t.dq + i * hdp;
+    for (int64_t d = 0; d < hd; ++d) dq[d] *= scale;
+    if (count == 1) {  // no pooling: the row is the query's
+      store_from_acc(dq, grad_qkv + L.candidate_offset(b, h, i, w, 0), hd);
+      continue;
+    }
+    const uint8_t* arg = argmax + out_offset;
     for (int64_t c = 0; c < count; ++c) {
       scalar_t* row = grad_qkv + L.candidate_offset(b, h, i, w, c);
-      for (int64_t d = 0; d < hd; ++d) {
-        const bool chosen = arg == nullptr || arg[d] == c;
-        row[d] = static_cast<scalar_t>(chosen ? t.dq[i * hdp + d] * scale : acc_t(0));
-      }
+      for (int64_t d = 0; d < hd; ++d) row[d] = static_cast<scalar_t>(arg[d] == c ? dq[d] : acc_t(0));
     }
   }
 }
@@ -1174,28 +1198,6 @@ inline void row_sums(const acc_t* rows, int64_t C, const acc_t* shift, acc_t* ou
     }
     out[i] = sum;
   }
-}
-
-// Narrow n accumulation-type values to scalar_t (round to nearest even); bfloat16 in
-// whole vectors (c10's scalar conversion does not vectorise), fp16 through F16C.
-template <typename scalar_t, typename acc_t>
-inline void store_from_acc(const acc_t* src, scalar_t* dst, int64_t n) {
-  int64_t k = 0;
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    using S = Simd<float>;
-    for (; k + S::kLanes <= n; k += S::kLanes) {
-      *reinterpret_cast<U16HalfVec*>(dst + k) = narrowed_bits(S::load(src + k));
-    }
-  }
-#if HK_CPU_F16C
-  if constexpr (std::is_same_v<scalar_t, c10::Half> && std::is_same_v<acc_t, float>) {
-    for (; k + 8 <= n; k += 8) {
-      const __m128i half = _mm256_cvtps_ph(_mm256_loadu_ps(src + k), _MM_FROUND_TO_NEAREST_INT);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + k), half);
-    }
-  }
-#endif
-  for (; k < n; ++k) dst[k] = static_cast<scalar_t>(src[k]);
 }
 
 template <typename scalar_t>
