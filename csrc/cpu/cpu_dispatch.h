@@ -51,4 +51,10 @@ inline CpuDtype cpu_dtype(const char* op, at::ScalarType t) {
   }
 }
 
+// The kernels' accumulation type for a dtype (kernels_impl.h's acc_type): float64 for
+// float64, float32 otherwise.
+inline at::ScalarType accumulation_type(CpuDtype dtype) {
+  return dtype == CpuDtype::kFloat64 ? at::kDouble : at::kFloat;
+}
+
 }  // namespace hiera_kernels

@@ -36,25 +36,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_recompute_backward_cpu(const
   at::Tensor out = at::empty(h.sizes(), h.options());
   at::Tensor grad_h = at::empty(h.sizes(), h.options());
   const int64_t width = h.dim() == 0 ? 1 : h.size(-1), rows = width == 0 ? 0 : h.numel() / width;
-  const int64_t rows_per_chunk = std::max<int64_t>(1, kGeluGrain / std::max<int64_t>(width, 1));
-  const int64_t chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
   // Each chunk's column sums of grad_h, added up in order below (the same bits on any
   // number of threads).
-  const at::ScalarType acc = dtype == CpuDtype::kFloat64 ? at::kDouble : at::kFloat;
-  at::Tensor partials = at::empty({bias_grad ? chunks : 0, width}, h.options().dtype(acc));
+  const RowChunks chunks(rows, width, kGeluGrain);
+  at::Tensor partials = chunks.partials(bias_grad ? width : 0, dtype, h.options());
   const auto* g = static_cast<const unsigned char*>(grad_out.const_data_ptr());
   const auto* x = static_cast<const unsigned char*>(h.const_data_ptr());
   auto* o = static_cast<unsigned char*>(out.mutable_data_ptr());
   auto* gh = static_cast<unsigned char*>(grad_h.mutable_data_ptr());
   const CpuKernels& kernels = cpu_kernels();
   if (bias_grad && rows > 0) {
-    unsigned char* partial = static_cast<unsigned char*>(partials.mutable_data_ptr());
-    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t chunk = begin; chunk < end; ++chunk) {
-        const int64_t first = chunk * rows_per_chunk, last = std::min(rows, first + rows_per_chunk);
-        void* sums = partial + chunk * partials.stride(0) * partials.element_size();
-        kernels.gelu_recompute_backward(dtype, g, x, o, gh, width, sums, first, last);
-      }
+    chunks.run(partials, 0, [&](int64_t first, int64_t last, void* sums, void*) {
+      kernels.gelu_recompute_backward(dtype, g, x, o, gh, width, sums, first, last);
     });
   } else if (!bias_grad && h.numel() > 0) {
     // No column sums: any split of the elements will do (a range is one "row" of its own

@@ -63,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cpu(const at::Tensor& 
     rstd.fill_(std::numeric_limits<double>::quiet_NaN());
     return {y, mean, rstd};
   }
-  const int64_t bytes = layer_norm_workspace(C) * (dtype == CpuDtype::kFloat64 ? 8 : 4);
+  const int64_t bytes = layer_norm_workspace(C) * c10::elementSize(accumulation_type(dtype));
   const void* src = x.const_data_ptr();
   void* dst = y.mutable_data_ptr();
   void* m = mean.mutable_data_ptr();
@@ -106,36 +106,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(const at:
   const at::Tensor x = x_in.contiguous(), grad_y = grad_y_in.contiguous();
   const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
   at::Tensor grad_x = output_mask[0] ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
-  const at::ScalarType acc = dtype == CpuDtype::kFloat64 ? at::kDouble : at::kFloat;
-  const int64_t rows_per_chunk = std::max<int64_t>(1, kLayerNormGrain / std::max<int64_t>(C, 1));
-  const int64_t chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
   // Each chunk's column sums, computed whatever the mask says (see the kernel).
-  at::Tensor partials = at::empty({chunks, 2, C}, x.options().dtype(acc));
+  const RowChunks chunks(rows, C, kLayerNormGrain);
+  at::Tensor partials = chunks.partials(2 * C, dtype, x.options());
   if (rows > 0) {
-    const int64_t bytes = layer_norm_backward_workspace(C) * (dtype == CpuDtype::kFloat64 ? 8 : 4);
+    const int64_t bytes = layer_norm_backward_workspace(C) * c10::elementSize(accumulation_type(dtype));
     const void* dy = grad_y.const_data_ptr();
     const void* src = x.const_data_ptr();
     const void* m = mean.const_data_ptr();
     const void* r = rstd.const_data_ptr();
-    unsigned char* dx = output_mask[0] ? static_cast<unsigned char*>(grad_x.mutable_data_ptr()) : nullptr;
-    unsigned char* partial = static_cast<unsigned char*>(partials.mutable_data_ptr());
+    void* dx = output_mask[0] ? grad_x.mutable_data_ptr() : nullptr;
     const CpuKernels& kernels = cpu_kernels();
-    // One chunk per task, of a fixed number of rows: each writes its own column sums.
-    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-      const auto scratch = workspace(bytes);
-      for (int64_t chunk = begin; chunk < end; ++chunk) {
-        const int64_t first = chunk * rows_per_chunk, last = std::min(rows, first + rows_per_chunk);
-        void* chunk_sums = partial + chunk * partials.stride(0) * partials.element_size();
-        kernels.layer_norm_backward(dtype, dy, src, m, r, w_ptr, C, dx, chunk_sums, first, last, scratch.get());
-      }
+    chunks.run(partials, bytes, [&](int64_t first, int64_t last, void* sums, void* scratch) {
+      kernels.layer_norm_backward(dtype, dy, src, m, r, w_ptr, C, dx, sums, first, last, scratch);
     });
   }
   at::Tensor grad_weight = at::empty({output_mask[1] ? C : 0}, x.options());
   at::Tensor grad_bias = at::empty({output_mask[2] ? C : 0}, x.options());
-  const at::Tensor sums = partials.view({chunks, 2 * C});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
-    if (output_mask[1]) add_up_chunks<scalar_t>(sums, 0, C, grad_weight);
-    if (output_mask[2]) add_up_chunks<scalar_t>(sums, C, C, grad_bias);
+    if (output_mask[1]) add_up_chunks<scalar_t>(partials, 0, C, grad_weight);
+    if (output_mask[2]) add_up_chunks<scalar_t>(partials, C, C, grad_bias);
   });
   return {grad_x, grad_weight, grad_bias};
 }
