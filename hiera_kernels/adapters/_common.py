@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from .. import epilogues, ops, recompute
 from ..layer_norm import layer_norm
+from ..models.hiera import patch_conv_input
 
 RECORD = "_hiera_kernels_patch"
 
@@ -53,6 +54,13 @@ class Rule:
 def backend_of(module: nn.Module) -> Optional[str]:
     """The backend a patched module's ops run on."""
     return getattr(module, RECORD).backend
+
+
+def patch_embed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A patch embedding's own forward (official's and timm's take a mask, SAM 2's does
+    not) on :func:`patch_conv_input`'s image: channels-last on CPU, so the conv writes
+    NHWC and the tokens or map it returns are contiguous."""
+    return type(self).forward(self, patch_conv_input(x, backend_of(self)), *args, **kwargs)
 
 
 def find(model: nn.Module, rules: Sequence[Rule], family: str) -> List[Binding]:

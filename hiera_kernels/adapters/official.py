@@ -28,17 +28,11 @@ import torch.nn as nn
 
 from .. import ops, recompute
 from ..layer_norm import layer_norm
-from ..models.hiera import patch_conv_input
 from ..models.hiera_mae import MaskedAutoencoderHiera as GraphSafeMAE
-from ._common import (Binding, Rule, attend, attention, backend_of, check_attention, check_geometry, find, mlp_branch, pool,
-                      timm_mlp_parts)
+from ._common import (Binding, Rule, attend, attention, backend_of, check_attention, check_geometry, find, mlp_branch,
+                      patch_embed_forward, pool, timm_mlp_parts)
 
 NAME = "official hiera"
-
-
-def patch_embed_forward(self, x: torch.Tensor, mask: torch.Tensor = None) -> torch.Tensor:
-    """The class's own forward on :func:`patch_conv_input`'s image (channels-last on CPU)."""
-    return type(self).forward(self, patch_conv_input(x, backend_of(self)), mask)
 
 
 def unroll_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,8 @@ it (``timm.models.hieradet_sam2``: ``sam2_hiera_*``, ``hieradet_small``) shares,
 The trunk works on channels-last maps [B, H, W, C]; its token ops are all in
 ``MultiScaleBlock.forward`` and ``MultiScaleAttention.forward``, so those two are bound,
 its ``PatchEmbed.forward`` (sam2.modeling.backbones.utils) runs its own code on a
-channels-last image on CPU (:func:`~hiera_kernels.models.hiera.patch_conv_input`: the conv
-writes NHWC, so the map it returns, and the pos-embed sum after it, are contiguous), and
+channels-last image on CPU (:func:`._common.patch_embed_forward`: the conv writes NHWC,
+so the map it returns, and the pos-embed sum after it, are contiguous), and
 the trunk's ``_get_pos_embed`` keeps its result between calls (:func:`pos_embed`):
 
 =============================  =========================================================
@@ -42,8 +42,7 @@ import torch.nn as nn
 
 from .. import backends, epilogues, ops, recompute
 from ..layer_norm import layer_norm
-from ..models.hiera import patch_conv_input
-from ._common import Binding, Rule, backend_of, find, inactive
+from ._common import Binding, Rule, backend_of, find, inactive, patch_embed_forward
 
 NAME = "sam2"
 MODULE = "sam2.modeling.backbones.hieradet"
@@ -56,11 +55,6 @@ def _linear(linear: nn.Linear, x: torch.Tensor, backend: Optional[str], residual
     if epilogues.fuses(linear, x, residual, backend):
         return epilogues.fused_linear(linear, x, residual=residual)
     return linear(x) if residual is None else residual + linear(x)
-
-
-def patch_embed_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """The class's own forward on :func:`patch_conv_input`'s image (channels-last on CPU)."""
-    return type(self).forward(self, patch_conv_input(x, backend_of(self)))
 
 
 # Trunk -> (key, copies of its two pos-embed parameters, its pos embed [1, H, W, C]);

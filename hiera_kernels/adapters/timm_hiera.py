@@ -26,7 +26,7 @@ import torch.nn as nn
 from .. import recompute
 from ..layer_norm import layer_norm
 from . import official, sam2_hieradet
-from ._common import Binding, Rule, backend_of, find, mlp_branch, pool, timm_mlp_parts
+from ._common import Binding, Rule, backend_of, find, mlp_branch, patch_embed_forward, pool, timm_mlp_parts
 
 NAME = "timm"
 MODULE = "timm.models.hiera"
@@ -71,7 +71,7 @@ RULES = (
     Rule(MODULE, "Reroll", "forward", official.reroll_forward, official._check_reroll),
     Rule(MODULE, "MaskUnitAttention", "forward", official.attention_forward, official._check_attention),
     Rule(MODULE, "HieraBlock", "forward", block_forward),
-    Rule(MODULE, "PatchEmbed", "forward", official.patch_embed_forward),
+    Rule(MODULE, "PatchEmbed", "forward", patch_embed_forward),
     Rule(SAM2_MODULE, "MultiScaleAttention", "forward", sam2_hieradet.attention_forward, sam2_hieradet.check_attention),
     Rule(SAM2_MODULE, "MultiScaleBlock", "forward", sam2_block_forward, _check_sam2_block),
 )
