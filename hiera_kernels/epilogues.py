@@ -31,6 +31,12 @@ class it must not change.
 that path in chunks of rows, so that fc1's output never exceeds :data:`CHUNK_BYTES`; the
 drop-in attention runs its qkv Linear and attention in chunks of images by the same rule
 (:func:`chunk_count`).
+
+Training keeps the epilogues where the weight is read as it is (it changes every step, so
+nothing is packed): :func:`linear_in_epilogue` in the forwards of
+:mod:`hiera_kernels.recompute`'s ops, and the op ``hiera_kernels::linear_residual(x,
+weight, bias, residual)`` (``residual + linear(x)``, with its own backward) for the
+drop-in attention's proj with the block's skip connection (:meth:`Linear.forward`).
 """
 
 from __future__ import annotations
@@ -44,10 +50,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import backends
+from .library import NAMESPACE
 
 # Backends whose Linears run the fused path (where it is valid); "torch" is the oracle.
 FUSING_BACKENDS = ("cpu", "auto")
 DTYPES = (torch.float32, torch.bfloat16)
+# Training's epilogues (linear_in_epilogue, linear_residual): bfloat16 only. In float32
+# they would replace ATen's GEMM (MKL's sgemm; oneDNN runs ATen's bfloat16 GEMMs anyway)
+# and so the sums' order: legitimate, but then a max-pool whose window holds a near-tie
+# can pick another argmax and route a whole gradient elsewhere, so float32 training would
+# lose its bit-for-bit agreement with the official model (tests/test_models.py).
+TRAINING_DTYPES = (torch.bfloat16,)
 # Linear.forward's activation -> oneDNN post-op (attr, algorithm); GELU exact or tanh, as nn.GELU's approximate.
 POST_OPS = {"none": ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
 
@@ -87,11 +100,17 @@ def _probe() -> Optional[str]:
                         return (f"probe mismatch: mkldnn._linear_pointwise(attr={attr!r}, algorithm={algorithm!r}) in "
                                 f"{dtype} differs from F.linear by {(got.float() - want).abs().max().item():.3g}")
                 r = torch.randn(2, 3, 8, generator=gen)
-                got = mkldnn._linear_pointwise.binary(xd, r.to(dtype), packed, bd, "add")
-                want = F.linear(x, w, b) + r
-                if not torch.allclose(got.float(), want, atol=tol, rtol=tol):
-                    return (f"probe mismatch: mkldnn._linear_pointwise.binary(attr='add') in {dtype} differs from "
-                            f"F.linear + residual by {(got.float() - want).abs().max().item():.3g}")
+                # The packed weight (inference) and the weight as it is (training's linear_in_epilogue).
+                for weight, layout in ((packed, "packed"), (wd, "plain")):
+                    got = mkldnn._linear_pointwise.binary(xd, r.to(dtype), weight, bd, "add")
+                    want = F.linear(x, w, b) + r
+                    if not torch.allclose(got.float(), want, atol=tol, rtol=tol):
+                        return (f"probe mismatch: mkldnn._linear_pointwise.binary(attr='add') with a {layout} weight in "
+                                f"{dtype} differs from F.linear + residual by {(got.float() - want).abs().max().item():.3g}")
+                got = linear(xd, wd, bd, "none", [], "")
+                if not torch.allclose(got.float(), F.linear(x, w, b), atol=tol, rtol=tol):
+                    return (f"probe mismatch: mkldnn._linear_pointwise with a plain weight in {dtype} differs from "
+                            f"F.linear by {(got.float() - F.linear(x, w, b)).abs().max().item():.3g}")
     except Exception as exc:  # a missing private op is AttributeError/RuntimeError; any failure means: do not use it
         return f"torch.ops.mkldnn._linear_pointwise/_reorder_linear_weight unusable ({type(exc).__name__}: {exc})"
     return None
@@ -100,12 +119,21 @@ def _probe() -> Optional[str]:
 UNAVAILABLE: Optional[str] = _probe()
 
 
+def plain_linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                          residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The unfused path with a block's skip connection: ``residual + F.linear(x, weight,
+    bias)``, the official block's order (the sum is the same either way)."""
+    return F.linear(x, weight, bias) if residual is None else residual + F.linear(x, weight, bias)
+
+
 def status() -> str:
     """One line for ``info``: whether the fused Linear epilogues run, and why not."""
-    where = f"backends {'/'.join(FUSING_BACKENDS)}, CPU inference, {'/'.join(str(d).replace('torch.', '') for d in DTYPES)}"
+    names = lambda dtypes: "/".join(str(d).replace("torch.", "") for d in dtypes)  # noqa: E731
+    where = f"backends {'/'.join(FUSING_BACKENDS)}, CPU inference in {names(DTYPES)}, training in {names(TRAINING_DTYPES)}"
     if UNAVAILABLE:
         return f"Linear epilogues in the GEMM ({where}): unavailable, plain F.linear instead: {UNAVAILABLE}"
-    return f"Linear epilogues in the GEMM ({where}): available (bias, GELU and skip-connection add as oneDNN post-ops, weights packed once)"
+    return (f"Linear epilogues in the GEMM ({where}): available (bias, GELU and skip-connection add as oneDNN "
+            "post-ops; inference weights packed once)")
 
 
 # Module -> (its weight Parameter, (data_ptr, _version, dtype, device, shape), packed weight).
@@ -185,6 +213,65 @@ def fused_linear(linear: nn.Linear, x: torch.Tensor, activation: str = "none", r
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, attr, [], algorithm)
 
 
+def linear_in_epilogue(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                       residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ W^T + b`` (+ ``residual``, the output's shape) for the forwards of ops with
+    their own backward (:mod:`hiera_kernels.recompute`: training, where the weight changes
+    every step, so it is not packed): bias and residual added to the GEMM's accumulator
+    before its one store where the private op takes these tensors (CPU, all of one dtype in
+    TRAINING_DTYPES), instead of addmm's copy of the broadcast bias into the output before the GEMM
+    and a separate pass for the residual (bf16, Hiera-B batch 8: stage-1 fc1 [25088, 96 ->
+    384] 3.0 -> 2.1 ms). Elsewhere (float32 too: TRAINING_DTYPES) :func:`plain_linear_residual`.
+    Not differentiable itself."""
+    tensors = [t for t in (x, weight, bias, residual) if t is not None]
+    if UNAVAILABLE is not None or any(t.device.type != "cpu" or t.dtype != x.dtype for t in tensors) or x.dtype not in TRAINING_DTYPES:
+        return plain_linear_residual(x, weight, bias, residual)
+    x = x.contiguous()
+    if residual is not None:
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual.contiguous(), weight, bias, "add")
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def linear_backward(grad_out: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, needs):
+    """(grad_inp, grad_weight, grad_bias) of ``F.linear(inp, weight, bias)``, each None
+    where ``needs`` (three bools) says it is not needed (a frozen weight: no GEMM);
+    grad_out [..., out], inp [..., in]."""
+    g2, i2 = grad_out.reshape(-1, grad_out.shape[-1]), inp.reshape(-1, inp.shape[-1])
+    grad_inp = (g2 @ weight).view(inp.shape) if needs[0] else None
+    return grad_inp, g2.t() @ i2 if needs[1] else None, g2.sum(0) if needs[2] else None
+
+
+_lib = torch.library.Library(NAMESPACE, "FRAGMENT")
+_lib.define("linear_residual(Tensor x, Tensor weight, Tensor? bias, Tensor residual) -> Tensor")
+torch.library.impl(f"{NAMESPACE}::linear_residual", "CompositeExplicitAutograd", linear_in_epilogue, lib=_lib)
+torch.library.register_fake(f"{NAMESPACE}::linear_residual", plain_linear_residual, lib=_lib)
+
+
+def _setup_linear_residual(ctx, inputs, output):
+    x, weight, _, _ = inputs
+    ctx.save_for_backward(x, weight)
+
+
+def _linear_residual_backward(ctx, grad_out):
+    x, weight = ctx.saved_tensors
+    needs_x, needs_w, needs_b, needs_residual = ctx.needs_input_grad
+    return (*linear_backward(grad_out, x, weight, (needs_x, needs_w, needs_b)), grad_out if needs_residual else None)
+
+
+torch.library.register_autograd(f"{NAMESPACE}::linear_residual", _linear_residual_backward,
+                                setup_context=_setup_linear_residual, lib=_lib)
+
+
+def fuses_in_training(x: torch.Tensor, backend: Optional[str] = None) -> bool:
+    """Whether a Linear with a skip connection on ``x`` runs as ``linear_residual`` (see
+    the module docstring): backend ``"cpu"`` or ``"auto"``, a CPU tensor of TRAINING_DTYPES, grad
+    mode on, not while ``torch.compile`` traces (inductor fuses the plain ops it sees) nor
+    under CPU autocast (whose casts the op would bypass)."""
+    if UNAVAILABLE is not None or not torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
+        return False
+    return (backend or backends.get_backend()) in FUSING_BACKENDS and x.device.type == "cpu" and x.dtype in TRAINING_DTYPES
+
+
 # The fused paths split their work so that an intermediate (an MLP's fc1 output, an
 # attention's qkv) is at most this many bytes at a time. Hiera-B/224 at batch 8 in fp32
 # has a [25088, 384] stage-1 MLP hidden (38.5 MB) and a [8, 3136, 576] qkv in its first
@@ -252,7 +339,9 @@ class Linear(nn.Linear):
         if self.fuses(x, residual):
             return fused_linear(self, x, activation, residual)
         if residual is not None:
-            return residual + F.linear(x, self.weight, self.bias)  # the official block's order (the sum is the same either way)
+            if fuses_in_training(x, self.backend):
+                return torch.ops.hiera_kernels.linear_residual(x, self.weight, self.bias, residual)
+            return plain_linear_residual(x, self.weight, self.bias, residual)
         return plain_linear(x, self.weight, self.bias, activation)
 
     def _apply(self, fn, recurse=True):

@@ -28,7 +28,7 @@ import torch.nn as nn
 from . import backends
 from ._extension import EXTENSION
 from .epilogues import hooked
-from .library import NAMESPACE
+from .library import NAMESPACE, mark_extra_outputs, needs_first_gradient
 
 KERNEL_BACKENDS = ("cpu", "auto")
 _lib = torch.library.Library(NAMESPACE, "FRAGMENT")  # layer_norm's autograd (its schema: library.py)
@@ -94,10 +94,11 @@ def native_layer_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torc
 def _setup_layer_norm(ctx, inputs, output):
     x, weight, bias, _ = inputs
     _, mean, rstd = output
-    ctx.mark_non_differentiable(mean, rstd)
+    mark_extra_outputs(ctx, mean, rstd)
     ctx.save_for_backward(x, weight, bias, mean, rstd)
 
 
+@needs_first_gradient
 def _layer_norm_autograd(ctx, grad_y, _grad_mean, _grad_rstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
     return (*native_layer_norm_backward(grad_y, x, mean, rstd, weight, bias, ctx.needs_input_grad[:3]), None)
@@ -114,4 +115,4 @@ def status() -> str:
         return f"LayerNorm and GELU-backward CPU kernels ({where}): unavailable, ATen's instead: the extension is not built"
     return (f"LayerNorm and GELU-backward CPU kernels ({where}): available (hiera_kernels::layer_norm and "
             "layer_norm_backward for the blocks' norm1/norm2 and training's recompute ops; "
-            "hiera_kernels::gelu_recompute_backward in training's layer_norm_mlp)")
+            "hiera_kernels::gelu_recompute_backward_ in training's layer_norm_mlp)")

@@ -52,6 +52,8 @@ of dims. unroll and reroll are each other's inverse and each other's backward.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .reference import window_grid
@@ -137,6 +139,28 @@ FAKES = {
 
 # ------------------------------------------------------------------------- autograd
 # Each family's backward calls the same family's ops (``ops``, bound below).
+def mark_extra_outputs(ctx, *extras) -> None:
+    """In an op's ``setup_context``: ``extras`` (statistics, argmaxes, a kept activation)
+    are not differentiable, and autograd hands their gradients to the backward as None
+    instead of materialising a zero tensor of each one's size before every backward call
+    (for ``layer_norm_mlp``'s h that was a [rows, hidden] fill per block and step). The
+    backward must then be wrapped in :func:`needs_first_gradient`."""
+    ctx.mark_non_differentiable(*extras)
+    ctx.set_materialize_grads(False)
+
+
+def needs_first_gradient(backward):
+    """A backward of an op whose setup called :func:`mark_extra_outputs`: where its first
+    output got no gradient either (None), no input gets one."""
+    @functools.wraps(backward)
+    def wrapped(ctx, grad, *extra_grads):
+        if grad is None:
+            return (None,) * len(ctx.needs_input_grad)
+        return backward(ctx, grad, *extra_grads)
+
+    return wrapped
+
+
 def _setup_permutation(ctx, inputs, output):
     _, ctx.size, ctx.strides, ctx.windowed = inputs
 
@@ -151,7 +175,7 @@ def _permutation_backward(inverse):
 def _setup_query_pool(ctx, inputs, output):
     _, ctx.stride = inputs
     argmax = output[1]
-    ctx.mark_non_differentiable(argmax)
+    mark_extra_outputs(ctx, argmax)
     ctx.save_for_backward(argmax)
 
 
@@ -166,7 +190,7 @@ def _query_pool_backward(ops):
 def _setup_attention(ctx, inputs, output):
     qkv, ctx.heads, ctx.q_stride, ctx.windows = inputs
     out, lse, q_argmax = output
-    ctx.mark_non_differentiable(lse, q_argmax)
+    mark_extra_outputs(ctx, lse, q_argmax)
     ctx.save_for_backward(qkv, out, lse, q_argmax)
 
 
@@ -184,7 +208,7 @@ def _attention_backward(ops):
 def _setup_window_attention(ctx, inputs, output):
     qkv, pad, ctx.heads, ctx.window_size, ctx.q_stride = inputs
     out, lse, q_argmax = output
-    ctx.mark_non_differentiable(lse, q_argmax)
+    mark_extra_outputs(ctx, lse, q_argmax)
     ctx.save_for_backward(qkv, pad, out, lse, q_argmax)
 
 
@@ -210,9 +234,9 @@ def _define_family(suffix: str):
     autograd = {
         "unroll": (_permutation_backward(ops["reroll"]), _setup_permutation),
         "reroll": (_permutation_backward(ops["unroll"]), _setup_permutation),
-        "query_pool": (_query_pool_backward(ops), _setup_query_pool),
-        "mask_unit_attention": (_attention_backward(ops), _setup_attention),
-        "window_attention": (_window_attention_backward(ops), _setup_window_attention),
+        "query_pool": (needs_first_gradient(_query_pool_backward(ops)), _setup_query_pool),
+        "mask_unit_attention": (needs_first_gradient(_attention_backward(ops)), _setup_attention),
+        "window_attention": (needs_first_gradient(_window_attention_backward(ops)), _setup_window_attention),
     }
     for name, (backward, setup) in autograd.items():
         torch.library.register_autograd(f"{NAMESPACE}::{name}{suffix}", backward, setup_context=setup, lib=_lib)
@@ -257,9 +281,25 @@ def _layer_norm_backward_fake(grad_y, x, mean, rstd, weight, output_mask):
 _lib.define("gelu_recompute_backward(Tensor grad_out, Tensor h, bool bias_grad=False) -> (Tensor, Tensor, Tensor)")
 
 
+# gelu_recompute_backward_ is the same with grad_h written over grad_out (contiguous), which
+# saves the backward one [rows, hidden] buffer; it returns (gelu(h), grad_bias).
+_lib.define("gelu_recompute_backward_(Tensor(a!) grad_out, Tensor h, bool bias_grad=False) -> (Tensor, Tensor)")
+
+
+def _check_gelu_arguments(op, grad_out, h, bias_grad):
+    torch._check(grad_out.shape == h.shape, lambda: f"{op}: grad_out {list(grad_out.shape)} != h {list(h.shape)}")
+    torch._check(not bias_grad or h.dim() >= 1, lambda: f"{op}: bias_grad needs h with at least one dim")
+
+
 @torch.library.register_fake(f"{NAMESPACE}::gelu_recompute_backward", lib=_lib)
 def _gelu_recompute_backward_fake(grad_out, h, bias_grad=False):
-    torch._check(grad_out.shape == h.shape, lambda: f"gelu_recompute_backward: grad_out {list(grad_out.shape)} != h {list(h.shape)}")
-    torch._check(not bias_grad or h.dim() >= 1, lambda: "gelu_recompute_backward: bias_grad needs h with at least one dim")
+    _check_gelu_arguments("gelu_recompute_backward", grad_out, h, bias_grad)
     same = torch.empty_like(h, memory_format=torch.contiguous_format)
     return same, torch.empty_like(same), h.new_empty(h.shape[-1] if bias_grad else 0)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::gelu_recompute_backward_", lib=_lib)
+def _gelu_recompute_backward_in_place_fake(grad_out, h, bias_grad=False):
+    _check_gelu_arguments("gelu_recompute_backward_", grad_out, h, bias_grad)
+    torch._check(grad_out.is_contiguous(), lambda: "gelu_recompute_backward_: grad_out must be contiguous (it is overwritten with grad_h)")
+    return torch.empty_like(h, memory_format=torch.contiguous_format), h.new_empty(h.shape[-1] if bias_grad else 0)

@@ -8,20 +8,26 @@ each). Two ops keep only what cannot be recomputed cheaply:
     layer_norm_linear(x, norm_weight, norm_bias, eps, weight, bias)
         x [..., C] -> (linear(layer_norm(x)) [..., out], mean [..., 1], rstd [..., 1])
         saves x, mean, rstd (x is the block's input, which the graph keeps anyway)
-    layer_norm_mlp(x, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate)
-        x [..., C] -> (fc2(gelu(fc1(layer_norm(x)))) [..., C'], mean, rstd, h = fc1(...) [..., hidden])
+    layer_norm_mlp(x, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate,
+                   residual=False)
+        x [..., C] -> (fc2(gelu(fc1(layer_norm(x)))) (+ x where residual) [..., C'], mean, rstd,
+                       h = fc1(...) [..., hidden])
         saves x, mean, rstd and h; gelu(h) is recomputed once in the backward
 
 ``mean``, ``rstd`` and ``h`` are outputs only so that autograd can save them (not
-differentiable; callers drop them). The forward runs the plain modules' ops in their
-order, the LayerNorm on :mod:`hiera_kernels.layer_norm`'s CPU kernel for CPU tensors whose
-norm parameters share x's dtype (ATen's elsewhere). The backward recomputes
-``layer_norm(x)`` with the forward's function (the same bits) and ``gelu(h)`` together
-with the GELU's backward (for the exact GELU of CPU tensors, one pass of a C++ kernel,
-``hiera_kernels::gelu_recompute_backward``, whose erf is ATen's vectorised formula: within
-an ulp or so of the forward's, where ATen runs two passes with an erf each; the same pass
-sums fc1's bias gradient), then the Linears' and LayerNorm's own backward formulas, for
-the inputs that need a gradient.
+differentiable; callers drop them; autograd materialises no zero gradients for them,
+:func:`hiera_kernels.library.mark_extra_outputs`). The forward runs the plain modules'
+ops in their order, the LayerNorm on :mod:`hiera_kernels.layer_norm`'s CPU kernel for CPU
+tensors whose norm parameters share x's dtype (ATen's elsewhere) and the Linears with
+their bias (and fc2 with the skip connection) in the GEMM's epilogue
+(:func:`hiera_kernels.epilogues.linear_in_epilogue`; F.linear where that does not take
+the tensors). The backward recomputes ``layer_norm(x)`` with the forward's function (the
+same bits) and ``gelu(h)`` together with the GELU's backward (for the exact GELU of CPU
+tensors, one pass of a C++ kernel, ``hiera_kernels::gelu_recompute_backward_``, whose erf
+is ATen's vectorised formula: within an ulp or so of the forward's, where ATen runs two
+passes with an erf each; the same pass sums fc1's bias gradient and writes grad_h over
+fc2's input gradient), then the Linears' and LayerNorm's own backward formulas, for the
+inputs that need a gradient.
 Under ``create_graph`` the backward is itself differentiable (ATen's GELU, h recomputed
 from x). The ops are composite: they run on every device, and only the memory they keep
 differs from the plain modules.
@@ -34,6 +40,7 @@ its own kernels) nor CPU autocast, and never past a hook; see :func:`applies`.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -41,15 +48,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import backends
-from .epilogues import Linear, hooked
+from .epilogues import Linear, hooked, linear_backward, linear_in_epilogue, plain_linear_residual
 from .layer_norm import cpu_kernel_takes, native_layer_norm, native_layer_norm_backward, plain_layer_norm
-from .library import NAMESPACE
+from .library import NAMESPACE, mark_extra_outputs, needs_first_gradient
 
 SCHEMAS = {
     "layer_norm_linear": "(Tensor x, Tensor? norm_weight, Tensor? norm_bias, float eps, Tensor weight, Tensor? bias) "
     "-> (Tensor, Tensor, Tensor)",
     "layer_norm_mlp": "(Tensor x, Tensor? norm_weight, Tensor? norm_bias, float eps, Tensor fc1_weight, "
-    "Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, str approximate) -> (Tensor, Tensor, Tensor, Tensor)",
+    "Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, str approximate, bool residual=False) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
 }
 APPROXIMATIONS = ("none", "tanh")  # F.gelu's approximate=
 
@@ -58,37 +66,34 @@ for _name, _schema in SCHEMAS.items():
     _lib.define(_name + _schema)
 
 
-def _layer_norm_linear(x, norm_weight, norm_bias, eps, weight, bias):
+def _layer_norm_linear(x, norm_weight, norm_bias, eps, weight, bias, linear=linear_in_epilogue):
     y, mean, rstd = native_layer_norm(x, norm_weight, norm_bias, eps)
-    return F.linear(y, weight, bias), mean, rstd
+    return linear(y, weight, bias), mean, rstd
 
 
-def _layer_norm_mlp(x, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate):
+def _layer_norm_mlp(x, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate,
+                    residual=False, linear=linear_in_epilogue):
     torch._check(approximate in APPROXIMATIONS, lambda: f"layer_norm_mlp: approximate must be 'none' or 'tanh', got {approximate!r}")
+    torch._check(not residual or fc2_weight.shape[0] == x.shape[-1],
+                 lambda: f"layer_norm_mlp: residual=True needs fc2's output width {fc2_weight.shape[0]} == x's {x.shape[-1]}")
     y, mean, rstd = native_layer_norm(x, norm_weight, norm_bias, eps)
-    h = F.linear(y, fc1_weight, fc1_bias)
-    return F.linear(F.gelu(h, approximate=approximate), fc2_weight, fc2_bias), mean, rstd, h
+    h = linear(y, fc1_weight, fc1_bias)
+    out = linear(F.gelu(h, approximate=approximate), fc2_weight, fc2_bias, x if residual else None)
+    return out, mean, rstd, h
 
 
-# The ATen ops have meta kernels, so the same functions are the fake implementations.
+# The Linears run with their bias (and fc2 with the skip connection) in the GEMM's
+# epilogue (epilogues.linear_in_epilogue); the fakes run the plain ops, whose meta kernels
+# give the same shapes.
 for _name, _fn in (("layer_norm_linear", _layer_norm_linear), ("layer_norm_mlp", _layer_norm_mlp)):
     torch.library.impl(f"{NAMESPACE}::{_name}", "CompositeExplicitAutograd", _fn, lib=_lib)
-    torch.library.register_fake(f"{NAMESPACE}::{_name}", _fn, lib=_lib)
-
-
-def _linear_backward(grad_out: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, needs: Tuple[bool, bool, bool]):
-    """(grad_inp, grad_weight, grad_bias) of ``F.linear(inp, weight, bias)``, each None
-    where ``needs`` says it is not needed (a frozen weight: no GEMM); grad_out [..., out],
-    inp [..., in]."""
-    g2, i2 = grad_out.reshape(-1, grad_out.shape[-1]), inp.reshape(-1, inp.shape[-1])
-    grad_inp = (g2 @ weight).view(inp.shape) if needs[0] else None
-    return grad_inp, g2.t() @ i2 if needs[1] else None, g2.sum(0) if needs[2] else None
+    torch.library.register_fake(f"{NAMESPACE}::{_name}", functools.partial(_fn, linear=plain_linear_residual), lib=_lib)
 
 
 def _setup_layer_norm_linear(ctx, inputs, output):
     x, norm_weight, norm_bias, ctx.eps, weight, bias = inputs
     _, mean, rstd = output
-    ctx.mark_non_differentiable(mean, rstd)
+    mark_extra_outputs(ctx, mean, rstd)
     ctx.save_for_backward(x, norm_weight, norm_bias, weight, mean, rstd)
 
 
@@ -97,7 +102,7 @@ def _backward_layer_norm_linear(ctx, grad_out, _grad_mean, _grad_rstd):
     needs_x, needs_nw, needs_nb, _, needs_w, needs_b = ctx.needs_input_grad
     y = native_layer_norm(x, norm_weight, norm_bias, ctx.eps)[0]  # the forward's y, recomputed
     norm_needs = (needs_x, needs_nw, needs_nb)
-    grad_y, grad_weight, grad_bias = _linear_backward(grad_out, y, weight, (any(norm_needs), needs_w, needs_b))
+    grad_y, grad_weight, grad_bias = linear_backward(grad_out, y, weight, (any(norm_needs), needs_w, needs_b))
     grad_x = grad_norm_weight = grad_norm_bias = None
     if any(norm_needs):
         grad_x, grad_norm_weight, grad_norm_bias = native_layer_norm_backward(grad_y, x, mean, rstd, norm_weight, norm_bias, norm_needs)
@@ -105,19 +110,23 @@ def _backward_layer_norm_linear(ctx, grad_out, _grad_mean, _grad_rstd):
 
 
 def _setup_layer_norm_mlp(ctx, inputs, output):
-    x, norm_weight, norm_bias, ctx.eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, ctx.approximate = inputs
+    # (``residual`` is among the inputs only where the caller passed it.)
+    x, norm_weight, norm_bias, ctx.eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, ctx.approximate = inputs[:9]
+    ctx.residual = inputs[9] if len(inputs) > 9 else False
     _, mean, rstd, h = output
-    ctx.mark_non_differentiable(mean, rstd, h)
+    mark_extra_outputs(ctx, mean, rstd, h)
     ctx.save_for_backward(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, mean, rstd, h)
 
 
 def gelu_recompute_backward(grad_a: torch.Tensor, h: torch.Tensor, approximate: str, bias_grad: bool):
     """(gelu(h), grad_h = grad_a * gelu'(h), grad_h summed over all dims but the last where
     ``bias_grad``, else None): one pass on the C++ CPU kernel for the exact GELU of CPU
-    tensors (where the extension is built), else ATen's gelu, gelu_backward and sum."""
+    tensors (where the extension is built), grad_h written over ``grad_a`` (a temporary
+    of the caller's: one [rows, hidden] buffer fewer), else ATen's gelu, gelu_backward and sum."""
     # Under create_graph (double backward) ATen's ops, which are differentiable; the kernel is not.
     if approximate == "none" and not torch.is_grad_enabled() and cpu_kernel_takes(h, grad_a):
-        a, grad_h, grad_bias = torch.ops.hiera_kernels.gelu_recompute_backward(grad_a, h, bias_grad)
+        grad_h = grad_a.contiguous()
+        a, grad_bias = torch.ops.hiera_kernels.gelu_recompute_backward_(grad_h, h, bias_grad)
         return a, grad_h, grad_bias if bias_grad else None
     grad_h = torch.ops.aten.gelu_backward(grad_a, h, approximate=approximate)
     return F.gelu(h, approximate=approximate), grad_h, grad_h.reshape(-1, h.shape[-1]).sum(0) if bias_grad else None
@@ -125,7 +134,7 @@ def gelu_recompute_backward(grad_a: torch.Tensor, h: torch.Tensor, approximate: 
 
 def _backward_layer_norm_mlp(ctx, grad_out, _grad_mean, _grad_rstd, _grad_h):
     x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, mean, rstd, h = ctx.saved_tensors
-    needs_x, needs_nw, needs_nb, _, needs_w1, needs_b1, needs_w2, needs_b2, _ = ctx.needs_input_grad
+    needs_x, needs_nw, needs_nb, _, needs_w1, needs_b1, needs_w2, needs_b2, _ = ctx.needs_input_grad[:9]
     norm_needs = (needs_x, needs_nw, needs_nb)
     y = None
     if torch.is_grad_enabled():
@@ -143,18 +152,21 @@ def _backward_layer_norm_mlp(ctx, grad_out, _grad_mean, _grad_rstd, _grad_h):
     del a
     if y is None:
         y = native_layer_norm(x, norm_weight, norm_bias, ctx.eps)[0]
-    grad_y, grad_fc1_weight, _ = _linear_backward(grad_h, y, fc1_weight, (any(norm_needs), needs_w1, False))
+    grad_y, grad_fc1_weight, _ = linear_backward(grad_h, y, fc1_weight, (any(norm_needs), needs_w1, False))
     del grad_h, y
     grad_x = grad_norm_weight = grad_norm_bias = None
     if any(norm_needs):
         grad_x, grad_norm_weight, grad_norm_bias = native_layer_norm_backward(grad_y, x, mean, rstd, norm_weight, norm_bias, norm_needs)
-    return (grad_x, grad_norm_weight, grad_norm_bias, None, grad_fc1_weight, grad_fc1_bias,
-            grad_fc2_weight, grad_fc2_bias, None)
+        if ctx.residual and needs_x:  # the skip connection's gradient
+            grad_x = grad_x + grad_out if torch.is_grad_enabled() else grad_x.add_(grad_out)
+    grads = (grad_x, grad_norm_weight, grad_norm_bias, None, grad_fc1_weight, grad_fc1_bias,
+             grad_fc2_weight, grad_fc2_bias, None, None)
+    return grads[:len(ctx.needs_input_grad)]
 
 
-torch.library.register_autograd(f"{NAMESPACE}::layer_norm_linear", _backward_layer_norm_linear,
+torch.library.register_autograd(f"{NAMESPACE}::layer_norm_linear", needs_first_gradient(_backward_layer_norm_linear),
                                 setup_context=_setup_layer_norm_linear, lib=_lib)
-torch.library.register_autograd(f"{NAMESPACE}::layer_norm_mlp", _backward_layer_norm_mlp,
+torch.library.register_autograd(f"{NAMESPACE}::layer_norm_mlp", needs_first_gradient(_backward_layer_norm_mlp),
                                 setup_context=_setup_layer_norm_mlp, lib=_lib)
 
 
@@ -197,11 +209,13 @@ def layer_norm_linear(norm: nn.LayerNorm, linear: nn.Linear, x: torch.Tensor) ->
     return out
 
 
-def layer_norm_mlp(norm: nn.LayerNorm, fc1: nn.Linear, activation: str, fc2: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def layer_norm_mlp(norm: nn.LayerNorm, fc1: nn.Linear, activation: str, fc2: nn.Linear, x: torch.Tensor,
+                   residual: bool = False) -> torch.Tensor:
     """``fc2(gelu(fc1(norm(x))))`` with ``activation`` ``"gelu"`` or ``"gelu_tanh"``
     (:func:`hiera_kernels.epilogues.activation_name`), keeping x and fc1's output for the
-    backward instead of ``norm(x)``, fc1's output and the GELU's."""
+    backward instead of ``norm(x)``, fc1's output and the GELU's; with ``residual``, plus
+    x (the block's skip connection, added in fc2's epilogue)."""
     approximate = {"gelu": "none", "gelu_tanh": "tanh"}[activation]
     out, _, _, _ = torch.ops.hiera_kernels.layer_norm_mlp(
-        x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias, approximate)
+        x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias, approximate, residual)
     return out

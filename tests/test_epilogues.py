@@ -232,3 +232,51 @@ def test_unavailable_says_why_and_runs_the_plain_path(monkeypatch, capsys):
 
     info()
     assert f"unavailable, plain F.linear instead: {reason}" in capsys.readouterr().out
+
+
+# ------------------------------------------------ training: linear_residual, linear_in_epilogue
+@pytest.mark.parametrize("dtype", epilogues.TRAINING_DTYPES)
+def test_training_linear_with_residual_passes_the_error_rule(dtype):
+    """Training on "cpu"/"auto": Linear(x, residual=skip) runs hiera_kernels::linear_residual
+    (bias and skip connection in the GEMM's epilogue, the weight as it is): output and every
+    gradient by the rule against the "torch" path and float64."""
+    m = linear(dtype=dtype)
+    x, skip, grad = torch.randn(2, 200, 96), torch.randn(2, 200, 288), torch.randn(2, 200, 288)
+
+    def run(backend, dt):
+        mod = copy.deepcopy(m).to(dt)
+        mod.backend = backend
+        xs, ss = x.to(dt).detach().requires_grad_(), skip.to(dt).detach().requires_grad_()
+        out = mod(xs, residual=ss)
+        out.backward(grad.to(dt))
+        return [out.detach(), xs.grad, ss.grad, mod.weight.grad, mod.bias.grad]
+
+    assert epilogues.fuses_in_training(x.to(dtype), "cpu") and not epilogues.fuses_in_training(x.to(dtype), "torch")
+    for name, o, t, r in zip(["out", "x", "residual", "weight", "bias"], run("cpu", dtype), run("torch", dtype),
+                             run("torch", torch.float64)):
+        verdict = error_rule.judge(o, t, r)
+        assert verdict.passed, f"{name}: {verdict.describe()}"
+
+
+def test_linear_residual_op_checks_and_compiles():
+    op = torch.ops.hiera_kernels.linear_residual.default
+    x, w, b, r = torch.randn(2, 5, 8, requires_grad=True), torch.randn(6, 8, requires_grad=True), torch.randn(6, requires_grad=True), torch.randn(2, 5, 6, requires_grad=True)
+    torch.library.opcheck(op, (x, w, b, r))
+    torch.library.opcheck(op, (x, w, None, r))
+    args = tuple(t.double().detach().requires_grad_() for t in (x, w, b, r))
+    assert torch.autograd.gradcheck(op, args) and torch.autograd.gradgradcheck(op, args)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: op(*a).sum(), fullgraph=True)
+    torch.testing.assert_close(compiled(x, w, b, r), op(x, w, b, r).sum())
+
+
+def test_training_keeps_the_plain_path_where_the_op_does_not_apply():
+    x = torch.randn(2, 5, 96)
+    assert not epilogues.fuses_in_training(x.double(), "cpu")  # not a dtype of the fused path
+    assert not epilogues.fuses_in_training(x, "cpu")  # float32 keeps ATen's GEMM (TRAINING_DTYPES)
+    x = x.bfloat16()
+    assert not epilogues.fuses_in_training(x, None) or hk.get_backend() in epilogues.FUSING_BACKENDS
+    with torch.no_grad():
+        assert not epilogues.fuses_in_training(x, "cpu")  # inference: the packed path instead
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not epilogues.fuses_in_training(x, "cpu")

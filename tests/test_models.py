@@ -1,5 +1,8 @@
 """The drop-in models against the real official package (hiera-transformer 0.1.4):
-same weights in, same outputs, intermediates, MAE loss and gradients out."""
+same weights in, same outputs, intermediates and MAE loss out (within ATOL), gradients by
+the shared rule against the float64 official."""
+
+import copy
 
 import pytest
 import torch
@@ -69,22 +72,36 @@ def classifier_parity(theirs, ours, x):
     theirs.train(), ours.train()
     weights = torch.randn(x.shape[0], theirs.head.projection.out_features)
     results = []
-    for model in (theirs, ours):
-        xi = x.clone().requires_grad_()
-        loss = (model(xi) * weights).sum()
-        results.append([torch.autograd.grad(loss, [xi] + list(model.parameters()))])
+    for model in (ours, theirs, copy.deepcopy(theirs).double()):  # the float64 official: the reference
+        dtype = next(model.parameters()).dtype
+        xi = x.to(dtype).requires_grad_()
+        loss = (model(xi) * weights.to(dtype)).sum()
+        results.append(torch.autograd.grad(loss, [xi] + list(model.parameters())))
     names = ["input"] + [n for n, _ in ours.named_parameters()]
-    for name, a, b in zip(names, results[1][0], results[0][0]):
-        diffs[f"grad {name}"] = max_diff(a, b)
-    return diffs
+    return diffs, gradient_failures(names, *results)
+
+
+def gradient_failures(names, ours, theirs, reference):
+    """Gradients by the shared rule: ours against the float64 official, within twice the
+    float32 official's own error plus the allowance (GEMM libraries may sum in any order:
+    oneDNN's in our training epilogues, MKL's in the official addmm)."""
+    failures = []
+    for name, o, t, r in zip(names, ours, theirs, reference):
+        assert (o is None) == (t is None), name
+        if o is not None:
+            verdict = error_rule.judge(o, t, r)
+            if not verdict.passed:
+                failures.append(f"grad {name}: {verdict.describe()}")
+    return failures
 
 
 @pytest.mark.parametrize("name", ["hiera_tiny_224", "hiera_base_plus_224", "video_small"])
 def test_classifier_matches_official(name):
     theirs, ours = pair(name)
-    diffs = classifier_parity(theirs, ours, image_for(theirs))
+    diffs, failures = classifier_parity(theirs, ours, image_for(theirs))
     worst = max(diffs, key=diffs.get)
     assert diffs[worst] <= ATOL, f"{name}: {worst} differs by {diffs[worst]:.3g}"
+    assert not failures, f"{name}: " + "; ".join(failures)
 
 
 def mae_parity(theirs, ours, x, mask):
@@ -95,11 +112,10 @@ def mae_parity(theirs, ours, x, mask):
         assert a.shape == b.shape
         diffs[label] = max_diff(a, b)
     assert torch.equal(out_o[3], out_t[3])
-    for name, a, b in zip([n for n, _ in ours.named_parameters()], grads(ours, out_o[0]), grads(theirs, out_t[0])):
-        assert (a is None) == (b is None), name
-        if a is not None:
-            diffs[f"grad {name}"] = max_diff(a, b)
-    return diffs
+    reference = copy.deepcopy(theirs).double()
+    out_r = reference(x.double(), mask=mask)
+    names = [n for n, _ in ours.named_parameters()]
+    return diffs, gradient_failures(names, grads(ours, out_o[0]), grads(theirs, out_t[0]), grads(reference, out_r[0]))
 
 
 @pytest.mark.parametrize("name", ["mae_hiera_tiny_224", "mae_video_small"])
@@ -107,9 +123,10 @@ def test_mae_matches_official_with_a_fixed_mask(name):
     theirs, ours = pair(name)
     x = image_for(theirs)
     mask = theirs.get_random_mask(x, 0.6)
-    diffs = mae_parity(theirs, ours, x, mask)
+    diffs, failures = mae_parity(theirs, ours, x, mask)
     worst = max(diffs, key=diffs.get)
     assert diffs[worst] <= ATOL, f"{name}: {worst} differs by {diffs[worst]:.3g}"
+    assert not failures, f"{name}: " + "; ".join(failures)
     # The random mask comes from the same RNG draws as the official one.
     torch.manual_seed(7)
     _, _, _, mask_t = theirs(x)

@@ -36,12 +36,15 @@ def plain(kind, norm, fc1, fc2, activation, x):
     """The modules as the plain block runs them."""
     if kind == "layer_norm_linear":
         return fc1(norm(x))
-    return fc2(F.gelu(fc1(norm(x)), approximate=APPROXIMATE[activation]))
+    mlp = fc2(F.gelu(fc1(norm(x)), approximate=APPROXIMATE[activation]))
+    return x + mlp if kind == "layer_norm_mlp+residual" else mlp
 
 
 def fused(kind, norm, fc1, fc2, activation, x):
     if kind == "layer_norm_linear":
         return recompute.layer_norm_linear(norm, fc1, x)
+    if kind == "layer_norm_mlp+residual":  # the block's skip connection in fc2's epilogue
+        return recompute.layer_norm_mlp(norm, fc1, activation, fc2, x, residual=True)
     return recompute.layer_norm_mlp(norm, fc1, activation, fc2, x)
 
 
@@ -56,7 +59,8 @@ def forward_and_grads(kind, mods, activation, x, grad_out, run):
 KINDS = ["layer_norm_linear", "layer_norm_mlp"]
 
 
-@pytest.mark.parametrize("kind, activation", [("layer_norm_linear", None), ("layer_norm_mlp", "gelu"), ("layer_norm_mlp", "gelu_tanh")])
+@pytest.mark.parametrize("kind, activation", [("layer_norm_linear", None), ("layer_norm_mlp", "gelu"), ("layer_norm_mlp", "gelu_tanh"),
+                                              ("layer_norm_mlp+residual", "gelu")])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_forward_and_gradients_pass_the_rule(kind, dtype, activation):
     mods = modules()
@@ -81,14 +85,16 @@ def op_args(kind, dtype=torch.float32, affine=True, bias=True, approximate="none
     lin = (fc1.weight, fc1.bias)
     if kind == "layer_norm_linear":
         return (x, norm.weight, norm.bias, norm.eps, *lin)
-    return (x, norm.weight, norm.bias, norm.eps, *lin, fc2.weight, fc2.bias, approximate)
+    args = (x, norm.weight, norm.bias, norm.eps, *lin, fc2.weight, fc2.bias, approximate)
+    return args + (True,) if kind == "layer_norm_mlp+residual" else args
 
 
-@pytest.mark.parametrize("kind, approximate", [("layer_norm_linear", None), ("layer_norm_mlp", "none"), ("layer_norm_mlp", "tanh")])
+@pytest.mark.parametrize("kind, approximate", [("layer_norm_linear", None), ("layer_norm_mlp", "none"), ("layer_norm_mlp", "tanh"),
+                                               ("layer_norm_mlp+residual", "none")])
 @pytest.mark.parametrize("affine_and_bias", [True, False])
 def test_opcheck_and_float64_gradcheck(kind, approximate, affine_and_bias):
     """The exact GELU ("none") is the path on the C++ kernels (float64: their libm branch)."""
-    op = getattr(torch.ops.hiera_kernels, kind).default
+    op = getattr(torch.ops.hiera_kernels, kind.split("+")[0]).default
     torch.library.opcheck(op, op_args(kind, affine=affine_and_bias, bias=affine_and_bias, approximate=approximate))
     args = op_args(kind, torch.float64, affine=affine_and_bias, bias=affine_and_bias, approximate=approximate)
     assert torch.autograd.gradcheck(lambda *a: op(*a)[0], args)
@@ -138,8 +144,39 @@ def test_ops_keep_only_their_inputs_statistics_and_fc1_output():
     assert saved == x.nbytes + stats
     saved = saved_activation_bytes(model, lambda: recompute.layer_norm_mlp(norm, fc1, "gelu", fc2, x))
     assert saved == x.nbytes + stats + rows * 384 * 4
+    assert saved == saved_activation_bytes(model, lambda: recompute.layer_norm_mlp(norm, fc1, "gelu", fc2, x, residual=True))
     plain_saved = saved_activation_bytes(model, lambda: fc2(F.gelu(fc1(norm(x)))))
     assert plain_saved == saved + rows * (96 + 384) * 4  # the LayerNorm output and the GELU's
+
+
+def test_backward_fills_no_zero_gradients_for_the_extra_outputs():
+    """mean, rstd and h get no gradient: autograd hands None to the backward, where it
+    would otherwise fill a zero tensor of each one's size (h: [rows, hidden]) first."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    norm, fc1, fc2 = modules()
+    x = torch.randn(2, 150, 96, requires_grad=True)
+    out = recompute.layer_norm_mlp(norm, fc1, "gelu", fc2, x, residual=True)
+    with Calls() as calls:
+        out.sum().backward()
+    assert not [f for f in calls.seen if "zero" in f or "fill" in f], calls.seen
+    assert x.grad is not None and fc1.bias.grad is not None
+
+
+def test_residual_needs_the_input_width():
+    norm, fc1, fc2 = modules()
+    fc2 = nn.Linear(384, 50)
+    with pytest.raises(RuntimeError, match=r"layer_norm_mlp: residual=True needs fc2's output width 50 == x's 96"):
+        recompute.layer_norm_mlp(norm, fc1, "gelu", fc2, torch.randn(2, 10, 96), residual=True)
 
 
 def test_drop_in_model_training_keeps_less_than_the_plain_path():
@@ -317,9 +354,38 @@ def test_gelu_recompute_backward_non_finite_empty_and_errors():
     assert torch.equal(gelu_op(torch.empty(0, 4), torch.empty(0, 4), True)[2], torch.zeros(4))
     with pytest.raises(RuntimeError, match=r"gelu_recompute_backward: bias_grad needs h with at least one dim"):
         gelu_op(torch.ones(()), torch.ones(()), True)
+    with pytest.raises(RuntimeError, match=r"gelu_recompute_backward_: grad_out must be contiguous"):
+        torch.ops.hiera_kernels.gelu_recompute_backward_(torch.ones(4, 6).t(), torch.ones(6, 4))
     torch.library.opcheck(gelu_op, (torch.randn(3, 7), torch.randn(3, 7)))
     torch.library.opcheck(gelu_op, (torch.randn(3, 7), torch.randn(3, 7), True))
     torch._dynamo.reset()
     compiled = torch.compile(lambda g, h: gelu_op(g, h)[1].sum(), fullgraph=True)
     g, h = torch.randn(64), torch.randn(64)
     torch.testing.assert_close(compiled(g, h), gelu_op(g, h)[1].sum())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias_grad", [False, True])
+def test_gelu_recompute_backward_in_place_gives_the_same_bits(dtype, bias_grad):
+    """gelu_recompute_backward_ writes grad_h over grad_out (the MLP backward's temporary):
+    the same gelu(h), grad_h and bias gradient bits as the functional op; opcheck and
+    compile (its schema says it mutates grad_out)."""
+    if not EXTENSION.loaded:
+        pytest.skip("the C++ extension is not built")
+    g = torch.Generator().manual_seed(3)
+    h, grad = (torch.randn(37, 300, generator=g) * 3).to(dtype), torch.randn(37, 300, generator=g).to(dtype)
+    out, grad_h, grad_bias = gelu_op(grad, h, bias_grad)
+    grad_out = grad.clone()
+    in_place_out, in_place_bias = torch.ops.hiera_kernels.gelu_recompute_backward_(grad_out, h, bias_grad)
+    assert torch.equal(in_place_out, out) and torch.equal(grad_out, grad_h) and torch.equal(in_place_bias, grad_bias)
+    torch.library.opcheck(torch.ops.hiera_kernels.gelu_recompute_backward_.default, (grad.clone(), h, bias_grad))
+    torch._dynamo.reset()
+
+    def step(g, h):
+        g = g.clone()
+        a, _ = torch.ops.hiera_kernels.gelu_recompute_backward_(g, h, bias_grad)
+        return a, g
+
+    compiled = torch.compile(step, fullgraph=True)
+    for got, want in zip(compiled(grad, h), (out, grad_h)):
+        assert torch.equal(got, want)

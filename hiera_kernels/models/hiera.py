@@ -185,6 +185,8 @@ class HieraBlock(UsesBackend):
         mlp, activation = self.mlp, epilogues.activation_name(self.mlp.act)
         if activation is not None and recompute.applies(self.norm2, (mlp.fc1, mlp.fc2), x, self.backend, mlp):
             # Likewise norm2(x) and the GELU's output; fc1's output is kept.
+            if skip_in_epilogue:
+                return recompute.layer_norm_mlp(self.norm2, mlp.fc1, activation, mlp.fc2, x, residual=True)
             return x + self.drop_path(recompute.layer_norm_mlp(self.norm2, mlp.fc1, activation, mlp.fc2, x))
         if skip_in_epilogue:
             return mlp(layer_norm(self.norm2, x, self.backend), residual=x)
