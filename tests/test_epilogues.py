@@ -261,8 +261,10 @@ def test_training_linear_with_residual_passes_the_error_rule(dtype):
 def test_linear_residual_op_checks_and_compiles():
     op = torch.ops.hiera_kernels.linear_residual.default
     x, w, b, r = torch.randn(2, 5, 8, requires_grad=True), torch.randn(6, 8, requires_grad=True), torch.randn(6, requires_grad=True), torch.randn(2, 5, 6, requires_grad=True)
-    torch.library.opcheck(op, (x, w, b, r))
-    torch.library.opcheck(op, (x, w, None, r))
+    for dtype in (torch.float32, torch.bfloat16):  # bfloat16: the oneDNN path (TRAINING_DTYPES)
+        args = tuple(t.detach().to(dtype).requires_grad_() for t in (x, w, b, r))
+        torch.library.opcheck(op, args)
+        torch.library.opcheck(op, (args[0], args[1], None, args[3]))
     args = tuple(t.double().detach().requires_grad_() for t in (x, w, b, r))
     assert torch.autograd.gradcheck(op, args) and torch.autograd.gradgradcheck(op, args)
     torch._dynamo.reset()

@@ -95,7 +95,8 @@ def op_args(kind, dtype=torch.float32, affine=True, bias=True, approximate="none
 def test_opcheck_and_float64_gradcheck(kind, approximate, affine_and_bias):
     """The exact GELU ("none") is the path on the C++ kernels (float64: their libm branch)."""
     op = getattr(torch.ops.hiera_kernels, kind.split("+")[0]).default
-    torch.library.opcheck(op, op_args(kind, affine=affine_and_bias, bias=affine_and_bias, approximate=approximate))
+    for dtype in (torch.float32, torch.bfloat16):  # bfloat16: the Linears in oneDNN's epilogues
+        torch.library.opcheck(op, op_args(kind, dtype, affine=affine_and_bias, bias=affine_and_bias, approximate=approximate))
     args = op_args(kind, torch.float64, affine=affine_and_bias, bias=affine_and_bias, approximate=approximate)
     assert torch.autograd.gradcheck(lambda *a: op(*a)[0], args)
     # Double backward (create_graph) runs ATen's differentiable ops inside the backward.
