@@ -58,8 +58,9 @@ DTYPES = (torch.float32, torch.bfloat16)
 # Training's epilogues (linear_in_epilogue, linear_residual): bfloat16 only. In float32
 # they would replace ATen's GEMM (MKL's sgemm; oneDNN runs ATen's bfloat16 GEMMs anyway)
 # and so the sums' order: legitimate, but then a max-pool whose window holds a near-tie
-# can pick another argmax and route a whole gradient elsewhere, so float32 training would
-# lose its bit-for-bit agreement with the official model (tests/test_models.py).
+# can pick another argmax and route a whole gradient elsewhere. Float32 training keeps
+# ATen's sums, and so the official model's gradients (tests/test_models.py judges them by
+# the rule against float64, which such a flip fails: Hiera-T, block 10's proj).
 TRAINING_DTYPES = (torch.bfloat16,)
 # Linear.forward's activation -> oneDNN post-op (attr, algorithm); GELU exact or tanh, as nn.GELU's approximate.
 POST_OPS = {"none": ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
@@ -100,17 +101,19 @@ def _probe() -> Optional[str]:
                         return (f"probe mismatch: mkldnn._linear_pointwise(attr={attr!r}, algorithm={algorithm!r}) in "
                                 f"{dtype} differs from F.linear by {(got.float() - want).abs().max().item():.3g}")
                 r = torch.randn(2, 3, 8, generator=gen)
-                # The packed weight (inference) and the weight as it is (training's linear_in_epilogue).
-                for weight, layout in ((packed, "packed"), (wd, "plain")):
+                # The packed weight (inference) and, in TRAINING_DTYPES, the weight as it is
+                # (training's linear_in_epilogue).
+                for weight, layout in ((packed, "packed"),) + (((wd, "plain"),) if dtype in TRAINING_DTYPES else ()):
                     got = mkldnn._linear_pointwise.binary(xd, r.to(dtype), weight, bd, "add")
                     want = F.linear(x, w, b) + r
                     if not torch.allclose(got.float(), want, atol=tol, rtol=tol):
                         return (f"probe mismatch: mkldnn._linear_pointwise.binary(attr='add') with a {layout} weight in "
                                 f"{dtype} differs from F.linear + residual by {(got.float() - want).abs().max().item():.3g}")
-                got = linear(xd, wd, bd, "none", [], "")
-                if not torch.allclose(got.float(), F.linear(x, w, b), atol=tol, rtol=tol):
-                    return (f"probe mismatch: mkldnn._linear_pointwise with a plain weight in {dtype} differs from "
-                            f"F.linear by {(got.float() - F.linear(x, w, b)).abs().max().item():.3g}")
+                if dtype in TRAINING_DTYPES:
+                    got = linear(xd, wd, bd, "none", [], "")
+                    if not torch.allclose(got.float(), F.linear(x, w, b), atol=tol, rtol=tol):
+                        return (f"probe mismatch: mkldnn._linear_pointwise with a plain weight in {dtype} differs from "
+                                f"F.linear by {(got.float() - F.linear(x, w, b)).abs().max().item():.3g}")
     except Exception as exc:  # a missing private op is AttributeError/RuntimeError; any failure means: do not use it
         return f"torch.ops.mkldnn._linear_pointwise/_reorder_linear_weight unusable ({type(exc).__name__}: {exc})"
     return None
@@ -221,15 +224,28 @@ def linear_in_epilogue(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     before its one store where the private op takes these tensors (CPU, all of one dtype in
     TRAINING_DTYPES), instead of addmm's copy of the broadcast bias into the output before the GEMM
     and a separate pass for the residual (bf16, Hiera-B batch 8: stage-1 fc1 [25088, 96 ->
-    384] 3.0 -> 2.1 ms). Elsewhere (float32 too: TRAINING_DTYPES) :func:`plain_linear_residual`.
-    Not differentiable itself."""
-    tensors = [t for t in (x, weight, bias, residual) if t is not None]
-    if UNAVAILABLE is not None or any(t.device.type != "cpu" or t.dtype != x.dtype for t in tensors) or x.dtype not in TRAINING_DTYPES:
+    384] 3.0 -> 2.1 ms). Elsewhere (float32 too: TRAINING_DTYPES; a strided weight, bias or
+    residual, or a residual that broadcasts) :func:`plain_linear_residual`, whose output
+    has the same (contiguous) strides. Not differentiable itself."""
+    if not takes_in_training(x, weight, bias, residual):
         return plain_linear_residual(x, weight, bias, residual)
     x = x.contiguous()
     if residual is not None:
-        return torch.ops.mkldnn._linear_pointwise.binary(x, residual.contiguous(), weight, bias, "add")
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def takes_in_training(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      residual: Optional[torch.Tensor] = None) -> bool:
+    """Whether :func:`linear_in_epilogue` runs oneDNN's linear on these tensors: the
+    private op available, all CPU tensors of one dtype in TRAINING_DTYPES, weight, bias and
+    residual contiguous, and the residual of the output's shape."""
+    tensors = [t for t in (x, weight, bias, residual) if t is not None]
+    if UNAVAILABLE is not None or x.dtype not in TRAINING_DTYPES or any(t.device.type != "cpu" or t.dtype != x.dtype for t in tensors):
+        return False
+    if not all(t.is_contiguous() for t in tensors[1:]):
+        return False
+    return residual is None or tuple(residual.shape) == (*x.shape[:-1], weight.shape[0])
 
 
 def linear_backward(grad_out: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, needs):
@@ -249,7 +265,7 @@ torch.library.register_fake(f"{NAMESPACE}::linear_residual", plain_linear_residu
 
 def _setup_linear_residual(ctx, inputs, output):
     x, weight, _, _ = inputs
-    ctx.save_for_backward(x, weight)
+    ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)  # x only for the weight's gradient
 
 
 def _linear_residual_backward(ctx, grad_out):
@@ -262,14 +278,16 @@ torch.library.register_autograd(f"{NAMESPACE}::linear_residual", _linear_residua
                                 setup_context=_setup_linear_residual, lib=_lib)
 
 
-def fuses_in_training(x: torch.Tensor, backend: Optional[str] = None) -> bool:
-    """Whether a Linear with a skip connection on ``x`` runs as ``linear_residual`` (see
-    the module docstring): backend ``"cpu"`` or ``"auto"``, a CPU tensor of TRAINING_DTYPES, grad
+def fuses_in_training(linear: nn.Linear, x: torch.Tensor, residual: torch.Tensor, backend: Optional[str] = None) -> bool:
+    """Whether ``linear`` on ``x`` with the skip connection ``residual`` runs as
+    ``linear_residual`` (see the module docstring): backend ``"cpu"`` or ``"auto"``, grad
     mode on, not while ``torch.compile`` traces (inductor fuses the plain ops it sees) nor
-    under CPU autocast (whose casts the op would bypass)."""
-    if UNAVAILABLE is not None or not torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
+    under CPU autocast (whose casts the op would bypass), and tensors that
+    :func:`takes_in_training` (CPU, one dtype of TRAINING_DTYPES, the residual of the
+    output's shape)."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
         return False
-    return (backend or backends.get_backend()) in FUSING_BACKENDS and x.device.type == "cpu" and x.dtype in TRAINING_DTYPES
+    return (backend or backends.get_backend()) in FUSING_BACKENDS and takes_in_training(x, linear.weight, linear.bias, residual)
 
 
 # The fused paths split their work so that an intermediate (an MLP's fc1 output, an
@@ -339,7 +357,7 @@ class Linear(nn.Linear):
         if self.fuses(x, residual):
             return fused_linear(self, x, activation, residual)
         if residual is not None:
-            if fuses_in_training(x, self.backend):
+            if fuses_in_training(self, x, residual, self.backend):
                 return torch.ops.hiera_kernels.linear_residual(x, self.weight, self.bias, residual)
             return plain_linear_residual(x, self.weight, self.bias, residual)
         return plain_linear(x, self.weight, self.bias, activation)

@@ -150,8 +150,11 @@ def mark_extra_outputs(ctx, *extras) -> None:
 
 
 def needs_first_gradient(backward):
-    """A backward of an op whose setup called :func:`mark_extra_outputs`: where its first
-    output got no gradient either (None), no input gets one."""
+    """A backward of an op whose setup called :func:`mark_extra_outputs` (autograd then
+    passes None for any output without a gradient, as ``set_materialize_grads(False)``
+    documents): where the first output got none either, no input gets one. (The extra
+    outputs never carry a gradient, so autograd runs the backward only once the first
+    does; this keeps the backward correct without relying on that.)"""
     @functools.wraps(backward)
     def wrapped(ctx, grad, *extra_grads):
         if grad is None:
@@ -276,8 +279,8 @@ def _layer_norm_backward_fake(grad_y, x, mean, rstd, weight, output_mask):
 # A C++ CPU kernel only (csrc/cpu/gelu.cpp): the exact GELU of h recomputed together with
 # its backward, (gelu(h), grad_out * gelu'(h)), in one pass, and where bias_grad also
 # grad_h summed over every dim but the last (fc1's bias gradient when h is fc1's output;
-# else an empty [0] tensor); used inside the backward of hiera_kernels.recompute's
-# layer_norm_mlp (so not itself differentiable, like the other *_backward ops).
+# else an empty [0] tensor); not itself differentiable, like the other *_backward ops. The
+# backward of hiera_kernels.recompute's layer_norm_mlp runs its in-place form below.
 _lib.define("gelu_recompute_backward(Tensor grad_out, Tensor h, bool bias_grad=False) -> (Tensor, Tensor, Tensor)")
 
 

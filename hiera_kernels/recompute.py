@@ -110,9 +110,7 @@ def _backward_layer_norm_linear(ctx, grad_out, _grad_mean, _grad_rstd):
 
 
 def _setup_layer_norm_mlp(ctx, inputs, output):
-    # (``residual`` is among the inputs only where the caller passed it.)
-    x, norm_weight, norm_bias, ctx.eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, ctx.approximate = inputs[:9]
-    ctx.residual = inputs[9] if len(inputs) > 9 else False
+    x, norm_weight, norm_bias, ctx.eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, ctx.approximate, ctx.residual = inputs
     _, mean, rstd, h = output
     mark_extra_outputs(ctx, mean, rstd, h)
     ctx.save_for_backward(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, mean, rstd, h)
@@ -134,6 +132,7 @@ def gelu_recompute_backward(grad_a: torch.Tensor, h: torch.Tensor, approximate: 
 
 def _backward_layer_norm_mlp(ctx, grad_out, _grad_mean, _grad_rstd, _grad_h):
     x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, mean, rstd, h = ctx.saved_tensors
+    # (needs_input_grad has no entry for ``residual`` where the caller left it out.)
     needs_x, needs_nw, needs_nb, _, needs_w1, needs_b1, needs_w2, needs_b2, _ = ctx.needs_input_grad[:9]
     norm_needs = (needs_x, needs_nw, needs_nb)
     y = None

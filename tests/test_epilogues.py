@@ -251,7 +251,8 @@ def test_training_linear_with_residual_passes_the_error_rule(dtype):
         out.backward(grad.to(dt))
         return [out.detach(), xs.grad, ss.grad, mod.weight.grad, mod.bias.grad]
 
-    assert epilogues.fuses_in_training(x.to(dtype), "cpu") and not epilogues.fuses_in_training(x.to(dtype), "torch")
+    mod, xd, sd = copy.deepcopy(m).to(dtype), x.to(dtype), skip.to(dtype)
+    assert epilogues.fuses_in_training(mod, xd, sd, "cpu") and not epilogues.fuses_in_training(mod, xd, sd, "torch")
     for name, o, t, r in zip(["out", "x", "residual", "weight", "bias"], run("cpu", dtype), run("torch", dtype),
                              run("torch", torch.float64)):
         verdict = error_rule.judge(o, t, r)
@@ -273,12 +274,28 @@ def test_linear_residual_op_checks_and_compiles():
 
 
 def test_training_keeps_the_plain_path_where_the_op_does_not_apply():
-    x = torch.randn(2, 5, 96)
-    assert not epilogues.fuses_in_training(x.double(), "cpu")  # not a dtype of the fused path
-    assert not epilogues.fuses_in_training(x, "cpu")  # float32 keeps ATen's GEMM (TRAINING_DTYPES)
-    x = x.bfloat16()
-    assert not epilogues.fuses_in_training(x, None) or hk.get_backend() in epilogues.FUSING_BACKENDS
+    m = linear(dtype=torch.bfloat16)
+    x, skip = torch.randn(2, 5, 96, dtype=torch.bfloat16), torch.randn(2, 5, 288, dtype=torch.bfloat16)
+    assert epilogues.fuses_in_training(m, x, skip, "cpu")
+    assert not epilogues.fuses_in_training(copy.deepcopy(m).float(), x.float(), skip.float(), "cpu")  # float32: ATen's GEMM
+    assert not epilogues.fuses_in_training(m, x, skip.float(), "cpu")  # a residual of another dtype
+    assert not epilogues.fuses_in_training(m, x, skip[0, 0], "cpu")  # a residual that broadcasts
+    assert not epilogues.fuses_in_training(m, x, skip.transpose(0, 1).contiguous().transpose(0, 1), "cpu")  # strided
     with torch.no_grad():
-        assert not epilogues.fuses_in_training(x, "cpu")  # inference: the packed path instead
+        assert not epilogues.fuses_in_training(m, x, skip, "cpu")  # inference: the packed path instead
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not epilogues.fuses_in_training(x, "cpu")
+        assert not epilogues.fuses_in_training(m, x, skip, "cpu")
+
+
+@pytest.mark.parametrize("skip_shape", [(288,), (2, 5, 288)])
+def test_training_linear_with_a_mixed_or_broadcast_residual_runs_the_plain_path(skip_shape):
+    """A bfloat16 Linear with a float32 or broadcast residual: the plain sum (promoted to
+    float32 or broadcast, as autograd's path gives), and a backward that runs."""
+    m = linear(dtype=torch.bfloat16)
+    x = torch.randn(2, 5, 96, dtype=torch.bfloat16, requires_grad=True)
+    skip = torch.randn(skip_shape, requires_grad=True)
+    out = m(x, residual=skip)
+    want = skip + F.linear(x, m.weight, m.bias)
+    assert out.dtype == want.dtype and torch.equal(out, want)
+    out.sum().backward()
+    assert x.grad is not None and skip.grad is not None and m.weight.grad is not None

@@ -74,7 +74,7 @@ def classifier_parity(theirs, ours, x):
     results = []
     for model in (ours, theirs, copy.deepcopy(theirs).double()):  # the float64 official: the reference
         dtype = next(model.parameters()).dtype
-        xi = x.to(dtype).requires_grad_()
+        xi = x.detach().to(dtype, copy=True).requires_grad_()
         loss = (model(xi) * weights.to(dtype)).sum()
         results.append(torch.autograd.grad(loss, [xi] + list(model.parameters())))
     names = ["input"] + [n for n, _ in ours.named_parameters()]

@@ -357,6 +357,9 @@ def test_gelu_recompute_backward_non_finite_empty_and_errors():
         gelu_op(torch.ones(()), torch.ones(()), True)
     with pytest.raises(RuntimeError, match=r"gelu_recompute_backward_: grad_out must be contiguous"):
         torch.ops.hiera_kernels.gelu_recompute_backward_(torch.ones(4, 6).t(), torch.ones(6, 4))
+    shared = torch.ones(6, 4)
+    with pytest.raises(RuntimeError, match="unsupported operation"):  # ATen's overlap check: h must not be overwritten
+        torch.ops.hiera_kernels.gelu_recompute_backward_(shared, shared)
     torch.library.opcheck(gelu_op, (torch.randn(3, 7), torch.randn(3, 7)))
     torch.library.opcheck(gelu_op, (torch.randn(3, 7), torch.randn(3, 7), True))
     torch._dynamo.reset()

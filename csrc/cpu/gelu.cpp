@@ -88,8 +88,8 @@ std::tuple<at::Tensor, at::Tensor> gelu_recompute_backward_in_place_cpu(at::Tens
   check_arguments(op, grad_out, h_in, bias_grad);
   TORCH_CHECK(grad_out.is_contiguous(), op, ": grad_out must be contiguous (it is overwritten with grad_h), got strides ",
               grad_out.strides());
+  at::assert_no_overlap(grad_out, h_in);  // h is read, not written: it must not share memory with grad_out
   const at::Tensor h = h_in.contiguous();
-  at::assert_no_partial_overlap(grad_out, h);
   at::Tensor out = at::empty(h.sizes(), h.options());
   at::Tensor grad_bias = gelu_recompute_backward_into(op, grad_out, h, bias_grad, out, grad_out);
   return {out, grad_bias};
