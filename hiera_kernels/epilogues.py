@@ -155,18 +155,25 @@ def hooked(module: nn.Module) -> bool:
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")
 
 
+def _fusing_here(backend: Optional[str]) -> bool:
+    """What both fused paths (inference's :func:`fuses`, training's
+    :func:`fuses_in_training`) need whatever the tensors: the private ops usable, a backend
+    of FUSING_BACKENDS (None: the global default), not while ``torch.compile`` traces
+    (inductor fuses the plain ops it sees) nor under CPU autocast (F.linear computes in the
+    autocast dtype; the private op would not)."""
+    if UNAVAILABLE is not None or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
+        return False
+    return (backend or backends.get_backend()) in FUSING_BACKENDS
+
+
 def fuses(linear: nn.Linear, x: torch.Tensor, residual: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> bool:
     """Whether ``linear`` on ``x`` (and ``residual``) takes the fused path on ``backend``
     (None: the global default); see the module docstring. Only ``nn.Linear`` itself or
     :class:`Linear`, and one without hooks (:func:`hooked`): a subclass or a hook computes
     something else or must see the call, so those keep the plain path."""
-    # Under CPU autocast F.linear computes in the autocast dtype; the private op would not.
-    if UNAVAILABLE is not None or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
+    if not _fusing_here(backend) or type(linear) not in (nn.Linear, Linear) or hooked(linear):
         return False
-    if type(linear) not in (nn.Linear, Linear) or hooked(linear):
-        return False
-    name = backend or backends.get_backend()
-    if name not in FUSING_BACKENDS or x.device.type != "cpu" or x.dtype not in DTYPES:
+    if x.device.type != "cpu" or x.dtype not in DTYPES:
         return False
     w, b = linear.weight, linear.bias
     if w.dtype != x.dtype or w.device.type != "cpu" or (b is not None and b.dtype != x.dtype):
@@ -280,14 +287,11 @@ torch.library.register_autograd(f"{NAMESPACE}::linear_residual", _linear_residua
 
 def fuses_in_training(linear: nn.Linear, x: torch.Tensor, residual: torch.Tensor, backend: Optional[str] = None) -> bool:
     """Whether ``linear`` on ``x`` with the skip connection ``residual`` runs as
-    ``linear_residual`` (see the module docstring): backend ``"cpu"`` or ``"auto"``, grad
-    mode on, not while ``torch.compile`` traces (inductor fuses the plain ops it sees) nor
-    under CPU autocast (whose casts the op would bypass), and tensors that
-    :func:`takes_in_training` (CPU, one dtype of TRAINING_DTYPES, the residual of the
-    output's shape)."""
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
-        return False
-    return (backend or backends.get_backend()) in FUSING_BACKENDS and takes_in_training(x, linear.weight, linear.bias, residual)
+    ``linear_residual`` (see the module docstring): grad mode on, where
+    :func:`_fusing_here` (backend ``"cpu"`` or ``"auto"``, not under ``torch.compile`` nor
+    CPU autocast), and tensors that :func:`takes_in_training` (CPU, one dtype of
+    TRAINING_DTYPES, the residual of the output's shape)."""
+    return torch.is_grad_enabled() and _fusing_here(backend) and takes_in_training(x, linear.weight, linear.bias, residual)
 
 
 # The fused paths split their work so that an intermediate (an MLP's fc1 output, an

@@ -146,8 +146,7 @@ def _backward_layer_norm_mlp(ctx, grad_out, _grad_mean, _grad_rstd, _grad_h):
     # largest activations) and freed before fc1's backward allocates its own; fc1's bias
     # gradient is summed in the same pass.
     a, grad_h, grad_fc1_bias = gelu_recompute_backward((g2 @ fc2_weight).view(h.shape), h, ctx.approximate, needs_b1)
-    grad_fc2_weight = g2.t() @ a.reshape(-1, a.shape[-1]) if needs_w2 else None
-    grad_fc2_bias = g2.sum(0) if needs_b2 else None
+    _, grad_fc2_weight, grad_fc2_bias = linear_backward(g2, a, fc2_weight, (False, needs_w2, needs_b2))
     del a
     if y is None:
         y = native_layer_norm(x, norm_weight, norm_bias, ctx.eps)[0]
