@@ -295,15 +295,16 @@ def fuses_in_training(linear: nn.Linear, x: torch.Tensor, residual: torch.Tensor
 
 
 # The fused paths split their work so that an intermediate (an MLP's fc1 output, an
-# attention's qkv) is at most this many bytes at a time. Hiera-B/224 at batch 8 in fp32
-# has a [25088, 384] stage-1 MLP hidden (38.5 MB) and a [8, 3136, 576] qkv in its first
-# pooled block (57.8 MB): over glibc's largest mmap threshold (32 MB), so malloc maps them
-# afresh and the kernel faults and zeroes their pages on every call (alone: the stage-1
-# MLP 20 -> 9-13 ms in 3-4 chunks of rows; that block's qkv and attention 25.8 -> 9.2-9.7
-# ms in 2-4 chunks of images; the same bits). In chunks the intermediate also stays in L3
-# (bf16 stage-1 MLP 5.9 -> 5.4 ms). Below it nothing is split: smaller GEMMs lose more
-# than they gain (fp32 stage-3 MLP, 9 MB: 8.0 ms whole, 8.3 in two).
-CHUNK_BYTES = 16 << 20
+# attention's qkv) is at most this many bytes at a time. Hiera-B/224 at batch 8 has a
+# [25088, 384] stage-1 MLP hidden (fp32 36.75 MiB, bf16 18.4) and [8, 3136, 288] /
+# [8, 3136, 576] qkvs in stage 1 and its first pooled block (bf16 13.8 / 27.6 MiB). glibc
+# maps a buffer that large afresh (over its mmap threshold, or freed back past its trim
+# threshold), so the kernel faults and zeroes its pages on every call: 6-30 thousand
+# faults a step. In chunks of a few MiB the intermediates come from the heap and stay in
+# L3. Interleaved in one process (Hiera-B/224 batch 8 inference, 10-12 rounds, paired
+# medians against 16 MiB): bf16 8 MiB 0.94-0.96, 6 MiB 0.94-0.95, 4 MiB 0.97; fp32 8 MiB
+# 0.95-0.97, 6 MiB 0.95, 4 MiB 0.96. The same bits at any size (tests/test_epilogues.py).
+CHUNK_BYTES = 6 << 20
 
 
 def chunk_count(items: int, item_elements: int, dtype: torch.dtype) -> int:

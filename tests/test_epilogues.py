@@ -127,10 +127,11 @@ def test_run_in_chunks_splits_evenly_within_the_bound():
 
 def test_chunk_count_bounds_the_intermediate():
     fp32_hidden = 25088 * 384 * 4  # Hiera-B/224 stage-1 MLP at batch 8: 36.75 MiB
-    assert epilogues.chunk_count(25088, 384, torch.float32) == -(-fp32_hidden // epilogues.CHUNK_BYTES) == 3
-    assert epilogues.chunk_count(25088, 384, torch.bfloat16) == 2
-    assert epilogues.chunk_count(1568, 1536, torch.float32) == 1  # stage 3, 9.2 MiB: whole
-    assert epilogues.chunk_count(8, 3136 * 576, torch.float32) == 4  # the first pooled block's qkv, 55 MiB
+    assert epilogues.chunk_count(25088, 384, torch.float32) == -(-fp32_hidden // epilogues.CHUNK_BYTES) == 7
+    assert epilogues.chunk_count(25088, 384, torch.bfloat16) == 4
+    assert epilogues.chunk_count(1568, 1536, torch.bfloat16) == 1  # stage 3, 4.6 MiB: whole
+    assert epilogues.chunk_count(1568, 1536, torch.float32) == 2  # 9.2 MiB
+    assert epilogues.chunk_count(8, 3136 * 576, torch.float32) == 8  # the first pooled block's qkv, 55 MiB: an image each
     assert epilogues.chunk_count(0, 384, torch.float32) == 1 and epilogues.chunk_count(3, 1 << 30, torch.float32) == 3
 
 
