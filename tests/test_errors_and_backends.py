@@ -11,7 +11,7 @@ import torch
 
 import hiera_kernels as hk
 from hiera_kernels import BackendError, library, ops
-from hiera_kernels.backends import choose
+from hiera_kernels.backends import EXTENSION, choose
 
 from helpers import kernel_for, without_interpreter
 
@@ -241,3 +241,23 @@ def test_raw_ops_check_every_argument(key, op, make_args, message):
         pytest.skip("hiera_kernels._C was built without its CUDA entry points (no nvcc, or HIERA_KERNELS_SKIP_CUDA=1)")
     with pytest.raises(RuntimeError, match=message):
         kernel_for(key, op, *make_args())
+
+
+def test_cpu_attention_backwards_refuse_an_argmax_past_the_candidates():
+    """The C++ CPU backwards gather each pooled query from the candidate its q_argmax byte
+    names: a byte at or past the candidate count (q_stride for mask units, q_stride^2 for
+    SAM 2's windows) would read another row or past qkv, so it is refused with its value."""
+    if not EXTENSION.loaded:
+        pytest.skip("the C++ extension is not built")
+    args = list(attention_args(q_stride=4))
+    args[4] = args[4].clone()
+    kernel_for("CPU", "mask_unit_attention_backward", *args)  # the forward's own argmax: fine
+    args[4][1, 3, 5] = 4
+    with pytest.raises(RuntimeError, match=rf"{BWD}: q_argmax must hold candidate indices in \[0, 4\) \(the forward's query argmax\), got 4"):
+        kernel_for("CPU", "mask_unit_attention_backward", *args)
+    qkv, pad = torch.randn(1, 5, 6, 48), torch.randn(48)
+    out, lse, q_argmax = library.OPS["window_attention"](qkv, pad, 2, 4, 2)
+    q_argmax = q_argmax.clone()
+    q_argmax[0, 1, 2, 7] = 255
+    with pytest.raises(RuntimeError, match=r"hiera_kernels::window_attention_backward: q_argmax must hold candidate indices in \[0, 4\) \(the forward's query argmax\), got 255"):
+        kernel_for("CPU", "window_attention_backward", torch.randn_like(out), qkv, pad, out, lse, q_argmax, 2, 4, 2)

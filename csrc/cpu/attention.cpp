@@ -60,6 +60,18 @@ void run_backward(const CpuKernels::Attention<Layout>& kernels, CpuDtype dtype, 
   });
 }
 
+// The backward gathers each pooled query from the q candidate its q_argmax byte names, so
+// a byte at or past the candidate count (a q_argmax the forward did not make) would read
+// another row or past qkv's end: refused, with the largest one found. (CUDA's kernels
+// cannot raise without a host sync; they read such a candidate as 0.)
+template <typename Layout>
+void check_argmax_values(const char* op, const Layout& L, const at::Tensor& argmax) {
+  if (L.candidate_count() == 1 || argmax.numel() == 0) return;
+  const int64_t largest = argmax.max().item<uint8_t>();
+  TORCH_CHECK(largest < L.candidate_count(), op, ": q_argmax must hold candidate indices in [0, ", L.candidate_count(),
+              ") (the forward's query argmax), got ", largest);
+}
+
 at::Tensor empty_argmax(const at::Tensor& out, int64_t q_stride) {
   return q_stride > 1 ? at::empty(out.sizes(), out.options().dtype(at::kByte))
                       : at::empty({0}, out.options().dtype(at::kByte));
@@ -85,6 +97,7 @@ at::Tensor mask_unit_attention_backward_cpu(const at::Tensor& grad_out, const at
   constexpr const char* op = "hiera_kernels::mask_unit_attention_backward";
   const AttentionLayout L =
       check_attention_backward_args(op, grad_out, qkv_in, out, lse, argmax, heads, q_stride, windows);
+  check_argmax_values(op, L, argmax);
   const CpuDtype dtype = cpu_dtype(op, qkv_in.scalar_type());
   const at::Tensor qkv = qkv_in.contiguous();
   at::Tensor grad_qkv = at::empty_like(qkv);  // every element is written once
@@ -118,6 +131,7 @@ std::tuple<at::Tensor, at::Tensor> window_attention_backward_cpu(const at::Tenso
   constexpr const char* op = "hiera_kernels::window_attention_backward";
   const WindowLayout L = check_window_attention_backward_args(op, grad_out, qkv_in, pad_in, out, lse, argmax, heads,
                                                               window_size, q_stride);
+  check_argmax_values(op, L, argmax);
   const CpuDtype dtype = cpu_dtype(op, qkv_in.scalar_type());
   const at::Tensor qkv = qkv_in.contiguous(), pad = pad_in.contiguous();
   // Keys and values are written once each; q rows only where a stored query pools

@@ -257,7 +257,9 @@ __device__ inline bool load_queries(T* tile, int capacity, const Layout& L, cons
         const int d = lane + 32 * k;
         if (d >= hd) continue;
         const int64_t c = candidates > 1 ? argmax_in[out + d] : 0;
-        value[k] = qkv[L.candidate_offset(b, h, i, w, c) + d];
+        // A byte past the candidates (a q_argmax the forward did not make; the CPU entry
+        // points refuse it) would read another row or past qkv: it stays 0 instead.
+        if (c < candidates) value[k] = qkv[L.candidate_offset(b, h, i, w, c) + d];
       }
     }
 #pragma unroll
