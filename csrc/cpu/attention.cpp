@@ -84,8 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_unit_attention_cpu(const at:
   const CpuDtype dtype = cpu_dtype(op, qkv_in.scalar_type());
   const at::Tensor qkv = qkv_in.contiguous();
   at::Tensor out = at::empty({L.batch, L.queries * L.windows, L.dim}, qkv.options());
-  at::Tensor lse = at::empty({L.batch, L.heads, L.windows, L.queries},
-                             qkv.options().dtype(attention_lse_dtype(qkv.scalar_type())));
+  at::Tensor lse = new_attention_lse(qkv, L);
   at::Tensor argmax = empty_argmax(out, q_stride);
   if (out.numel() > 0) run_forward(cpu_kernels().mask_unit_attention, dtype, L, qkv, nullptr, out, lse, argmax);
   return {out, lse, argmax};
@@ -115,8 +114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_cpu(const at::Te
   const CpuDtype dtype = cpu_dtype(op, qkv_in.scalar_type());
   const at::Tensor qkv = qkv_in.contiguous(), pad = pad_in.contiguous();
   at::Tensor out = at::empty({L.batch, L.out_h, L.out_w, L.dim}, qkv.options());
-  at::Tensor lse = at::empty({L.batch, L.heads, L.windows, L.queries},
-                             qkv.options().dtype(attention_lse_dtype(qkv.scalar_type())));
+  at::Tensor lse = new_attention_lse(qkv, L);
   at::Tensor argmax = empty_argmax(out, q_stride);
   if (out.numel() > 0)
     run_forward(cpu_kernels().window_attention, dtype, L, qkv, pad.const_data_ptr(), out, lse, argmax);

@@ -77,8 +77,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_unit_attention_cuda(const at
   const c10::cuda::CUDAGuard guard(qkv_in.device());
   const at::Tensor qkv = qkv_in.contiguous();
   at::Tensor out = at::empty({L.batch, L.queries * L.windows, L.dim}, qkv.options());
-  at::Tensor lse = at::empty({L.batch, L.heads, L.windows, L.queries},
-                             qkv.options().dtype(attention_lse_dtype(qkv.scalar_type())));
+  at::Tensor lse = new_attention_lse(qkv, L);
   at::Tensor argmax = q_stride > 1 ? at::empty({L.batch, L.queries * L.windows, L.dim}, qkv.options().dtype(at::kByte))
                                    : at::empty({0}, qkv.options().dtype(at::kByte));
   if (out.numel() == 0) return {out, lse, argmax};
@@ -136,8 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_cuda(const at::T
   const c10::cuda::CUDAGuard guard(qkv_in.device());
   const at::Tensor qkv = qkv_in.contiguous(), pad = pad_in.contiguous();
   at::Tensor out = at::empty({L.batch, L.out_h, L.out_w, L.dim}, qkv.options());
-  at::Tensor lse = at::empty({L.batch, L.heads, L.windows, L.queries},
-                             qkv.options().dtype(attention_lse_dtype(qkv.scalar_type())));
+  at::Tensor lse = new_attention_lse(qkv, L);
   at::Tensor argmax = q_stride > 1 ? at::empty({L.batch, L.out_h, L.out_w, L.dim}, qkv.options().dtype(at::kByte))
                                    : at::empty({0}, qkv.options().dtype(at::kByte));
   if (out.numel() == 0) return {out, lse, argmax};

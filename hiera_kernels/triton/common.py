@@ -4,6 +4,7 @@ MMA-operand rule, and the launch hook that the AOT compile check records through
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 from typing import Callable, List, Optional
@@ -74,6 +75,18 @@ def check_tensor(op: str, name: str, t, *, device: torch.device, device_of: str,
     if tuple(t.shape) != tuple(shape):
         names = f"[{shape_names}] = " if shape_names else ""
         raise ValueError(f"{op}: {name} must be {names}{list(shape)}, got {list(t.shape)}")
+
+
+def new_attention_lse(qkv: torch.Tensor, g) -> torch.Tensor:
+    """The forward's log-sum-exp [B, heads, windows, queries] in float32 for geometry ``g``
+    (either attention's). The kernels write every element, except where C = 0: then out is
+    empty and no kernel runs, but every score is an empty dot product, 0, so each query's
+    softmax is uniform over its window's g.keys keys (as SDPA's is for E = 0): lse =
+    log(keys). The C++ backends' new_attention_lse (attention_checks.h) does the same."""
+    lse = qkv.new_empty((g.batch, g.heads, g.windows, g.queries), dtype=torch.float32)
+    if g.dim == 0:
+        lse.fill_(math.log(g.keys))
+    return lse
 
 
 def next_power_of_2(n: int) -> int:

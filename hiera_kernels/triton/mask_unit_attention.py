@@ -51,7 +51,8 @@ import triton
 import triton.language as tl
 from triton.runtime.autotuner import Autotuner
 
-from .common import INTERPRETED, TL_DTYPES, check_tensor, dtype_name, launch, mma_operand, next_power_of_2
+from .common import (INTERPRETED, TL_DTYPES, check_tensor, dtype_name, launch, mma_operand, new_attention_lse,
+                     next_power_of_2)
 from .query_pool import MAX_STRIDE, pool_takes
 
 LOG2E = tl.constexpr(1.4426950408889634)  # scores run in base 2: exp(x) = exp2(x * LOG2E)
@@ -479,7 +480,7 @@ def forward(qkv: torch.Tensor, heads: int, q_stride: int, windows: int):
     g = Geometry("hiera_kernels::mask_unit_attention_triton", qkv, heads, q_stride, windows)
     qkv = qkv.contiguous()
     out = qkv.new_empty((g.batch, g.queries * windows, g.dim))
-    lse = qkv.new_empty((g.batch, heads, windows, g.queries), dtype=torch.float32)
+    lse = new_attention_lse(qkv, g)
     q_argmax = qkv.new_empty((g.batch, g.queries * windows, g.dim) if q_stride > 1 else (0,), dtype=torch.uint8)
     if out.numel() == 0:
         return out, lse, q_argmax

@@ -66,7 +66,7 @@ import triton
 import triton.language as tl
 
 from ..reference import window_grid
-from .common import TL_DTYPES, check_tensor, dtype_name, launch, mma_operand, next_power_of_2
+from .common import TL_DTYPES, check_tensor, dtype_name, launch, mma_operand, new_attention_lse, next_power_of_2
 from .mask_unit_attention import (BACKWARD_BLOCK_M, BACKWARD_BLOCK_N, BACKWARD_CONFIGS, FORWARD_CONFIGS, LOG2E,
                                   MAX_HEAD_DIM, Geometry, _autotune, _configs, _forward_block, _head_columns,
                                   _lse_rows, _product, _program, _slot_rows, _softmax_grads, _tile_plan, tiling)
@@ -387,9 +387,9 @@ def forward(qkv: torch.Tensor, pad: torch.Tensor, heads: int, window_size: int, 
     g = WindowGeometry("hiera_kernels::window_attention_triton", qkv, pad, heads, window_size, q_stride)
     qkv, pad = qkv.contiguous(), pad.contiguous()
     out = qkv.new_empty((g.batch, g.layout.out_h, g.layout.out_w, g.dim))
-    lse = qkv.new_empty((g.batch, heads, g.windows, g.queries), dtype=torch.float32)
+    lse = new_attention_lse(qkv, g)
     q_argmax = qkv.new_empty(out.shape if q_stride > 1 else (0,), dtype=torch.uint8)
-    if g.batch == 0:
+    if out.numel() == 0:
         return out, lse, q_argmax
     # packed, q_pad and k_pad do not depend on the block sizes (see mask_unit_attention.forward).
     first = FORWARD_CONFIGS[0].kwargs
@@ -413,7 +413,7 @@ def backward(grad_out, qkv, pad, out, lse, q_argmax, heads: int, window_size: in
     check_tensor(op, "q_argmax", q_argmax, **on, dtype=torch.uint8, **out_shape)
     qkv, pad, out, grad_out, lse, q_argmax = (t.contiguous() for t in (qkv, pad, out, grad_out, lse, q_argmax))
     grad_qkv = torch.empty_like(qkv)
-    if g.batch == 0:
+    if grad_qkv.numel() == 0:  # no batch, or C = 0
         return grad_qkv, torch.zeros_like(pad)
     # The q part of tokens that no stored query pools from (see the module docstring).
     grad_qkv[:, g.layout.out_h * q_stride:, :, : g.dim].zero_()

@@ -5,8 +5,10 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <vector>
 
 #include "hiera_kernels/attention_layout.h"
@@ -19,6 +21,18 @@ namespace hiera_kernels {
 // The log-sum-exp is saved in the accumulation type: float32, or float64 for float64.
 inline at::ScalarType attention_lse_dtype(at::ScalarType qkv_dtype) {
   return qkv_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The forward's log-sum-exp [B, heads, windows, queries] (either layout). The kernels
+// write every element, except where C = 0: then out is empty and no kernel runs, but lse
+// is not: every score is an empty dot product, 0, so each query's softmax is uniform over
+// its window's per_window keys (as SDPA's is for E = 0) and lse = log(per_window).
+template <typename Layout>
+at::Tensor new_attention_lse(const at::Tensor& qkv, const Layout& L) {
+  at::Tensor lse = at::empty({L.batch, L.heads, L.windows, L.queries},
+                             qkv.options().dtype(attention_lse_dtype(qkv.scalar_type())));
+  if (L.dim == 0) lse.fill_(std::log(static_cast<double>(L.per_window)));
+  return lse;
 }
 
 // qkv [B, N, 3 * C] in a float dtype, split into `windows` windows of N / windows
