@@ -25,7 +25,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     import hiera as official
     import timm
-    from transformers import HieraConfig, HieraForImageClassification, HieraForPreTraining, HieraModel
+    from transformers import HieraBackbone, HieraConfig, HieraForImageClassification, HieraForPreTraining, HieraModel
 
 IMAGE = (2, 3, 64, 64)
 VIDEO = (1, 3, 4, 64, 64)
@@ -99,6 +99,9 @@ CASES = {
     "hf-model-hd56": (
         lambda: HieraModel(hf_config(embed_dim=112, num_heads=[2, 4, 8, 16])),
         IMAGE, lambda m, x: m(x, output_hidden_states=True)),
+    "hf-backbone": (  # every stage's feature map, each through its hidden_states_norms LayerNorm
+        lambda: HieraBackbone(hf_config(out_features=["stage1", "stage2", "stage3", "stage4"])),
+        IMAGE, lambda m, x: m(x).feature_maps),
     "hf-pretraining": (
         lambda: HieraForPreTraining(hf_config(decoder_hidden_size=32, decoder_depth=1, decoder_num_heads=2)),
         IMAGE, lambda m, x: m(x, noise=torch.linspace(0, 1, 8).view(2, 4), output_hidden_states=True)),
@@ -167,7 +170,7 @@ def _forward_counts(model):
     return sum(hk.adapters.RECORD in vars(m) for m in model.modules())
 
 
-@pytest.mark.parametrize("name", ["official-mae", "timm-abswin", "hf-pretraining"])
+@pytest.mark.parametrize("name", ["official-mae", "timm-abswin", "hf-backbone", "hf-pretraining"])
 def test_patch_keeps_model_and_unpatch_restores_it(name):
     build, shape, fn = CASES[name]
     torch.manual_seed(0)

@@ -1,5 +1,7 @@
 """Adapter for Hugging Face transformers' Hiera (``HieraModel``, ``HieraForImageClassification``,
-``HieraForPreTraining``, ``HieraBackbone``: all built on ``HieraModel`` and its encoder).
+``HieraForPreTraining``, built on ``HieraModel`` and its encoder; ``HieraBackbone``, which
+runs the embeddings and the encoder itself, with no unroll: transformers 5.24 feeds its
+encoder raster-order tokens, and the patched model does the same).
 
 ==================================  ======================================================
 ``HieraModel.forward``              the same forward, with the module-level ``unroll``
