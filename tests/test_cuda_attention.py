@@ -197,6 +197,27 @@ def test_empty_non_contiguous_and_opcheck():
 
 
 @needs_gpu
+def test_an_argmax_byte_past_the_candidates_reads_as_zero():
+    """The CPU backward refuses a q_argmax byte >= the candidate count (see
+    test_errors_and_backends); the CUDA kernels cannot raise without a sync, so they read
+    that pooled query's channel as 0 and route its q gradient to no candidate: nothing is
+    read out of bounds, and the other windows' gradients are those of the true argmax."""
+    qkv = torch.randn(2, 64, 24, device="cuda")  # 2 heads of 4 channels, 4 windows of 16 keys, q_stride 4
+    out, lse, q_argmax = FORWARD(qkv, 2, 4, 4)
+    grad_out = torch.randn_like(out)
+    want = BACKWARD(grad_out, qkv, out, lse, q_argmax, 2, 4, 4)
+    bad = q_argmax.clone()
+    bad[1, 3, 5] = 4  # batch 1, pooled query 0 of window 3 (row i * windows + w), channel 5
+    got = BACKWARD(grad_out, qkv, out, lse, bad, 2, 4, 4)
+    assert got.isfinite().all()
+    candidates = [(s * 4 + 0) * 4 + 3 for s in range(4)]  # tokens (s * queries + i) * windows + w
+    assert (got[1, candidates, 5] == 0).all()
+    window = torch.zeros(2, 64, dtype=torch.bool, device="cuda")
+    window[1, 3::4] = True  # batch 1's window 3: tokens n with n % windows == 3
+    torch.testing.assert_close(got[~window], want[~window], atol=1e-6, rtol=0)
+
+
+@needs_gpu
 def test_float64_is_refused_with_a_reason():
     qkv = torch.randn(1, 64, 48, device="cuda", dtype=torch.float64)
     with pytest.raises(BackendError, match="dtype float64 is not supported"):

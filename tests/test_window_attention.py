@@ -158,18 +158,20 @@ def kernel_ops(backend):
 def test_heads_of_no_channels_give_a_uniform_softmax_in_lse(backend):
     """C = 0: out and grad_qkv are empty and no kernel runs, but lse [B, heads, windows,
     queries] is not: every score is an empty dot product, 0, so each softmax is uniform
-    over the window's keys (SDPA's answer for E = 0) and lse = log(keys per window),
-    for both attentions (it was left uninitialised)."""
+    over the window's keys (SDPA's answer for E = 0) and lse = log(keys per window), for
+    both attentions; their backwards return empty gradients of the inputs' shapes."""
     device = backend_device(backend)
     family = kernel_ops(backend)
     qkv = torch.randn(2, 64, 0, device=device)  # 4 windows of 16 keys, q_stride 4
-    out, lse, _ = family["mask_unit_attention"](qkv, 2, 4, 4)
+    out, lse, q_argmax = family["mask_unit_attention"](qkv, 2, 4, 4)
     assert out.shape == (2, 16, 0) and lse.shape == (2, 2, 4, 4)
     assert torch.equal(lse, torch.full_like(lse, math.log(16)))
+    assert family["mask_unit_attention_backward"](out, qkv, out, lse, q_argmax, 2, 4, 4).shape == qkv.shape
     qkv, pad = torch.randn(1, 5, 6, 0, device=device), torch.randn(0, device=device)
-    for window_size, keys in [(4, 16), (0, 30)]:  # 2 x 2 padded 4 x 4 windows; one global window
+    # 2 x 2 windows of 4 x 4 keys (padded), 2 x 2 queries each; one global window of 30 keys, 2 x 3 queries
+    for window_size, keys, lse_shape in [(4, 16, (1, 2, 4, 4)), (0, 30, (1, 2, 1, 6))]:
         out, lse, q_argmax = family["window_attention"](qkv, pad, 2, window_size, 2)
-        assert out.shape == (1, 2, 3, 0) and lse.shape[:2] == (1, 2)
+        assert out.shape == (1, 2, 3, 0) and lse.shape == lse_shape
         assert torch.equal(lse, torch.full_like(lse, math.log(keys)))
         grad_qkv, grad_pad = family["window_attention_backward"](out, qkv, pad, out, lse, q_argmax, 2, window_size, 2)
         assert grad_qkv.shape == qkv.shape and grad_pad.shape == pad.shape

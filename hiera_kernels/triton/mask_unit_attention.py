@@ -496,7 +496,6 @@ def backward(grad_out, qkv, out, lse, q_argmax, heads: int, q_stride: int, windo
     op = "hiera_kernels::mask_unit_attention_backward_triton"
     g = Geometry(op, qkv, heads, q_stride, windows)
     # The saved tensors must be what the forward made of this qkv (see forward()).
-    out_shape = (g.batch, g.queries * windows, g.dim)
     on = {"device": qkv.device, "device_of": "qkv"}
     out_shape = {"shape": (g.batch, g.queries * windows, g.dim), "shape_names": "B, queries * windows, dim_out"}
     check_tensor(op, "grad_out", grad_out, **on, dtype=qkv.dtype, dtype_of="qkv", **out_shape)

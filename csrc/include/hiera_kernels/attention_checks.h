@@ -23,14 +23,19 @@ inline at::ScalarType attention_lse_dtype(at::ScalarType qkv_dtype) {
   return qkv_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// The forward's log-sum-exp [B, heads, windows, queries] (either layout). The kernels
+// The log-sum-exp's shape [B, heads, windows, queries] (either layout).
+template <typename Layout>
+std::vector<int64_t> attention_lse_shape(const Layout& L) {
+  return {L.batch, L.heads, L.windows, L.queries};
+}
+
+// The forward's log-sum-exp (attention_lse_shape, either layout). The kernels
 // write every element, except where C = 0: then out is empty and no kernel runs, but lse
 // is not: every score is an empty dot product, 0, so each query's softmax is uniform over
 // its window's per_window keys (as SDPA's is for E = 0) and lse = log(per_window).
 template <typename Layout>
 at::Tensor new_attention_lse(const at::Tensor& qkv, const Layout& L) {
-  at::Tensor lse = at::empty({L.batch, L.heads, L.windows, L.queries},
-                             qkv.options().dtype(attention_lse_dtype(qkv.scalar_type())));
+  at::Tensor lse = at::empty(attention_lse_shape(L), qkv.options().dtype(attention_lse_dtype(qkv.scalar_type())));
   if (L.dim == 0) lse.fill_(std::log(static_cast<double>(L.per_window)));
   return lse;
 }
@@ -97,8 +102,7 @@ inline AttentionLayout check_attention_backward_args(const char* op, const at::T
                                                      int64_t heads, int64_t q_stride, int64_t windows) {
   const AttentionLayout L = check_attention_args(op, qkv, heads, q_stride, windows);
   const std::vector<int64_t> out_shape = {L.batch, L.queries * L.windows, L.dim};
-  const std::vector<int64_t> lse_shape = {L.batch, L.heads, L.windows, L.queries};
-  check_forward_outputs(op, qkv, grad_out, out, lse, q_argmax, out_shape, lse_shape, q_stride);
+  check_forward_outputs(op, qkv, grad_out, out, lse, q_argmax, out_shape, attention_lse_shape(L), q_stride);
   return L;
 }
 
@@ -133,8 +137,7 @@ inline WindowLayout check_window_attention_backward_args(const char* op, const a
                                                          int64_t window_size, int64_t q_stride) {
   const WindowLayout L = check_window_attention_args(op, qkv, pad, heads, window_size, q_stride);
   const std::vector<int64_t> out_shape = {L.batch, L.out_h, L.out_w, L.dim};
-  const std::vector<int64_t> lse_shape = {L.batch, L.heads, L.windows, L.queries};
-  check_forward_outputs(op, qkv, grad_out, out, lse, q_argmax, out_shape, lse_shape, q_stride);
+  check_forward_outputs(op, qkv, grad_out, out, lse, q_argmax, out_shape, attention_lse_shape(L), q_stride);
   return L;
 }
 
