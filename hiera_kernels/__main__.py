@@ -8,6 +8,7 @@ import sys
 import torch
 
 from .models import CLASSIFIERS
+from .tools import no_gpu_refusal
 from .tools.sam2_bench import SAM2_MODELS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -41,16 +42,20 @@ def main(argv=None) -> int:
     sub.add_parser("info", help="versions, build, and why each backend is or is not available")
     r = sub.add_parser("report", help="every step (env, check, tests, microbenchmarks, bench, compile metadata) in one time-boxed run")
     r.add_argument("--device", choices=["cuda", "cpu"], required=True)
-    r.add_argument("--quick", action="store_true", help="fewer configurations (on a CPU: ~2-3 min on 2 cores)")
+    r.add_argument("--quick", action="store_true", help="fewer configurations (on a CPU: ~30 s on 2 idle cores)")
     r.add_argument("--budget", type=float, metavar="MINUTES", help="the whole run's time (default 10; 5 with --quick)")
     r.add_argument("--out", required=True, metavar="DIR", help="directory for report.md, report.json and the logs")
     args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["bench"])
+    refusal = no_gpu_refusal(args.command, getattr(args, "device", "cpu"))  # info has no --device
+    if refusal:
+        print(refusal)
+        return 2
 
-    if args.command in (None, "bench"):
+    if args.command == "bench":
         from .tools.bench import bench, bench_patched
 
-        if args.command is None:
-            args = parser.parse_args(["bench"])
         batch = args.batch if args.batch is not None else (1 if args.input_size else 8)
         if args.model in SAM2_MODELS:
             from .tools.sam2_bench import bench_sam2

@@ -76,6 +76,15 @@ def test_cuda_report_without_a_gpu_exits_non_zero_at_once(tmp_path, capsys):
     assert not (tmp_path / "r").exists()  # nothing was run or written
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the refusal without a GPU")
+@pytest.mark.parametrize("command", [["check"], ["bench", "--quick"]])
+def test_cuda_check_and_bench_without_a_gpu_exit_2_saying_why(command, capsys):
+    assert main([*command, "--device", "cuda"]) == 2
+    out = capsys.readouterr().out
+    assert f"{command[0]} --device cuda: no CUDA device is available here" in out
+    assert f"run `python -m hiera_kernels {command[0]} --device cpu`" in out
+
+
 def test_cuda_kernel_usage_parses_cuobjdump():
     text = textwrap.dedent("""
         Fatbin elf code:

@@ -17,7 +17,7 @@ metadata of the kernels that ran), and
   what it got so far is on disk.
 
 ``--device cpu`` runs the same plan for the CPU backends (what CI exercises); with
-``--quick`` it is sized to take ~2-3 minutes on 2 busy cores.
+``--quick`` it takes ~30 s on 2 idle cores (several times that on a busy machine).
 
 The step bodies that run in-process Python (the environment, a check, the masked-MAE
 check, the compile metadata) are this module's ``python -m hiera_kernels.tools.report
@@ -45,6 +45,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
+
+from . import no_gpu_refusal
 
 # The source checkout (tests/ and bench/ live beside the package there).
 ROOT = Path(__file__).resolve().parents[2]
@@ -320,10 +322,9 @@ def report(device: str = "cpu", quick: bool = False, budget_min: Optional[float]
         raise ValueError(f"report: --device must be cuda or cpu, got {device!r}")
     if budget_min <= 0:
         raise ValueError(f"report: --budget must be > 0 minutes, got {budget_min}")
-    if device == "cuda" and not torch.cuda.is_available():
-        print_fn("report --device cuda: no CUDA device is available here (torch.cuda.is_available() is False, "
-                 f"torch {torch.__version__}, CUDA {torch.version.cuda}); nothing was run. "
-                 "On this machine run `python -m hiera_kernels report --device cpu`.")
+    refusal = no_gpu_refusal("report", device)
+    if refusal:
+        print_fn(refusal)
         return 2
     out = Path(out_dir).resolve()
     shutil.rmtree(out / "triton_cache", ignore_errors=True)  # the metadata step lists this run's kernels only
