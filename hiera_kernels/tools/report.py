@@ -46,8 +46,6 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from . import no_gpu_refusal
-
 # The source checkout (tests/ and bench/ live beside the package there).
 ROOT = Path(__file__).resolve().parents[2]
 MIN_STEP_S = 3.0      # below this a step cannot even import torch: not started
@@ -315,17 +313,14 @@ def report(device: str = "cpu", quick: bool = False, budget_min: Optional[float]
            print_fn: Callable[[str], None] = print) -> int:
     """Run the plan for ``device`` within ``budget_min`` minutes (default 5 with ``quick``,
     else 10). Returns 0 when every step passed, 1 when any failed, crashed, was cut short
-    or not run, 2 (at once) for ``cuda`` without a GPU."""
+    or not run. (``python -m hiera_kernels`` refuses ``--device cuda`` without a GPU before
+    calling this, exit 2: :func:`hiera_kernels.tools.no_gpu_refusal`.)"""
     if budget_min is None:
         budget_min = 5.0 if quick else 10.0
     if device not in ("cuda", "cpu"):
         raise ValueError(f"report: --device must be cuda or cpu, got {device!r}")
     if budget_min <= 0:
         raise ValueError(f"report: --budget must be > 0 minutes, got {budget_min}")
-    refusal = no_gpu_refusal("report", device)
-    if refusal:
-        print_fn(refusal)
-        return 2
     out = Path(out_dir).resolve()
     shutil.rmtree(out / "triton_cache", ignore_errors=True)  # the metadata step lists this run's kernels only
     for sub in ("logs", "results"):
