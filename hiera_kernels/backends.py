@@ -134,12 +134,12 @@ def _flat(schedule: Sequence[Sequence[int]]) -> List[int]:
 
 class KernelOpsBackend(Backend):
     """Backends whose kernels are registered on the ops of :mod:`hiera_kernels.library`
-    (``KERNELS``: the C++ family or the Triton family). Their bounds are the C++ ones
-    (csrc/include/hiera_kernels/token_order.h), which the Triton kernels share."""
+    (``KERNELS``: the C++ family or the Triton family). Their bounds are the ops' (library.py,
+    whose C++ copy is csrc/include/hiera_kernels/token_order.h), which the Triton kernels share."""
 
     OPS = ("unroll", "reroll", "query_pool")
     KERNELS = library.OPS
-    MAX_DIMS, MAX_STEPS, MAX_POOL_STRIDE = 4, 8, 256
+    MAX_DIMS, MAX_STEPS, MAX_POOL_STRIDE = library.MAX_DIMS, library.MAX_STEPS, library.MAX_POOL_STRIDE
     MAX_ATTENTION_HEAD_DIM: Optional[int] = None  # no bound
 
     def build_reasons(self):

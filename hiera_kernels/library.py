@@ -38,12 +38,16 @@ The backward ops read what their forward returned: ``query_pool_backward``'s
 ``argmax``, and ``mask_unit_attention_backward``'s ``out``, ``lse`` and ``q_argmax``
 must be exactly the forward's outputs for the same input and arguments (same dtype,
 shape and device; ``q_argmax`` is uint8 [0] when ``q_stride == 1``), and ``grad_out``
-must have ``out``'s dtype and shape. The C++ entry points check every tensor
-argument's dtype, shape and device (csrc/include/hiera_kernels) and raise a
-``RuntimeError`` naming the op, the argument and the numbers. They do not check the
-values: a ``q_argmax`` entry of ``q_stride`` or more makes the attention backward read
-past the query rows of qkv (in ``query_pool_backward`` an argmax of ``stride`` or more
-only drops that gradient).
+must have ``out``'s dtype and shape. The C++ entry points check every argument's dtype,
+shape, device and bounds (csrc/include/hiera_kernels) and raise a ``RuntimeError``
+naming the op, the argument and the numbers. The fakes repeat those checks with the same
+messages (as ``ValueError``; :func:`check_input`, :func:`check_like` and the op checks
+below), so that a traced call fails where eager does instead of returning shapes; the
+Triton family's unroll and reroll fakes excepted (those kernels take wider bounds and
+check them themselves). Of the values, the CPU attention backwards refuse a
+``q_argmax`` byte at or past the candidate count, the CUDA ones read it as 0 (they
+cannot raise without a sync), and ``query_pool_backward`` drops the gradient of an
+argmax of ``stride`` or more.
 
 ``windowed`` order is Reroll-with-a-mask order: unit after unit, each unit's
 tokens in raster order over the unit shape; ``size`` then only gives the number
@@ -53,6 +57,7 @@ of dims. unroll and reroll are each other's inverse and each other's backward.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -60,6 +65,17 @@ from .reference import window_grid
 
 NAMESPACE = "hiera_kernels"
 TRITON_SUFFIX = "_triton"
+
+# A pooled value's argmax is one byte: query_pool's stride and mask_unit_attention's
+# q_stride choose among at most MAX_POOL_STRIDE candidates, window_attention's s x s pool
+# among s * s (s <= MAX_WINDOW_Q_STRIDE). The C++ copy: kMaxPoolStride and
+# kMaxWindowQStride (csrc/include/hiera_kernels/token_order.h); tests check that both
+# refuse the same strides.
+MAX_POOL_STRIDE = 256
+MAX_WINDOW_Q_STRIDE = math.isqrt(MAX_POOL_STRIDE)
+# unroll and reroll take up to MAX_DIMS spatial dims and MAX_STEPS unroll steps (the C++
+# copy: kMaxDims and kMaxSteps, token_order.h).
+MAX_DIMS, MAX_STEPS = 4, 8
 
 SCHEMAS = {
     "unroll": "(Tensor x, int[] size, int[] strides, bool windowed) -> Tensor",
@@ -77,27 +93,142 @@ SCHEMAS = {
 _lib = torch.library.Library(NAMESPACE, "DEF")
 
 
+# ------------------------------------------------------------------ argument checks
+# The C++ entry points' checks (csrc/include/hiera_kernels: tensor_checks.h, pool_args.h,
+# attention_checks.h) with their messages, in Python for the fakes, so that a traced call
+# refuses what eager refuses instead of returning shapes, and for the Triton entry points.
+# They raise ValueError (Python's type for a bad value; the C++ checks raise
+# RuntimeError). Plain ``if``s: on a traced call's symbolic sizes they guard on the sizes,
+# as the shapes the fakes return do.
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def check_input(op: str, name: str, t: torch.Tensor, dims: int, layout: str) -> None:
+    """check_dims and check_float_dtype."""
+    if t.dim() != dims:
+        raise ValueError(f"{op}: {name} must be {layout}, got {t.dim()} dims {list(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{op}: {name} has dtype {_name(t.dtype)}, not one of float32, float16, bfloat16, float64")
+
+
+def check_like(op: str, name: str, t: torch.Tensor, dtype: torch.dtype, why: str, shape, main_name: str,
+               main: torch.Tensor) -> None:
+    """check_dtype, check_shape and check_same_device, in that order."""
+    if t.dtype != dtype:
+        raise ValueError(f"{op}: {name} must be {_name(dtype)}{why}, got {_name(t.dtype)}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}")
+    if t.device != main.device:
+        raise ValueError(f"{op}: {name} must be on {main_name}'s device {main.device}, got one on {t.device}")
+
+
+def check_token_geometry(op: str, x: torch.Tensor, size, strides, windowed: bool) -> None:
+    """unroll and reroll on the C++ kernels: x [B, N, C] holds the grid of mask units that
+    ``size`` and the flat ``strides`` describe, or, windowed, whole mask units
+    (make_token_geometry in geometry.h)."""
+    check_input(op, "x", x, 3, "[B, N, C]")
+    dims = len(size)
+    if not 1 <= dims <= MAX_DIMS:
+        raise ValueError(f"{op}: size must have 1 to {MAX_DIMS} dims, got {dims}")
+    if len(strides) % dims:
+        raise ValueError(f"{op}: strides has {len(strides)} entries, not a multiple of the {dims} spatial dims")
+    if len(strides) // dims > MAX_STEPS:
+        raise ValueError(f"{op}: at most {MAX_STEPS} unroll steps, got {len(strides) // dims}")
+    for s in strides:
+        if s < 1:
+            raise ValueError(f"{op}: strides must be positive, got {s}")
+    unit = [math.prod(strides[d::dims]) for d in range(dims)]
+    tokens = x.shape[1]
+    if windowed:
+        if tokens % math.prod(unit):
+            raise ValueError(f"{op}: N={tokens} is not a whole number of mask units of {math.prod(unit)} tokens")
+        return
+    for d in range(dims):
+        if size[d] % unit[d]:
+            raise ValueError(f"{op}: size[{d}]={size[d]} is not divisible by the schedule's stride product {unit[d]}")
+    if math.prod(size) != tokens:
+        raise ValueError(f"{op}: x has N={tokens} tokens but size {list(size)} holds {math.prod(size)}")
+
+
+def check_pool_stride(op: str, stride: int) -> None:
+    if not 1 <= stride <= MAX_POOL_STRIDE:
+        raise ValueError(f"{op}: stride must be in [1, {MAX_POOL_STRIDE}] (one-byte argmax), got {stride}")
+
+
+def check_attention_args(op: str, tokens: int, width: int, heads: int, q_stride: int, windows: int) -> None:
+    """mask_unit_attention: qkv [B, tokens, width = 3 * heads * head_dim] in ``windows``
+    windows of a multiple of q_stride tokens (check_attention_args in attention_checks.h)."""
+    if heads < 1 or width % (3 * heads):
+        raise ValueError(f"{op}: qkv width {width} is not divisible by 3 * heads = {3 * heads}")
+    if not 1 <= q_stride <= MAX_POOL_STRIDE:
+        raise ValueError(f"{op}: q_stride must be in [1, {MAX_POOL_STRIDE}], got {q_stride}")
+    if windows < 1 or tokens % (windows * q_stride):
+        raise ValueError(f"{op}: N={tokens} does not split into {windows} windows of a multiple of "
+                         f"q_stride={q_stride} tokens")
+
+
+def check_window_attention_args(op: str, qkv: torch.Tensor, pad: torch.Tensor, heads: int, window_size: int,
+                                q_stride: int) -> None:
+    """window_attention: qkv [B, H, W, 3 * C]; window_size 0 (global) or a multiple of
+    q_stride; s * s candidates fit the one-byte argmax; the map holds at least one pooling
+    window; pad [3 * C] like qkv (check_window_attention_args in attention_checks.h)."""
+    _, height, width, channels = qkv.shape
+    if heads < 1 or channels % (3 * heads):
+        raise ValueError(f"{op}: qkv width {channels} is not divisible by 3 * heads = {3 * heads}")
+    if not 1 <= q_stride <= MAX_WINDOW_Q_STRIDE:
+        raise ValueError(f"{op}: q_stride must be in [1, {MAX_WINDOW_Q_STRIDE}] (s * s candidates, one-byte argmax), "
+                         f"got {q_stride}")
+    if window_size < 0 or window_size % q_stride:
+        raise ValueError(f"{op}: window_size must be 0 (global) or a multiple of q_stride={q_stride}, got {window_size}")
+    if height < q_stride or width < q_stride:
+        raise ValueError(f"{op}: the {height}x{width} map is smaller than one {q_stride}x{q_stride} pooling window")
+    check_like(op, "pad", pad, qkv.dtype, " like qkv", (channels,), "qkv", qkv)
+
+
+def check_forward_outputs(op: str, qkv: torch.Tensor, given, expected) -> None:
+    """An attention backward's grad_out, out, lse and q_argmax against what the forward
+    makes of the same arguments (``expected``: its fake's out, lse, q_argmax; grad_out
+    like out), each on qkv's device (check_forward_outputs in attention_checks.h)."""
+    whys = (" like qkv", " like qkv", " (the forward's log-sum-exp)", " (the forward's query argmax)")
+    for name, t, e, why in zip(("grad_out", "out", "lse", "q_argmax"), given, (expected[0], *expected), whys):
+        check_like(op, name, t, e.dtype, why, e.shape, "qkv", qkv)
+
+
 # ----------------------------------------------------------------------------- fake
-def _permutation_fake(x, size, strides, windowed):
+# Each checks its arguments as the kernels' entry points do, then makes the outputs.
+# Each takes ``op``, the op's qualified name (either family's), for its messages.
+def _permutation_fake(x, size, strides, windowed, *, op):
+    if not op.endswith(TRITON_SUFFIX):  # the Triton kernels check their own, wider bounds (triton/token_order.py)
+        check_token_geometry(op, x, size, strides, windowed)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def _query_pool_fake(x, stride):
+def _query_pool_fake(x, stride, *, op):
+    check_input(op, "x", x, 3, "[B, N, C]")
+    check_pool_stride(op, stride)
     B, N, C = x.shape
-    torch._check(N % stride == 0, lambda: f"query_pool: N={N} is not divisible by stride={stride}")
+    if N % stride:
+        raise ValueError(f"{op}: N={N} is not divisible by stride={stride}")
     out = x.new_empty((B, N // stride, C))
     return out, x.new_empty((B, N // stride, C), dtype=torch.uint8)
 
 
-def _query_pool_backward_fake(grad_out, argmax, stride):
+def _query_pool_backward_fake(grad_out, argmax, stride, *, op):
+    check_input(op, "grad_out", grad_out, 3, "[B, N, C]")
+    check_pool_stride(op, stride)
+    check_like(op, "argmax", argmax, torch.uint8, " (query_pool's argmax)", grad_out.shape, "grad_out", grad_out)
     B, N, C = grad_out.shape
     return grad_out.new_empty((B, N * stride, C))
 
 
-def _mask_unit_attention_fake(qkv, heads, q_stride, windows):
+def _mask_unit_attention_fake(qkv, heads, q_stride, windows, *, op):
+    check_input(op, "qkv", qkv, 3, "[B, N, 3 * dim_out]")
     B, N, width = qkv.shape
-    torch._check(width % (3 * heads) == 0, lambda: f"mask_unit_attention: qkv width {width} is not divisible by {3 * heads}")
-    torch._check(N % (windows * q_stride) == 0, lambda: f"mask_unit_attention: N={N} does not split into {windows} windows")
+    check_attention_args(op, N, width, heads, q_stride, windows)
     dim, queries = width // 3, N // (windows * q_stride)
     out = qkv.new_empty((B, queries * windows, dim))
     lse_dtype = torch.float64 if qkv.dtype == torch.float64 else torch.float32  # the accumulation type
@@ -106,13 +237,16 @@ def _mask_unit_attention_fake(qkv, heads, q_stride, windows):
     return out, lse, qkv.new_empty(argmax_shape, dtype=torch.uint8)
 
 
-def _mask_unit_attention_backward_fake(grad_out, qkv, out, lse, q_argmax, heads, q_stride, windows):
+def _mask_unit_attention_backward_fake(grad_out, qkv, out, lse, q_argmax, heads, q_stride, windows, *, op):
+    check_forward_outputs(op, qkv, (grad_out, out, lse, q_argmax),
+                          _mask_unit_attention_fake(qkv, heads, q_stride, windows, op=op))
     return torch.empty_like(qkv, memory_format=torch.contiguous_format)
 
 
-def _window_attention_fake(qkv, pad, heads, window_size, q_stride):
+def _window_attention_fake(qkv, pad, heads, window_size, q_stride, *, op):
+    check_input(op, "qkv", qkv, 4, "[B, H, W, 3 * dim_out]")
+    check_window_attention_args(op, qkv, pad, heads, window_size, q_stride)
     B, H, W, width = qkv.shape
-    torch._check(width % (3 * heads) == 0, lambda: f"window_attention: qkv width {width} is not divisible by {3 * heads}")
     grid = window_grid(H, W, window_size, q_stride)
     out = qkv.new_empty((B, grid.out_h, grid.out_w, width // 3))
     lse_dtype = torch.float64 if qkv.dtype == torch.float64 else torch.float32
@@ -121,7 +255,9 @@ def _window_attention_fake(qkv, pad, heads, window_size, q_stride):
     return out, lse, qkv.new_empty(argmax_shape, dtype=torch.uint8)
 
 
-def _window_attention_backward_fake(grad_out, qkv, pad, out, lse, q_argmax, heads, window_size, q_stride):
+def _window_attention_backward_fake(grad_out, qkv, pad, out, lse, q_argmax, heads, window_size, q_stride, *, op):
+    check_forward_outputs(op, qkv, (grad_out, out, lse, q_argmax),
+                          _window_attention_fake(qkv, pad, heads, window_size, q_stride, op=op))
     return torch.empty_like(qkv, memory_format=torch.contiguous_format), torch.empty_like(pad)
 
 
@@ -232,7 +368,8 @@ def _define_family(suffix: str):
     ops = {}
     for name, schema in SCHEMAS.items():
         _lib.define(name + suffix + schema)
-        torch.library.register_fake(f"{NAMESPACE}::{name}{suffix}", FAKES[name], lib=_lib)
+        qualname = f"{NAMESPACE}::{name}{suffix}"
+        torch.library.register_fake(qualname, functools.partial(FAKES[name], op=qualname), lib=_lib)
         ops[name] = getattr(torch.ops.hiera_kernels, name + suffix).default
     autograd = {
         "unroll": (_permutation_backward(ops["reroll"]), _setup_permutation),

@@ -26,6 +26,7 @@ import torch
 
 from .backends import WITH_FLOAT64 as SUPPORTED_DTYPES
 from .backends import choose
+from .library import MAX_WINDOW_Q_STRIDE
 from .reference import mask_unit_shape
 
 
@@ -161,10 +162,6 @@ def mask_unit_attention(
     # The pooling argmax is one byte; the kernels bound the head dim.
     impl = choose(op, qkv, backend, stride=q_stride, head_dim=width // (3 * heads))
     return impl.mask_unit_attention(qkv, heads, q_stride, window_size, bool(use_mask_unit_attn))
-
-
-# Each pooled query's argmax is one byte: s * s candidates must fit it.
-MAX_WINDOW_Q_STRIDE = 16
 
 
 def window_attention(

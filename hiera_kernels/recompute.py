@@ -41,7 +41,7 @@ its own kernels) nor CPU autocast, and never past a hook; see :func:`applies`.
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn as nn

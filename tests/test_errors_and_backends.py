@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import hiera_kernels as hk
 from hiera_kernels import BackendError, library, ops
@@ -192,6 +193,25 @@ def attention_args(q_stride=4, dtype=torch.float32, **replace):
     return tuple(args.values()) + (2, q_stride, 4)
 
 
+WIN = "hiera_kernels::window_attention"
+
+
+def window_args(qkv=None, pad=None, heads=2, window_size=4, q_stride=1):
+    """window_attention arguments: qkv [1, 4, 4, 48] (2 heads of 8 channels), pad [48], unless given."""
+    qkv = torch.randn(1, 4, 4, 48) if qkv is None else qkv
+    return qkv, torch.randn(48) if pad is None else pad, heads, window_size, q_stride
+
+
+def window_backward_args(**replace):
+    """Valid window_attention_backward arguments (qkv [1, 4, 4, 48], 2 heads, windows of 4
+    pooled 2 x 2: out [1, 2, 2, 16], lse [1, 2, 1, 4]) with some replaced."""
+    qkv, pad = torch.randn(1, 4, 4, 48), torch.randn(48)
+    out, lse, q_argmax = library.OPS["window_attention"](qkv, pad, 2, 4, 2)
+    args = dict(grad_out=torch.randn_like(out), qkv=qkv, pad=pad, out=out, lse=lse, q_argmax=q_argmax)
+    args.update(replace)
+    return tuple(args.values()) + (2, 4, 2)
+
+
 def meta(shape, dtype=torch.float32):
     return torch.empty(shape, dtype=dtype, device="meta")
 
@@ -231,7 +251,49 @@ RAW_OP_CHECKS = [
     ("mask_unit_attention_backward", lambda: attention_args(q_argmax=meta((2, 16, 8), torch.uint8)), rf"{BWD}: q_argmax must be on qkv's device cpu, got one on meta"),
     ("mask_unit_attention_backward", lambda: attention_args(q_stride=1, q_argmax=torch.zeros(2, 64, 8, dtype=torch.uint8)), rf"{BWD}: q_argmax must have shape \[0\], got \[2, 64, 8\]"),
     ("mask_unit_attention_backward", lambda: attention_args(qkv=torch.randn(2, 64, 24).half()), rf"{BWD}: grad_out must be float16 like qkv, got float32"),
+    ("mask_unit_attention", lambda: (torch.randn(2, 514, 24), 2, 257, 2), r"hiera_kernels::mask_unit_attention: q_stride must be in \[1, 256\], got 257"),
+    ("mask_unit_attention", lambda: (torch.randn(2, 64, 24), 5, 1, 4), r"hiera_kernels::mask_unit_attention: qkv width 24 is not divisible by 3 \* heads = 15"),
+    ("mask_unit_attention", lambda: (torch.randn(2, 64, 24), 2, 1, 0), r"hiera_kernels::mask_unit_attention: N=64 does not split into 0 windows"),
+    ("window_attention", lambda: window_args(window_size=3, q_stride=2), rf"{WIN}: window_size must be 0 \(global\) or a multiple of q_stride=2, got 3"),
+    ("window_attention", lambda: window_args(window_size=4, q_stride=5), rf"{WIN}: window_size must be 0 \(global\) or a multiple of q_stride=5, got 4"),
+    ("window_attention", lambda: window_args(qkv=torch.randn(1, 20, 20, 48), window_size=0, q_stride=17), rf"{WIN}: q_stride must be in \[1, 16\] \(s \* s candidates, one-byte argmax\), got 17"),
+    ("window_attention", lambda: window_args(qkv=torch.randn(1, 1, 1, 48), window_size=0, q_stride=2), rf"{WIN}: the 1x1 map is smaller than one 2x2 pooling window"),
+    ("window_attention", lambda: window_args(pad=torch.randn(40)), rf"{WIN}: pad must have shape \[48\], got \[40\]"),
+    ("window_attention", lambda: window_args(pad=torch.randn(48).half()), rf"{WIN}: pad must be float32 like qkv, got float16"),
+    ("window_attention", lambda: window_args(heads=5), rf"{WIN}: qkv width 48 is not divisible by 3 \* heads = 15"),
+    ("window_attention", lambda: window_args(qkv=torch.randn(4, 4, 48)), rf"{WIN}: qkv must be \[B, H, W, 3 \* dim_out\], got 3 dims \[4, 4, 48\]"),
+    ("window_attention_backward", lambda: window_backward_args(lse=torch.randn(1, 1, 1, 4)), rf"{WIN}_backward: lse must have shape \[1, 2, 1, 4\], got \[1, 1, 1, 4\]"),
+    ("window_attention_backward", lambda: window_backward_args(q_argmax=torch.zeros(1, 2, 2, 16, dtype=torch.int64)), rf"{WIN}_backward: q_argmax must be uint8 \(the forward's query argmax\), got int64"),
+    ("window_attention_backward", lambda: window_backward_args(grad_out=torch.randn(1, 2, 3, 16)), rf"{WIN}_backward: grad_out must have shape \[1, 2, 2, 16\], got \[1, 2, 3, 16\]"),
 ]
+
+
+@pytest.mark.parametrize("op, make_args, message", RAW_OP_CHECKS, ids=[f"{c[0]}-{i}" for i, c in enumerate(RAW_OP_CHECKS)])
+def test_the_fakes_refuse_what_the_kernels_refuse(op, make_args, message):
+    """Traced (FakeTensorMode: torch.compile, opcheck), each op's fake checks its arguments
+    as the C++ entry points do, with their message (as a ValueError), instead of returning
+    shapes for a call that would fail only once the kernel ran."""
+    args = make_args()
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        with pytest.raises(ValueError, match=message):
+            library.OPS[op](*fake_args)
+
+
+def test_the_stride_bounds_are_the_kernels():
+    """library's MAX_POOL_STRIDE and MAX_WINDOW_Q_STRIDE are the C++ kernels' bounds: the
+    largest stride runs, one more is refused (the messages above name the numbers)."""
+    if not EXTENSION.loaded:
+        pytest.skip("the C++ extension is not built")
+    out, argmax = library.OPS["query_pool"](torch.randn(1, library.MAX_POOL_STRIDE, 2), library.MAX_POOL_STRIDE)
+    assert out.shape == (1, 1, 2) and int(argmax.max()) < library.MAX_POOL_STRIDE
+    s = library.MAX_WINDOW_Q_STRIDE
+    out, _, argmax = library.OPS["window_attention"](torch.randn(1, s, s, 6), torch.zeros(6), 1, 0, s)
+    assert out.shape == (1, 1, 1, 2) and argmax.dtype == torch.uint8
+    for op, args in (("query_pool", (torch.randn(1, library.MAX_POOL_STRIDE + 1, 2), library.MAX_POOL_STRIDE + 1)),
+                     ("window_attention", (torch.randn(1, s + 1, s + 1, 6), torch.zeros(6), 1, 0, s + 1))):
+        with pytest.raises(RuntimeError, match="must be in"):
+            library.OPS[op](*args)
 
 
 @pytest.mark.parametrize("key", ["CPU", "CUDA"])

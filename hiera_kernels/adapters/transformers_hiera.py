@@ -18,7 +18,6 @@ encoder raster-order tokens, and the patched model does the same).
 
 from __future__ import annotations
 
-import math
 import sys
 from typing import List
 

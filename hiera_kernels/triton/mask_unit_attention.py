@@ -43,7 +43,6 @@ as 0, so it never carries a NaN.
 
 from __future__ import annotations
 
-import math
 from typing import Tuple
 
 import torch
@@ -53,7 +52,8 @@ from triton.runtime.autotuner import Autotuner
 
 from .common import (INTERPRETED, TL_DTYPES, check_tensor, dtype_name, launch, mma_operand, new_attention_lse,
                      next_power_of_2)
-from .query_pool import MAX_STRIDE, pool_takes
+from ..library import check_attention_args
+from .query_pool import pool_takes
 
 LOG2E = tl.constexpr(1.4426950408889634)  # scores run in base 2: exp(x) = exp2(x * LOG2E)
 MAX_HEAD_DIM = 128
@@ -436,12 +436,7 @@ class Geometry:
         if qkv.dtype not in TL_DTYPES:
             raise TypeError(f"{op}: qkv dtype {dtype_name(qkv.dtype)} is not supported (float32, float16, bfloat16)")
         self.batch, self.tokens, width = qkv.shape
-        if heads < 1 or width % (3 * heads):
-            raise ValueError(f"{op}: qkv width {width} is not divisible by 3 * heads = {3 * max(heads, 0)}")
-        if not 1 <= q_stride <= MAX_STRIDE:
-            raise ValueError(f"{op}: q_stride must be in [1, {MAX_STRIDE}] (one-byte argmax), got {q_stride}")
-        if windows < 1 or self.tokens % (windows * q_stride):
-            raise ValueError(f"{op}: N={self.tokens} does not split into {windows} windows of q_stride={q_stride} groups")
+        check_attention_args(op, self.tokens, width, heads, q_stride, windows)
         self.heads, self.q_stride, self.windows = heads, q_stride, windows
         self.dim = width // 3
         self.head_dim = self.dim // heads

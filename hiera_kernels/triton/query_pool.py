@@ -10,10 +10,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..library import check_pool_stride
 from .common import TL_DTYPES, check_tensor, dtype_name, launch
 
 BLOCK = 1024
-MAX_STRIDE = 256  # a one-byte argmax
 
 
 @triton.jit
@@ -57,8 +57,7 @@ def _check(op: str, x: torch.Tensor, stride: int) -> None:
         raise ValueError(f"{op}: expected [B, N, C], got {x.dim()} dims")
     if x.dtype not in TL_DTYPES:  # the max runs in fp32
         raise TypeError(f"{op}: dtype {dtype_name(x.dtype)} is not supported (float32, float16, bfloat16)")
-    if not 1 <= stride <= MAX_STRIDE:
-        raise ValueError(f"{op}: stride must be in [1, {MAX_STRIDE}] (one-byte argmax), got {stride}")
+    check_pool_stride(op, stride)
 
 
 def query_pool(x, stride):

@@ -59,20 +59,16 @@ are 2 * head_dim floats per program, small next to qkv.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
+from ..library import check_window_attention_args
 from ..reference import window_grid
 from .common import TL_DTYPES, check_tensor, dtype_name, launch, mma_operand, new_attention_lse, next_power_of_2
 from .mask_unit_attention import (BACKWARD_BLOCK_M, BACKWARD_BLOCK_N, BACKWARD_CONFIGS, FORWARD_CONFIGS, LOG2E,
                                   MAX_HEAD_DIM, Geometry, _autotune, _configs, _forward_block, _head_columns,
                                   _lse_rows, _product, _program, _slot_rows, _softmax_grads, _tile_plan, tiling)
-from .query_pool import MAX_STRIDE
-
-MAX_Q_STRIDE = math.isqrt(MAX_STRIDE)  # s * s candidates: the argmax is one byte
 
 
 # ------------------------------------------------------------------ index math
@@ -354,18 +350,7 @@ class WindowGeometry(Geometry):
         if qkv.dtype not in TL_DTYPES:
             raise TypeError(f"{op}: qkv dtype {dtype_name(qkv.dtype)} is not supported (float32, float16, bfloat16)")
         self.batch, self.height, self.width, channels = qkv.shape
-        if heads < 1 or channels % (3 * heads):
-            raise ValueError(f"{op}: qkv width {channels} is not divisible by 3 * heads = {3 * max(heads, 0)}")
-        if not 1 <= q_stride <= MAX_Q_STRIDE:
-            raise ValueError(f"{op}: q_stride must be in [1, {MAX_Q_STRIDE}] (s * s candidates, one-byte argmax), "
-                             f"got {q_stride}")
-        if window_size < 0 or window_size % q_stride:
-            raise ValueError(f"{op}: window_size must be 0 (global) or a multiple of q_stride={q_stride}, got {window_size}")
-        if self.height < q_stride or self.width < q_stride:
-            raise ValueError(f"{op}: the {self.height}x{self.width} map is smaller than one {q_stride}x{q_stride} "
-                             "pooling window")
-        check_tensor(op, "pad", pad, device=qkv.device, device_of="qkv", dtype=qkv.dtype, dtype_of="qkv",
-                     shape=(channels,), shape_names="3 * dim_out")
+        check_window_attention_args(op, qkv, pad, heads, window_size, q_stride)
         self.heads, self.q_stride = heads, q_stride
         self.dim = channels // 3
         self.head_dim = self.dim // heads

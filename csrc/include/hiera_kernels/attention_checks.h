@@ -13,7 +13,7 @@
 
 #include "hiera_kernels/attention_layout.h"
 #include "hiera_kernels/tensor_checks.h"
-#include "hiera_kernels/token_order.h"  // kMaxPoolStride
+#include "hiera_kernels/token_order.h"  // kMaxPoolStride, kMaxWindowQStride
 #include "hiera_kernels/window_layout.h"
 
 namespace hiera_kernels {
@@ -116,8 +116,8 @@ inline WindowLayout check_window_attention_args(const char* op, const at::Tensor
   check_float_dtype(op, "qkv", qkv);
   TORCH_CHECK(heads >= 1 && qkv.size(3) % (3 * heads) == 0, op, ": qkv width ", qkv.size(3),
               " is not divisible by 3 * heads = ", 3 * heads);
-  TORCH_CHECK(q_stride >= 1 && q_stride * q_stride <= kMaxPoolStride, op, ": q_stride must be in [1, 16], got ",
-              q_stride);
+  TORCH_CHECK(q_stride >= 1 && q_stride <= kMaxWindowQStride, op, ": q_stride must be in [1, ", kMaxWindowQStride,
+              "] (s * s candidates, one-byte argmax), got ", q_stride);
   TORCH_CHECK(window_size >= 0 && window_size % q_stride == 0, op, ": window_size must be 0 (global) or a multiple of q_stride=",
               q_stride, ", got ", window_size);
   TORCH_CHECK(qkv.size(1) >= q_stride && qkv.size(2) >= q_stride, op, ": the ", qkv.size(1), "x", qkv.size(2),

@@ -26,6 +26,7 @@
 
 namespace hiera_kernels {
 
+// The Python copy: library.py's MAX_DIMS and MAX_STEPS.
 constexpr int kMaxDims = 4;
 constexpr int kMaxSteps = 8;
 
@@ -79,8 +80,12 @@ HK_HOST_DEVICE int64_t unit_offset(const TokenGeometry& g, int64_t w) {
 }
 
 // Query pooling (spec §5): output token i of [B, N / stride, C] is the max over
-// input tokens s * (N / stride) + i, s = 0..stride-1. The argmax is one byte.
+// input tokens s * (N / stride) + i, s = 0..stride-1. The argmax is one byte; SAM 2's
+// window attention pools s x s candidates into it. The Python copy: library.py's
+// MAX_POOL_STRIDE and MAX_WINDOW_Q_STRIDE.
 constexpr int64_t kMaxPoolStride = 256;
+constexpr int64_t kMaxWindowQStride = 16;
+static_assert(kMaxWindowQStride * kMaxWindowQStride == kMaxPoolStride, "s * s candidates fill the one-byte argmax");
 
 // Max with PyTorch's max(dim) semantics: the first maximum wins ties and the
 // first NaN wins over everything.
