@@ -41,6 +41,7 @@ drop-in attention's proj with the block's skip connection (:meth:`Linear.forward
 
 from __future__ import annotations
 
+import functools
 import sys
 import weakref
 from typing import Optional
@@ -376,8 +377,10 @@ class Linear(nn.Linear):
 
 
 def activation_name(act: nn.Module) -> Optional[str]:
-    """The :class:`Linear` activation equal to module ``act`` (torch's ``nn.GELU``, or timm's
-    ``GELU``/``GELUTanh``, which ``timm.create_model``'s ``act_layer="GELU"`` makes), or None."""
+    """The :class:`Linear` activation equal to module ``act`` (torch's ``nn.GELU``, timm's
+    ``GELU``/``GELUTanh``, which ``timm.create_model``'s ``act_layer="GELU"`` makes, or
+    transformers' ``GELUActivation``/``GELUTanh`` on ``F.gelu``, its ``hidden_act`` "gelu"
+    and "gelu_pytorch_tanh"), or None."""
     if type(act) is nn.GELU:
         return {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate)
     timm_activations = sys.modules.get("timm.layers.activations")  # imported by timm if anything made one
@@ -385,5 +388,15 @@ def activation_name(act: nn.Module) -> Optional[str]:
         if type(act) is timm_activations.GELU:
             return "gelu"
         if type(act) is timm_activations.GELUTanh:
+            return "gelu_tanh"
+    hf_activations = sys.modules.get("transformers.activations")
+    if hf_activations is not None and "forward" not in vars(act):  # no forward of its own (a hub kernel's)
+        # Their act attribute is F.gelu, partial(F.gelu, approximate="tanh"), or a Python
+        # formula (use_gelu_python: other roundings, not taken).
+        if type(act) is hf_activations.GELUActivation and act.act is F.gelu:
+            return "gelu"
+        tanh = getattr(hf_activations, "GELUTanh", None)
+        if (tanh is not None and type(act) is tanh and isinstance(act.act, functools.partial)
+                and act.act.func is F.gelu and act.act.args == () and act.act.keywords == {"approximate": "tanh"}):
             return "gelu_tanh"
     return None

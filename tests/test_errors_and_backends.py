@@ -1,7 +1,6 @@
 """Bad input gets a clear error naming the op, the argument and the numbers; backend
 choice says why it refused."""
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -56,7 +55,6 @@ def test_bad_input_fails_the_same_on_every_backend():
 
 
 def test_named_backend_says_why_it_cannot_run():
-    qkv = torch.randn(2, 64, 48)
     with pytest.raises(BackendError, match=r"backend 'cuda' cannot run .*runs on cuda tensors, not cpu"):
         ops.query_pool(torch.randn(1, 64, 2), 4, backend="cuda")
     with pytest.raises(ValueError, match=r"unknown backend 'fast'; choose one of auto, torch, cpu, cuda, triton"):

@@ -9,14 +9,15 @@ state_dict keys, hooks, other instances, and bit-identical behaviour after unpat
 """
 
 import copy
-import math
 import warnings
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import hiera_kernels as hk
+from hiera_kernels import epilogues
 from hiera_kernels.error_rule import judge
 
 from helpers import check_patch_conv_runs_channels_last, run, tensors
@@ -295,3 +296,28 @@ def test_mae_subclass_with_its_own_loss_is_refused():
     with pytest.raises(ValueError, match=r"<root> \(.*MyMAE\) overrides MaskedAutoencoderHiera\.forward_loss"):
         hk.patch(model)
     assert not hk.adapters.is_patched(model)
+
+
+def test_activation_names_are_the_gelus_they_compute():
+    """activation_name knows the GELU modules of torch, timm and transformers (each family's
+    MLP builds one), only where the module computes F.gelu with that approximation (the
+    same bits); anything else, a Python-formula GELU included, is None: not fused."""
+    import timm.layers.activations as timm_act
+    import transformers.activations as hf_act
+
+    x = torch.randn(1000) * 4
+    known = {
+        "gelu": [nn.GELU(), timm_act.GELU(), hf_act.GELUActivation()],
+        "gelu_tanh": [nn.GELU(approximate="tanh"), timm_act.GELUTanh(), hf_act.GELUTanh()],
+    }
+    for name, modules in known.items():
+        approximate = {"gelu": "none", "gelu_tanh": "tanh"}[name]
+        for act in modules:
+            assert epilogues.activation_name(act) == name, type(act)
+            assert torch.equal(act(x), F.gelu(x, approximate=approximate)), type(act)
+    unknown = [nn.ReLU(), hf_act.GELUActivation(use_gelu_python=True), hf_act.GELUTanh(use_gelu_tanh_python=True),
+               hf_act.NewGELUActivation()]
+    hub_forward = hf_act.GELUActivation()
+    hub_forward.forward = lambda t: t  # an instance forward of its own (as a hub kernel sets)
+    for act in unknown + [hub_forward]:
+        assert epilogues.activation_name(act) is None, type(act)

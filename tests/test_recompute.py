@@ -244,6 +244,12 @@ def _timm():
     return timm.create_model("hiera_tiny_224", img_size=64, num_classes=10), (2, 3, 64, 64)
 
 
+def _transformers():
+    from transformers import HieraConfig, HieraForImageClassification
+    config = HieraConfig(image_size=[64, 64], num_labels=10, return_dict=False)  # Hiera-T widths; outputs a tuple
+    return HieraForImageClassification(config), (2, 3, 64, 64)
+
+
 def _sam2():
     from sam2.modeling.backbones.hieradet import Hiera
     return Hiera(embed_dim=96, num_heads=1, stages=(1, 2, 7, 2), global_att_blocks=(5, 7, 9),
@@ -255,7 +261,7 @@ def _timm_sam2():
     return timm.create_model("sam2_hiera_tiny", num_classes=10), (1, 3, 128, 128)
 
 
-@pytest.mark.parametrize("family", ["official", "timm", "sam2", "timm-sam2"])
+@pytest.mark.parametrize("family", ["official", "timm", "transformers", "sam2", "timm-sam2"])
 def test_patched_models_keep_less_in_training(family):
     """Patched models on a kernel backend run the ops in their blocks too: less saved
     than the same patched model on "torch" (the plain modules), same gradients by the rule."""
@@ -263,7 +269,8 @@ def test_patched_models_keep_less_in_training(family):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(0)
-        model, shape = {"official": _official, "timm": _timm, "sam2": _sam2, "timm-sam2": _timm_sam2}[family]()
+        model, shape = {"official": _official, "timm": _timm, "transformers": _transformers, "sam2": _sam2,
+                        "timm-sam2": _timm_sam2}[family]()
     x = torch.randn(shape)
     saved, grads = {}, {}
     for backend in ("torch", "cpu", None):
@@ -278,7 +285,7 @@ def test_patched_models_keep_less_in_training(family):
         m.zero_grad()
         loss().backward()
         grads[backend] = {n: p.grad for n, p in m.named_parameters()}
-    assert saved["cpu"] <= 0.7 * saved["torch"], saved  # measured: 0.64 (official, timm), 0.59 (SAM 2s)
+    assert saved["cpu"] <= 0.7 * saved["torch"], saved  # measured: 0.64 (official, timm), 0.63 (transformers), 0.59 (SAM 2s)
     for n in grads[None]:
         verdict = error_rule.judge(grads["cpu"][n], grads["torch"][n], grads[None][n])
         assert verdict.passed, f"{family} {n}: {verdict.describe()}"

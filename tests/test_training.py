@@ -2,7 +2,6 @@
 activation checkpointing per block, DistributedDataParallel over 2 processes, and
 torch.compile of a whole training step."""
 
-import copy
 import functools
 import os
 import warnings

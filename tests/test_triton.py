@@ -314,7 +314,7 @@ def test_tiny_model_training_step_matches_the_torch_path():
 
 def test_launchers_only_launch_compiled_specializations():
     """What the launchers launch for Hiera's and SAM 2's shapes is among what the AOT check compiles."""
-    from hiera_kernels.triton import aot, mask_unit_attention, query_pool, token_order
+    from hiera_kernels.triton import aot, query_pool, token_order
 
     def meta(*shape, dtype=torch.bfloat16):
         return torch.empty(shape, dtype=dtype, device="meta")

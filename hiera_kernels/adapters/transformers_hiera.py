@@ -12,21 +12,27 @@ encoder raster-order tokens, and the patched model does the same).
 ``HieraMaskUnitAttention.forward``  proj(ops.mask_unit_attention(qkv(x), ...)); with
                                     ``output_attentions=True`` the class's own eager
                                     forward, the one that has the weights to return
-``HieraLayer.forward``              the residual's max-pool -> ops.query_pool
+``HieraLayer.forward``              the residual's max-pool -> ops.query_pool; the
+                                    LayerNorms on the C++ kernel (hiera_kernels.layer_norm);
+                                    in training on a kernel backend, as the official
+                                    adapter: qkv(layernorm_before(x)) and the MLP
+                                    (``hidden_act`` "gelu" or "gelu_pytorch_tanh") as
+                                    hiera_kernels.recompute's ops
 ==================================  ======================================================
 """
 
 from __future__ import annotations
 
 import sys
-from typing import List
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from .. import ops
+from .. import epilogues, ops, recompute
+from ..layer_norm import layer_norm
 from ..models.masking import keep_units
-from ._common import Binding, Rule, attention, backend_of, check_attention, check_geometry, find, pool
+from ._common import Binding, Rule, attend, attention, backend_of, check_attention, check_geometry, find, mlp_branch, pool
 
 NAME = "transformers"
 MODULE = "transformers.models.hiera.modeling_hiera"
@@ -98,14 +104,33 @@ def attention_forward(self, hidden_states: torch.Tensor, output_attentions: bool
     return out, None
 
 
+def mlp_parts(mlp: nn.Module) -> Optional[Tuple[nn.Linear, str, nn.Linear]]:
+    """(fc1, activation, fc2) when ``mlp`` is transformers' ``HieraMlp`` with an activation
+    that :func:`hiera_kernels.epilogues.activation_name` knows, else None."""
+    if type(mlp) is not sys.modules[MODULE].HieraMlp:
+        return None
+    activation = epilogues.activation_name(mlp.activation_fn)
+    return None if activation is None else (mlp.fc1, activation, mlp.fc2)
+
+
 def layer_forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
-    x_norm = self.layernorm_before(hidden_states)
-    if self.hidden_size != self.hidden_size_output:
-        hidden_states = pool(self, self.proj(x_norm), self.query_stride)
-    attn_out, attn_weights = self.attn(x_norm, output_attentions=output_attentions)
+    backend = backend_of(self)
+    attn = self.attn
+    own_attention = type(attn).forward is sys.modules[MODULE].HieraMaskUnitAttention.forward  # what attend computes
+    if (not output_attentions and own_attention and self.hidden_size == self.hidden_size_output
+            and recompute.applies(self.layernorm_before, (attn.qkv,), hidden_states, backend, attn)):
+        # Training on a kernel backend: layernorm_before(x) is recomputed in the backward, not saved.
+        qkv = recompute.layer_norm_linear(self.layernorm_before, attn.qkv, hidden_states)
+        attn_out = attend(attn, qkv, attn.num_heads, attn.query_stride, attn.window_size, attn.use_mask_unit_attn)
+        attn_weights = None
+    else:
+        x_norm = layer_norm(self.layernorm_before, hidden_states, backend)
+        if self.hidden_size != self.hidden_size_output:
+            hidden_states = pool(self, self.proj(x_norm), self.query_stride)
+        attn_out, attn_weights = attn(x_norm, output_attentions=output_attentions)
     hidden_states = hidden_states + self.drop_path(attn_out)
-    hidden_states = hidden_states + self.drop_path(self.mlp(self.layernorm_after(hidden_states)))
-    return hidden_states, attn_weights
+    mlp_out = mlp_branch(self.layernorm_after, self.mlp, mlp_parts(self.mlp), hidden_states, backend)
+    return hidden_states + self.drop_path(mlp_out), attn_weights
 
 
 def _check_model(m: nn.Module, path: str) -> None:
