@@ -278,6 +278,45 @@ def test_patched_trunk_keeps_its_pos_embed():
     assert "_get_pos_embed" not in vars(model) and model not in sam2_adapter._POS_EMBEDS
 
 
+def test_patched_timm_trunk_keeps_its_pos_embed():
+    """timm's HieraDet._pos_embed(x) adds a kept map (the class's own of a -0.0 map): the
+    bits of the class's own x + map, signed zeros and infinities included (NaN where it
+    has NaN: ATen's bfloat16 add gives a NaN other bits on a contiguous map than on the
+    class's permuted one); recomputed when a parameter changes; not kept in training;
+    unpatch drops it."""
+    model = timm_model("sam2_hiera_tiny", num_classes=10, stages=(1, 1, 3, 1), global_att_blocks=(4,)).eval()
+    own = lambda x: type(model)._pos_embed(model, x)  # noqa: E731
+    x = torch.randn(2, 16, 16, 96)
+    x[0, 0, 0, :4] = torch.tensor([-0.0, 0.0, float("inf"), float("nan")])
+    with torch.no_grad():
+        model.pos_embed[0, :4] = 0.0  # zeros in the map too: +0.0 + -0.0 must stay +0.0
+        model.pos_embed_window[0, :2] = -0.0
+    hk.patch(model)
+
+    def bits(t):  # NaNs as one value
+        return torch.where(t.isnan(), float("nan"), t).view(torch.int16 if t.dtype == torch.bfloat16 else torch.int32)
+
+    for dtype in (torch.float32, torch.bfloat16):
+        model.to(dtype)
+        with torch.no_grad():
+            got = model._pos_embed(x.to(dtype))
+            kept = sam2_adapter._POS_EMBEDS[model][2]
+            assert torch.equal(bits(got), bits(own(x.to(dtype))))
+            model._pos_embed(x.to(dtype))
+            assert sam2_adapter._POS_EMBEDS[model][2] is kept
+            model.pos_embed.add_(1.0)  # in place: recomputed
+            assert torch.equal(bits(model._pos_embed(x.to(dtype))), bits(own(x.to(dtype))))
+            assert sam2_adapter._POS_EMBEDS[model][2] is not kept
+    model.float().train()
+    forgotten = sam2_adapter._POS_EMBEDS.pop(model)
+    training = model._pos_embed(x)  # grad mode, parameters requiring it: the class's own, not kept
+    assert training.requires_grad and model not in sam2_adapter._POS_EMBEDS and forgotten is not None
+    training.sum().backward()
+    assert model.pos_embed.grad is not None and model.pos_embed_window.grad is not None
+    hk.unpatch(model)
+    assert "_pos_embed" not in vars(model) and model not in sam2_adapter._POS_EMBEDS
+
+
 def test_patch_keeps_model_and_unpatch_restores_it():
     model = trunk("T").eval()
     x = torch.randn(1, 3, 160, 160)

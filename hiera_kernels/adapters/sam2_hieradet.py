@@ -8,7 +8,8 @@ The trunk works on channels-last maps [B, H, W, C]; its token ops are all in
 its ``PatchEmbed.forward`` (sam2.modeling.backbones.utils) runs its own code on a
 channels-last image on CPU (:func:`._common.patch_embed_forward`: the conv writes NHWC,
 so the map it returns, and the pos-embed sum after it, are contiguous), and
-the trunk's ``_get_pos_embed`` keeps its result between calls (:func:`pos_embed`):
+the trunk's ``_get_pos_embed`` keeps its result between calls (:func:`pos_embed`; timm's
+``_pos_embed`` too, bound by :mod:`.timm_hiera`):
 
 =============================  =========================================================
 ``MultiScaleAttention``        forward(x [B, H, W, dim], window_size=0, residual=None):
@@ -35,7 +36,7 @@ they are, so hooks on them fire and autograd sees the package's own Linears.
 from __future__ import annotations
 
 import weakref
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -62,27 +63,39 @@ def _linear(linear: nn.Linear, x: torch.Tensor, backend: Optional[str], residual
 _POS_EMBEDS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
-def pos_embed(self, hw: Tuple[int, int]) -> torch.Tensor:
-    """The trunk's own ``_get_pos_embed(hw)``, kept between calls: SAM 2 upsamples its
-    pos_embed bicubically to the feature map and adds the tiled window embedding on every
-    forward (Hiera-T at 1024 x 1024: a [1, 256, 256, 96] map, ~30 ms on 2 CPU cores). The
-    kept map is recomputed when ``hw``, inference mode or either parameter's dtype, device
-    or values change (the values compared with copies of the small parameters: [1, C, 7,
-    7] and [1, C, 8, 8] for Hiera-T, so no in-place update, reload or swapped tensor can
-    leave it stale); it is not kept where its gradient may be needed (grad mode on and a
-    parameter requiring it), under ``torch.compile`` or on the ``"torch"`` backend (the
-    plain oracle). Every call gets the same tensor: SAM 2 only adds it. ``unpatch`` drops it."""
-    params = (self.pos_embed, self.pos_embed_window)
-    if (torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params))
-            or (backend_of(self) or backends.get_backend()) == "torch"):
-        return type(self)._get_pos_embed(self, hw)
+def keeps_pos_embed(trunk: nn.Module) -> bool:
+    """Whether :func:`kept_pos_embed` may keep the pos embed of ``trunk`` now: not where its
+    gradient may be needed (grad mode on and a parameter requiring it), under
+    ``torch.compile`` or on the ``"torch"`` backend (the plain oracle)."""
+    params = (trunk.pos_embed, trunk.pos_embed_window)
+    return not (torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params))
+                or (backend_of(trunk) or backends.get_backend()) == "torch")
+
+
+def kept_pos_embed(trunk: nn.Module, hw: Tuple[int, int], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``compute()``, the pos embed of ``trunk`` (sam2's or timm's) over the ``hw`` feature
+    map, kept between calls where :func:`keeps_pos_embed`: both trunks upsample
+    ``pos_embed`` bicubically to the map and add the tiled window embedding on every forward
+    (Hiera-T at 1024 x 1024: a [1, 256, 256, 96] map, ~30 ms on 2 CPU cores). The kept map
+    is recomputed when ``hw``, inference mode or either parameter's dtype, device or values
+    change (the values compared with copies of the small parameters: [1, C, 7, 7] and [1,
+    C, 8, 8] for Hiera-T, so no in-place update, reload or swapped tensor can leave it
+    stale). Every call gets the same tensor: the trunks only add it. ``unpatch`` drops it."""
+    params = (trunk.pos_embed, trunk.pos_embed_window)
     key = (tuple(hw), torch.is_inference_mode_enabled(), tuple((p.dtype, p.device, tuple(p.shape)) for p in params))
-    cached = _POS_EMBEDS.get(self)
+    cached = _POS_EMBEDS.get(trunk)
     if cached is None or cached[0] != key or not all(torch.equal(p, kept) for p, kept in zip(params, cached[1])):
         with torch.no_grad():
-            cached = (key, tuple(p.detach().clone() for p in params), type(self)._get_pos_embed(self, hw))
-        _POS_EMBEDS[self] = cached
+            cached = (key, tuple(p.detach().clone() for p in params), compute())
+        _POS_EMBEDS[trunk] = cached
     return cached[2]
+
+
+def pos_embed(self, hw: Tuple[int, int]) -> torch.Tensor:
+    """The trunk's own ``_get_pos_embed(hw)`` [1, H, W, C], kept where :func:`keeps_pos_embed`."""
+    if not keeps_pos_embed(self):
+        return type(self)._get_pos_embed(self, hw)
+    return kept_pos_embed(self, hw, lambda: type(self)._get_pos_embed(self, hw))
 
 
 def forget(module: nn.Module) -> None:

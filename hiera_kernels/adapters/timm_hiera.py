@@ -9,7 +9,8 @@ models), no ``proj``: the residual is then the max-pool and the mean-pool of the
 unprojected input side by side ([B, N, C] -> [B, N // stride, 2C]).
 
 timm's copy of SAM 2's Hiera (``timm.models.hieradet_sam2.HieraDet``: ``sam2_hiera_*``,
-``hieradet_small``) runs :mod:`.sam2_hieradet`'s bodies. Its ``MultiScaleAttention`` has
+``hieradet_small``) runs :mod:`.sam2_hieradet`'s bodies and keeps its pos embed between
+inference calls as sam2's trunk does (:func:`sam2_pos_embed`). Its ``MultiScaleAttention`` has
 sam2's attributes; its ``MultiScaleBlock`` differs from sam2's in a square
 ``window_size`` pair, ``proj`` an Identity where the width stays, ``ls1/ls2``
 (LayerScale: ``hieradet_small``) and ``drop_path1/2``, and timm's ``Mlp`` (``fc1``,
@@ -59,6 +60,23 @@ def sam2_block_forward(self, x: torch.Tensor) -> torch.Tensor:
     return sam2_hieradet.block_body(self, x, self.window_size[0], mlp, self.ls1, self.drop_path1, self.ls2, self.drop_path2)
 
 
+def sam2_pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+    """timm's ``HieraDet._pos_embed(x)``: x [B, H, W, C] plus the trunk's pos embed, whose map
+    is kept between calls where :func:`.sam2_hieradet.keeps_pos_embed`. The map is the class's own
+    ``_pos_embed`` of a -0.0 map in the parameters' dtype: -0.0 is the additive identity
+    (-0.0 + p is p, bit for bit, signed zeros and NaN included), so adding the kept map to
+    x gives the bits the class's own x + map gives."""
+    if not sam2_hieradet.keeps_pos_embed(self):
+        return type(self)._pos_embed(self, x)
+    height, width = x.shape[1:3]
+    p = self.pos_embed
+
+    def compute():
+        return type(self)._pos_embed(self, p.new_full((1, height, width, p.shape[1]), -0.0))
+
+    return x + sam2_hieradet.kept_pos_embed(self, (height, width), compute)
+
+
 def _check_sam2_block(m: nn.Module, path: str) -> None:
     if m.window_size[0] != m.window_size[1]:
         raise ValueError(f"patch: {path}: window_size={m.window_size} is not square")
@@ -74,6 +92,7 @@ RULES = (
     Rule(MODULE, "PatchEmbed", "forward", patch_embed_forward),
     Rule(SAM2_MODULE, "MultiScaleAttention", "forward", sam2_hieradet.attention_forward, sam2_hieradet.check_attention),
     Rule(SAM2_MODULE, "MultiScaleBlock", "forward", sam2_block_forward, _check_sam2_block),
+    Rule(SAM2_MODULE, "HieraDet", "_pos_embed", sam2_pos_embed),
 )
 LOOKS_FOR = tuple(r.qualname for r in RULES)
 
