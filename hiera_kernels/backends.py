@@ -134,8 +134,9 @@ def _flat(schedule: Sequence[Sequence[int]]) -> List[int]:
 
 class KernelOpsBackend(Backend):
     """Backends whose kernels are registered on the ops of :mod:`hiera_kernels.library`
-    (``KERNELS``: the C++ family or the Triton family). Their bounds are the ops' (library.py,
-    whose C++ copy is csrc/include/hiera_kernels/token_order.h), which the Triton kernels share."""
+    (``KERNELS``: the C++ family or the Triton family). Their bounds are the C++ kernels'
+    (library.py, whose C++ copy is csrc/include/hiera_kernels/token_order.h), for both
+    families: the Triton token-order kernels take wider ones, which choosing does not use."""
 
     OPS = ("unroll", "reroll", "query_pool")
     KERNELS = library.OPS

@@ -98,8 +98,9 @@ _lib = torch.library.Library(NAMESPACE, "DEF")
 # attention_checks.h) with their messages, in Python for the fakes, so that a traced call
 # refuses what eager refuses instead of returning shapes, and for the Triton entry points.
 # They raise ValueError (Python's type for a bad value; the C++ checks raise
-# RuntimeError). Plain ``if``s: on a traced call's symbolic sizes they guard on the sizes,
-# as the shapes the fakes return do.
+# RuntimeError). Conditions on sizes go through torch._check_value: on a traced call's
+# symbolic sizes it guards on them (as the shapes the fakes return do), and on
+# data-dependent sizes it defers the check to run time instead of failing the trace.
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -107,12 +108,23 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def check_input(op: str, name: str, t: torch.Tensor, dims: int, layout: str) -> None:
-    """check_dims and check_float_dtype."""
+def _require(condition, message: str) -> None:
+    torch._check_value(condition, lambda: message)
+
+
+def check_dims(op: str, name: str, t: torch.Tensor, dims: int, layout: str) -> None:
     if t.dim() != dims:
         raise ValueError(f"{op}: {name} must be {layout}, got {t.dim()} dims {list(t.shape)}")
+
+
+def check_float_dtype(op: str, name: str, t: torch.Tensor) -> None:
     if t.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{op}: {name} has dtype {_name(t.dtype)}, not one of float32, float16, bfloat16, float64")
+
+
+def check_input(op: str, name: str, t: torch.Tensor, dims: int, layout: str) -> None:
+    check_dims(op, name, t, dims, layout)
+    check_float_dtype(op, name, t)
 
 
 def check_like(op: str, name: str, t: torch.Tensor, dtype: torch.dtype, why: str, shape, main_name: str,
@@ -120,8 +132,10 @@ def check_like(op: str, name: str, t: torch.Tensor, dtype: torch.dtype, why: str
     """check_dtype, check_shape and check_same_device, in that order."""
     if t.dtype != dtype:
         raise ValueError(f"{op}: {name} must be {_name(dtype)}{why}, got {_name(t.dtype)}")
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}")
+    message = f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}"
+    _require(t.dim() == len(shape), message)
+    for size, expected in zip(t.shape, shape):
+        _require(size == expected, message)
     if t.device != main.device:
         raise ValueError(f"{op}: {name} must be on {main_name}'s device {main.device}, got one on {t.device}")
 
@@ -144,14 +158,13 @@ def check_token_geometry(op: str, x: torch.Tensor, size, strides, windowed: bool
     unit = [math.prod(strides[d::dims]) for d in range(dims)]
     tokens = x.shape[1]
     if windowed:
-        if tokens % math.prod(unit):
-            raise ValueError(f"{op}: N={tokens} is not a whole number of mask units of {math.prod(unit)} tokens")
+        _require(tokens % math.prod(unit) == 0,
+                 f"{op}: N={tokens} is not a whole number of mask units of {math.prod(unit)} tokens")
         return
     for d in range(dims):
         if size[d] % unit[d]:
             raise ValueError(f"{op}: size[{d}]={size[d]} is not divisible by the schedule's stride product {unit[d]}")
-    if math.prod(size) != tokens:
-        raise ValueError(f"{op}: x has N={tokens} tokens but size {list(size)} holds {math.prod(size)}")
+    _require(tokens == math.prod(size), f"{op}: x has N={tokens} tokens but size {list(size)} holds {math.prod(size)}")
 
 
 def check_pool_stride(op: str, stride: int) -> None:
@@ -162,13 +175,12 @@ def check_pool_stride(op: str, stride: int) -> None:
 def check_attention_args(op: str, tokens: int, width: int, heads: int, q_stride: int, windows: int) -> None:
     """mask_unit_attention: qkv [B, tokens, width = 3 * heads * head_dim] in ``windows``
     windows of a multiple of q_stride tokens (check_attention_args in attention_checks.h)."""
-    if heads < 1 or width % (3 * heads):
-        raise ValueError(f"{op}: qkv width {width} is not divisible by 3 * heads = {3 * heads}")
+    _require(heads >= 1 and width % (3 * heads) == 0,
+             f"{op}: qkv width {width} is not divisible by 3 * heads = {3 * heads}")
     if not 1 <= q_stride <= MAX_POOL_STRIDE:
         raise ValueError(f"{op}: q_stride must be in [1, {MAX_POOL_STRIDE}], got {q_stride}")
-    if windows < 1 or tokens % (windows * q_stride):
-        raise ValueError(f"{op}: N={tokens} does not split into {windows} windows of a multiple of "
-                         f"q_stride={q_stride} tokens")
+    _require(windows >= 1 and tokens % (windows * q_stride) == 0,
+             f"{op}: N={tokens} does not split into {windows} windows of a multiple of q_stride={q_stride} tokens")
 
 
 def check_window_attention_args(op: str, qkv: torch.Tensor, pad: torch.Tensor, heads: int, window_size: int,
@@ -177,15 +189,16 @@ def check_window_attention_args(op: str, qkv: torch.Tensor, pad: torch.Tensor, h
     q_stride; s * s candidates fit the one-byte argmax; the map holds at least one pooling
     window; pad [3 * C] like qkv (check_window_attention_args in attention_checks.h)."""
     _, height, width, channels = qkv.shape
-    if heads < 1 or channels % (3 * heads):
-        raise ValueError(f"{op}: qkv width {channels} is not divisible by 3 * heads = {3 * heads}")
+    _require(heads >= 1 and channels % (3 * heads) == 0,
+             f"{op}: qkv width {channels} is not divisible by 3 * heads = {3 * heads}")
     if not 1 <= q_stride <= MAX_WINDOW_Q_STRIDE:
         raise ValueError(f"{op}: q_stride must be in [1, {MAX_WINDOW_Q_STRIDE}] (s * s candidates, one-byte argmax), "
                          f"got {q_stride}")
     if window_size < 0 or window_size % q_stride:
         raise ValueError(f"{op}: window_size must be 0 (global) or a multiple of q_stride={q_stride}, got {window_size}")
-    if height < q_stride or width < q_stride:
-        raise ValueError(f"{op}: the {height}x{width} map is smaller than one {q_stride}x{q_stride} pooling window")
+    too_small = f"{op}: the {height}x{width} map is smaller than one {q_stride}x{q_stride} pooling window"
+    _require(height >= q_stride, too_small)
+    _require(width >= q_stride, too_small)
     check_like(op, "pad", pad, qkv.dtype, " like qkv", (channels,), "qkv", qkv)
 
 
@@ -208,18 +221,19 @@ def _permutation_fake(x, size, strides, windowed, *, op):
 
 
 def _query_pool_fake(x, stride, *, op):
-    check_input(op, "x", x, 3, "[B, N, C]")
+    check_dims(op, "x", x, 3, "[B, N, C]")  # check_pool_args' order
     check_pool_stride(op, stride)
+    check_float_dtype(op, "x", x)
     B, N, C = x.shape
-    if N % stride:
-        raise ValueError(f"{op}: N={N} is not divisible by stride={stride}")
+    _require(N % stride == 0, f"{op}: N={N} is not divisible by stride={stride}")
     out = x.new_empty((B, N // stride, C))
     return out, x.new_empty((B, N // stride, C), dtype=torch.uint8)
 
 
 def _query_pool_backward_fake(grad_out, argmax, stride, *, op):
-    check_input(op, "grad_out", grad_out, 3, "[B, N, C]")
+    check_dims(op, "grad_out", grad_out, 3, "[B, N, C]")
     check_pool_stride(op, stride)
+    check_float_dtype(op, "grad_out", grad_out)
     check_like(op, "argmax", argmax, torch.uint8, " (query_pool's argmax)", grad_out.shape, "grad_out", grad_out)
     B, N, C = grad_out.shape
     return grad_out.new_empty((B, N * stride, C))

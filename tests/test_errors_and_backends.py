@@ -223,6 +223,8 @@ RAW_OP_CHECKS = [
     ("reroll", lambda: (torch.randn(2, 64, 4), [8, 8], [2, 2, 2], False), r"hiera_kernels::reroll: strides has 3 entries, not a multiple of the 2 spatial dims"),
     ("reroll", lambda: (torch.randn(2, 62, 4), [8, 8], [2, 2], True), r"hiera_kernels::reroll: N=62 is not a whole number of mask units of 4 tokens"),
     ("reroll", lambda: (torch.zeros(2, 64, 4, dtype=torch.bool), [8, 8], [2, 2], True), rf"hiera_kernels::reroll: x has dtype bool, {ONE_OF}"),
+    ("unroll", lambda: (torch.randn(2, 32, 4), [2, 2, 2, 2, 2], [1] * 5, False), r"hiera_kernels::unroll: size must have 1 to 4 dims, got 5"),
+    ("unroll", lambda: (torch.randn(2, 512, 4), [512], [2] * 9, False), r"hiera_kernels::unroll: at most 8 unroll steps, got 9"),
     ("query_pool", lambda: (torch.randn(2, 10, 4), 4), r"hiera_kernels::query_pool: N=10 is not divisible by stride=4"),
     ("query_pool", lambda: (torch.randn(2, 600, 4), 300), r"hiera_kernels::query_pool: stride must be in \[1, 256\] \(one-byte argmax\), got 300"),
     ("query_pool", lambda: (torch.zeros(2, 8, 4, dtype=torch.int32), 4), rf"hiera_kernels::query_pool: x has dtype int32, {ONE_OF}"),

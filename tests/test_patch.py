@@ -275,6 +275,30 @@ def test_hf_output_attentions_keeps_the_eager_weights():
     assert torch.allclose(out.logits, ref.logits, atol=1e-5)
 
 
+def test_hf_training_keeps_the_attention_modules_own_call_where_asked():
+    """In training on a kernel backend the patched HieraLayer runs norm and qkv as the
+    recompute op, except where the attention module's own call is needed: with
+    output_attentions (the eager weights), a hook on it, or a forward of its own."""
+    torch.manual_seed(0)
+    base = HieraForImageClassification(hf_config(num_labels=10)).train()
+    x = torch.randn(IMAGE)
+    ref = base(x, output_attentions=True)
+    model = hk.patch(copy.deepcopy(base), backend="cpu")
+    out = model(x, output_attentions=True)
+    assert len(out.attentions) == len(ref.attentions) == 4
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(out.attentions, ref.attentions))
+    attn = model.hiera.encoder.stages[2].layers[1].attn  # a layer of one width: recompute applies there
+    calls = []
+    handle = attn.register_forward_hook(lambda *_: calls.append("hook"))
+    model(x).logits.sum().backward()
+    assert calls == ["hook"]
+    handle.remove()
+    own = attn.forward
+    attn.forward = lambda h, output_attentions=False: (calls.append("own") or own(h, output_attentions))
+    model(x)
+    assert calls == ["hook", "own"]
+
+
 def test_compile_fullgraph_patched():
     torch.manual_seed(0)
     model = timm.create_model("hiera_tiny_224", img_size=64, num_classes=10).eval()

@@ -64,8 +64,10 @@ def sam2_pos_embed(self, x: torch.Tensor) -> torch.Tensor:
     """timm's ``HieraDet._pos_embed(x)``: x [B, H, W, C] plus the trunk's pos embed, whose map
     is kept between calls where :func:`.sam2_hieradet.keeps_pos_embed`. The map is the class's own
     ``_pos_embed`` of a -0.0 map in the parameters' dtype: -0.0 is the additive identity
-    (-0.0 + p is p, bit for bit, signed zeros and NaN included), so adding the kept map to
-    x gives the bits the class's own x + map gives."""
+    (-0.0 + p is p, bit for bit, signed zeros and infinities included), so adding the kept
+    map to x gives the values the class's own x + map gives, bit for bit but for NaN
+    payloads (ATen's bfloat16 add may give a NaN other bits on the contiguous kept map than
+    on the class's permuted one; NaN stays NaN)."""
     if not sam2_hieradet.keeps_pos_embed(self):
         return type(self)._pos_embed(self, x)
     height, width = x.shape[1:3]

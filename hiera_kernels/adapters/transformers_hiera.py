@@ -15,8 +15,9 @@ encoder raster-order tokens, and the patched model does the same).
 ``HieraLayer.forward``              the residual's max-pool -> ops.query_pool; the
                                     LayerNorms on the C++ kernel (hiera_kernels.layer_norm);
                                     in training on a kernel backend, as the official
-                                    adapter: qkv(layernorm_before(x)) and the MLP
-                                    (``hidden_act`` "gelu" or "gelu_pytorch_tanh") as
+                                    adapter: qkv(layernorm_before(x)) (not in a stage's
+                                    first layer) and the MLP (``hidden_act`` "gelu", or
+                                    "gelu_pytorch_tanh" on F.gelu) as
                                     hiera_kernels.recompute's ops
 ==================================  ======================================================
 """
@@ -116,8 +117,10 @@ def mlp_parts(mlp: nn.Module) -> Optional[Tuple[nn.Linear, str, nn.Linear]]:
 def layer_forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
     backend = backend_of(self)
     attn = self.attn
-    own_attention = type(attn).forward is sys.modules[MODULE].HieraMaskUnitAttention.forward  # what attend computes
-    if (not output_attentions and own_attention and self.hidden_size == self.hidden_size_output
+    # attend computes what attn's forward does only where that is the one patch bound
+    # (not a subclass's own forward, nor a wrapper set on the instance since).
+    bound = getattr(attn.forward, "__func__", None) is attention_forward
+    if (not output_attentions and bound and self.hidden_size == self.hidden_size_output
             and recompute.applies(self.layernorm_before, (attn.qkv,), hidden_states, backend, attn)):
         # Training on a kernel backend: layernorm_before(x) is recomputed in the backward, not saved.
         qkv = recompute.layer_norm_linear(self.layernorm_before, attn.qkv, hidden_states)
