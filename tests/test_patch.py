@@ -275,6 +275,19 @@ def test_hf_output_attentions_keeps_the_eager_weights():
     assert torch.allclose(out.logits, ref.logits, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["official-tiny", "timm-tiny"])
+def test_training_keeps_an_attention_wrapped_after_patching(name):
+    """In training on a kernel backend a patched block computes its attention from the qkv
+    on itself only where the attention's forward is the bound patch: a wrapper set on the
+    instance since is called."""
+    model = hk.patch(CASES[name][0]().train(), backend="cpu")
+    attn = next(m for m in model.modules() if type(m).__name__ == "MaskUnitAttention" and m.q_stride == 1)
+    own, seen = attn.forward, []
+    attn.forward = lambda x: seen.append(1) or own(x)
+    model(torch.randn(IMAGE)).sum().backward()
+    assert seen == [1] and attn.qkv.weight.grad is not None
+
+
 def test_hf_training_keeps_the_attention_modules_own_call_where_asked():
     """In training on a kernel backend the patched HieraLayer runs norm and qkv as the
     recompute op, except where the attention module's own call is needed: with

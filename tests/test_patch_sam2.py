@@ -350,6 +350,21 @@ def test_a_linear_with_a_hook_keeps_its_module_call():
     assert seen == [1] and epilogues.is_packed(model.blocks[0].attn.qkv)
 
 
+def test_an_attention_wrapped_after_patching_keeps_its_call():
+    """A forward set on a patched block's attention since patching (a wrapper, taking only
+    x as SAM 2's own does): the block runs its own forward, which calls it so, in inference
+    and in training."""
+    model = hk.patch(trunk("T"), backend="cpu")
+    attn = model.blocks[1].attn
+    seen = []
+    attn.forward = lambda x: seen.append(tuple(x.shape)) or type(attn).forward(attn, x)
+    x = torch.randn(1, 3, 160, 160)
+    with torch.no_grad():
+        model.eval()(x)
+    model.train()(x)[-1].sum().backward()
+    assert len(seen) == 2 and attn.qkv.weight.grad is not None
+
+
 def test_blocks_the_op_cannot_run_are_refused_and_nothing_is_patched():
     model = trunk("T")
     model.blocks[3].window_size = 7  # a q-pool block (stride 2) with an odd window

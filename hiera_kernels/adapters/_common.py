@@ -125,6 +125,14 @@ def attend(module: nn.Module, qkv: torch.Tensor, heads: int, q_stride: int, wind
     return module.proj(out)
 
 
+def runs_bound(module: nn.Module, function) -> bool:
+    """Whether ``module.forward`` is ``function`` as :func:`hiera_kernels.patch` bound it:
+    not a subclass's own forward (left unpatched) nor a wrapper set on the instance since.
+    Only then may a patched block do that forward's work itself (from the qkv on, in
+    training) or pass it arguments only the bound forward takes (SAM 2's ``residual``)."""
+    return getattr(module.forward, "__func__", None) is function
+
+
 def inactive(module: nn.Module) -> bool:
     """An ``Identity``, or a drop path / dropout that is off (eval mode, or probability 0)."""
     return isinstance(module, nn.Identity) or not module.training or getattr(module, "drop_prob", getattr(module, "p", None)) == 0

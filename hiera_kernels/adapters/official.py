@@ -30,7 +30,7 @@ from .. import ops, recompute
 from ..layer_norm import layer_norm
 from ..models.hiera_mae import MaskedAutoencoderHiera as GraphSafeMAE
 from ._common import (Binding, Rule, attend, attention, backend_of, check_attention, check_geometry, find, mlp_branch,
-                      patch_embed_forward, pool, timm_mlp_parts)
+                      patch_embed_forward, pool, runs_bound, timm_mlp_parts)
 
 NAME = "official hiera"
 
@@ -55,7 +55,7 @@ def attend_qkv(self, qkv: torch.Tensor) -> torch.Tensor:
 
 def block_forward(self, x: torch.Tensor) -> torch.Tensor:
     backend = backend_of(self)
-    if recompute.qkv_applies(self, x, backend):
+    if recompute.qkv_applies(self, x, backend) and runs_bound(self.attn, attention_forward):
         # Training on a kernel backend: norm1(x) is recomputed in the backward, not saved.
         branch = attend_qkv(self.attn, recompute.layer_norm_linear(self.norm1, self.attn.qkv, x))
     else:

@@ -43,7 +43,7 @@ import torch.nn as nn
 
 from .. import backends, epilogues, ops, recompute
 from ..layer_norm import layer_norm
-from ._common import Binding, Rule, backend_of, find, inactive, patch_embed_forward
+from ._common import Binding, Rule, backend_of, find, inactive, patch_embed_forward, runs_bound
 
 NAME = "sam2"
 MODULE = "sam2.modeling.backbones.hieradet"
@@ -136,6 +136,10 @@ def block_body(self, x: torch.Tensor, window_size: int, mlp: Optional[Tuple[nn.L
     """Both families' ``MultiScaleBlock.forward``: x [B, H, W, dim] -> [B, H/s, W/s, dim_out].
     ``mlp``: (fc1, activation, fc2) where the MLP is fc2(act(fc1)) and nothing else (None:
     call the MLP module); ls*/drop_path*: what wraps each branch (Identity where none)."""
+    if not runs_bound(self.attn, attention_forward):
+        # The attention runs a forward of its own (a subclass's, or a wrapper set on it
+        # since patching), which takes only x: the block's own forward calls it so.
+        return type(self).forward(self, x)
     backend = backend_of(self)
     if recompute.qkv_applies(self, x, backend):
         # Training on a kernel backend: norm1(x) is recomputed in the backward, not saved.

@@ -27,7 +27,8 @@ import torch.nn as nn
 from .. import recompute
 from ..layer_norm import layer_norm
 from . import official, sam2_hieradet
-from ._common import Binding, Rule, backend_of, find, mlp_branch, patch_embed_forward, pool, timm_mlp_parts
+from ._common import (Binding, Rule, backend_of, find, mlp_branch, patch_embed_forward, pool, runs_bound,
+                      timm_mlp_parts)
 
 NAME = "timm"
 MODULE = "timm.models.hiera"
@@ -36,7 +37,7 @@ SAM2_MODULE = "timm.models.hieradet_sam2"
 
 def block_forward(self, x: torch.Tensor) -> torch.Tensor:
     backend = backend_of(self)
-    if recompute.qkv_applies(self, x, backend):
+    if recompute.qkv_applies(self, x, backend) and runs_bound(self.attn, official.attention_forward):
         # Training on a kernel backend: norm1(x) is recomputed in the backward, not saved.
         branch = official.attend_qkv(self.attn, recompute.layer_norm_linear(self.norm1, self.attn.qkv, x))
     else:

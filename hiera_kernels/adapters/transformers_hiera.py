@@ -33,7 +33,8 @@ import torch.nn as nn
 from .. import epilogues, ops, recompute
 from ..layer_norm import layer_norm
 from ..models.masking import keep_units
-from ._common import Binding, Rule, attend, attention, backend_of, check_attention, check_geometry, find, mlp_branch, pool
+from ._common import (Binding, Rule, attend, attention, backend_of, check_attention, check_geometry, find, mlp_branch,
+                      pool, runs_bound)
 
 NAME = "transformers"
 MODULE = "transformers.models.hiera.modeling_hiera"
@@ -117,10 +118,7 @@ def mlp_parts(mlp: nn.Module) -> Optional[Tuple[nn.Linear, str, nn.Linear]]:
 def layer_forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
     backend = backend_of(self)
     attn = self.attn
-    # attend computes what attn's forward does only where that is the one patch bound
-    # (not a subclass's own forward, nor a wrapper set on the instance since).
-    bound = getattr(attn.forward, "__func__", None) is attention_forward
-    if (not output_attentions and bound and self.hidden_size == self.hidden_size_output
+    if (not output_attentions and runs_bound(attn, attention_forward) and self.hidden_size == self.hidden_size_output
             and recompute.applies(self.layernorm_before, (attn.qkv,), hidden_states, backend, attn)):
         # Training on a kernel backend: layernorm_before(x) is recomputed in the backward, not saved.
         qkv = recompute.layer_norm_linear(self.layernorm_before, attn.qkv, hidden_states)
