@@ -42,9 +42,8 @@ must have ``out``'s dtype and shape. The C++ entry points check every argument's
 shape, device and bounds (csrc/include/hiera_kernels) and raise a ``RuntimeError``
 naming the op, the argument and the numbers. The fakes repeat those checks with the same
 messages (as ``ValueError``; :func:`check_input`, :func:`check_like` and the op checks
-below), so that a traced call fails where eager does instead of returning shapes; the
-Triton family's unroll and reroll fakes excepted (those kernels take wider bounds and
-check them themselves). Of the values, the CPU attention backwards refuse a
+below), so that a traced call fails where eager does instead of returning shapes (the
+Triton family's unroll and reroll within those kernels' wider bounds). Of the values, the CPU attention backwards refuse a
 ``q_argmax`` byte at or past the candidate count, the CUDA ones read it as 0 (they
 cannot raise without a sync), and ``query_pool_backward`` drops the gradient of an
 argmax of ``stride`` or more.
@@ -140,17 +139,23 @@ def check_like(op: str, name: str, t: torch.Tensor, dtype: torch.dtype, why: str
         raise ValueError(f"{op}: {name} must be on {main_name}'s device {main.device}, got one on {t.device}")
 
 
-def check_token_geometry(op: str, x: torch.Tensor, size, strides, windowed: bool) -> None:
-    """unroll and reroll on the C++ kernels: x [B, N, C] holds the grid of mask units that
-    ``size`` and the flat ``strides`` describe, or, windowed, whole mask units
-    (make_token_geometry in geometry.h)."""
-    check_input(op, "x", x, 3, "[B, N, C]")
+def check_token_geometry(op: str, x: torch.Tensor, size, strides, windowed: bool, kernel_bounds: bool = True) -> None:
+    """unroll and reroll: x [B, N, C] holds the grid of mask units that ``size`` and the flat
+    ``strides`` describe, or, windowed, whole mask units (make_token_geometry in
+    geometry.h); with ``kernel_bounds``, within the C++ kernels' MAX_DIMS, MAX_STEPS and
+    float dtypes (the Triton kernels move any rows of 2-byte words over any schedule their
+    digit table holds, and check that themselves)."""
+    check_dims(op, "x", x, 3, "[B, N, C]")
+    if kernel_bounds:
+        check_float_dtype(op, "x", x)
     dims = len(size)
-    if not 1 <= dims <= MAX_DIMS:
+    if kernel_bounds and not 1 <= dims <= MAX_DIMS:
         raise ValueError(f"{op}: size must have 1 to {MAX_DIMS} dims, got {dims}")
+    if dims < 1:
+        raise ValueError(f"{op}: size must have at least 1 dim, got {dims}")
     if len(strides) % dims:
         raise ValueError(f"{op}: strides has {len(strides)} entries, not a multiple of the {dims} spatial dims")
-    if len(strides) // dims > MAX_STEPS:
+    if kernel_bounds and len(strides) // dims > MAX_STEPS:
         raise ValueError(f"{op}: at most {MAX_STEPS} unroll steps, got {len(strides) // dims}")
     for s in strides:
         if s < 1:
@@ -215,8 +220,7 @@ def check_forward_outputs(op: str, qkv: torch.Tensor, given, expected) -> None:
 # Each checks its arguments as the kernels' entry points do, then makes the outputs.
 # Each takes ``op``, the op's qualified name (either family's), for its messages.
 def _permutation_fake(x, size, strides, windowed, *, op):
-    if not op.endswith(TRITON_SUFFIX):  # the Triton kernels check their own, wider bounds (triton/token_order.py)
-        check_token_geometry(op, x, size, strides, windowed)
+    check_token_geometry(op, x, size, strides, windowed, kernel_bounds=not op.endswith(TRITON_SUFFIX))
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 

@@ -280,6 +280,20 @@ def test_the_fakes_refuse_what_the_kernels_refuse(op, make_args, message):
             library.OPS[op](*fake_args)
 
 
+def test_the_triton_token_order_fakes_check_within_the_triton_bounds():
+    """The Triton family's unroll/reroll fakes check the geometry, within the Triton kernels'
+    own bounds: past the C++ kernels' MAX_STEPS (the AOT check compiles 12-step schedules)
+    and for any dtype."""
+    with FakeTensorMode() as mode:
+        x = mode.from_tensor(torch.randn(1, 10, 2))
+        with pytest.raises(ValueError, match=r"hiera_kernels::unroll_triton: x has N=10 tokens but size \[4, 4\] holds 16"):
+            library.TRITON_OPS["unroll"](x, [4, 4], [2, 2], False)
+        long = mode.from_tensor(torch.randn(1, 4096, 2))
+        assert library.TRITON_OPS["reroll"](long, [4096], [2] * 12, False).shape == (1, 4096, 2)
+        with pytest.raises(ValueError, match=r"hiera_kernels::reroll: at most 8 unroll steps, got 12"):
+            library.OPS["reroll"](long, [4096], [2] * 12, False)
+
+
 def test_the_stride_bounds_are_the_kernels():
     """library's MAX_POOL_STRIDE and MAX_WINDOW_Q_STRIDE are the C++ kernels' bounds: the
     largest stride runs, one more is refused (the messages above name the numbers)."""

@@ -207,7 +207,7 @@ def test_compiles_without_graph_breaks():
 
 
 def test_direct_op_calls_get_clear_errors():
-    with pytest.raises(ValueError, match=r"unroll_triton: x has N=10 tokens, size \[4, 4\] holds 16"):
+    with pytest.raises(ValueError, match=r"unroll_triton: x has N=10 tokens but size \[4, 4\] holds 16"):
         library.TRITON_OPS["unroll"](torch.randn(1, 10, 2, device=DEVICE), [4, 4], [2, 2], False)
     with pytest.raises(ValueError, match=r"query_pool_triton: stride must be in \[1, 256\]"):
         library.TRITON_OPS["query_pool"](torch.randn(1, 300, 2, device=DEVICE), 300)

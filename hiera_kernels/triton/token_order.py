@@ -10,7 +10,6 @@ it per row. Rows are moved as raw words, so one kernel serves every dtype.
 
 from __future__ import annotations
 
-import math
 from typing import List, Sequence, Tuple
 
 import torch
@@ -18,6 +17,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from ..library import check_token_geometry
 from .common import dtype_name, launch
 
 # Digit tables are padded with (radix 1, weight 0) to a multiple of this, so that a
@@ -39,22 +39,6 @@ def digit_table(size: Sequence[int], strides: Sequence[int], windowed: bool, tok
     radix = [digit_shape[a] for a in reversed(unrolled_axes) if digit_shape[a] > 1]
     weight = [place[a] for a in reversed(unrolled_axes) if digit_shape[a] > 1]
     return radix, weight
-
-
-def _check_geometry(op: str, x: torch.Tensor, size, strides, windowed: bool) -> None:
-    """The checks of csrc/include/hiera_kernels/geometry.h, for direct torch.ops calls."""
-    if x.dim() != 3:
-        raise ValueError(f"{op}: x must be [B, N, C], got {x.dim()} dims")
-    dims = len(size)
-    if dims < 1 or len(strides) % dims or any(s < 1 for s in list(size) + list(strides)):
-        raise ValueError(f"{op}: size {list(size)} and strides {list(strides)} do not form a schedule")
-    unit = [math.prod(strides[d::dims]) for d in range(dims)]
-    tokens = x.shape[1]
-    if windowed:
-        if tokens % math.prod(unit):
-            raise ValueError(f"{op}: N={tokens} is not a whole number of mask units of {math.prod(unit)} tokens")
-    elif any(s % u for s, u in zip(size, unit)) or math.prod(size) != tokens:
-        raise ValueError(f"{op}: x has N={tokens} tokens, size {list(size)} holds {math.prod(size)} in units {unit}")
 
 
 def as_words(op: str, x: torch.Tensor, out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -99,7 +83,7 @@ def _move_rows_kernel(
 
 
 def _move_rows(op: str, x: torch.Tensor, size, strides, windowed: bool, to_unrolled: bool) -> torch.Tensor:
-    _check_geometry(op, x, size, strides, windowed)
+    check_token_geometry(op, x, size, strides, windowed, kernel_bounds=False)
     x = x.contiguous()
     out = torch.empty_like(x)
     if x.numel() == 0:
