@@ -126,6 +126,11 @@ def check_input(op: str, name: str, t: torch.Tensor, dims: int, layout: str) -> 
     check_float_dtype(op, name, t)
 
 
+def check_same_device(op: str, name: str, t: torch.Tensor, main_name: str, main: torch.Tensor) -> None:
+    if t.device != main.device:
+        raise ValueError(f"{op}: {name} must be on {main_name}'s device {main.device}, got one on {t.device}")
+
+
 def check_like(op: str, name: str, t: torch.Tensor, dtype: torch.dtype, why: str, shape, main_name: str,
                main: torch.Tensor) -> None:
     """check_dtype, check_shape and check_same_device, in that order."""
@@ -135,8 +140,7 @@ def check_like(op: str, name: str, t: torch.Tensor, dtype: torch.dtype, why: str
     _require(t.dim() == len(shape), message)
     for size, expected in zip(t.shape, shape):
         _require(size == expected, message)
-    if t.device != main.device:
-        raise ValueError(f"{op}: {name} must be on {main_name}'s device {main.device}, got one on {t.device}")
+    check_same_device(op, name, t, main_name, main)
 
 
 def check_token_geometry(op: str, x: torch.Tensor, size, strides, windowed: bool, kernel_bounds: bool = True) -> None:
@@ -417,15 +421,41 @@ _lib.define("layer_norm_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor rs
             "bool[3] output_mask) -> (Tensor, Tensor, Tensor)")
 
 
+def _check_layer_norm_input(op: str, x: torch.Tensor, *affine) -> None:
+    """x has the channels; weight and bias (name, tensor or None) are [C] like x, checked in
+    layer_norm.cpp's order (affine_ptr: device, dtype, shape)."""
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least one dim (the channels), got a scalar")
+    check_float_dtype(op, "x", x)
+    for name, t in affine:
+        if t is not None:
+            check_same_device(op, name, t, "x", x)
+            check_like(op, name, t, x.dtype, " (like x)", (x.shape[-1],), "x", x)
+
+
 @torch.library.register_fake(f"{NAMESPACE}::layer_norm", lib=_lib)
 def _layer_norm_fake(x, weight, bias, eps):
+    op = f"{NAMESPACE}::layer_norm"
+    if x.dim() >= 1 and not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"{op}: eps must be finite and >= 0, got {eps:g}")
+    _check_layer_norm_input(op, x, ("weight", weight), ("bias", bias))
     stats = x.new_empty(tuple(x.shape[:-1]) + (1,))
     return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::layer_norm_backward", lib=_lib)
 def _layer_norm_backward_fake(grad_y, x, mean, rstd, weight, output_mask):
-    torch._check(grad_y.shape == x.shape, lambda: f"layer_norm_backward: grad_y {list(grad_y.shape)} != x {list(x.shape)}")
+    op = f"{NAMESPACE}::layer_norm_backward"
+    _check_layer_norm_input(op, x)
+    check_same_device(op, "grad_y", grad_y, "x", x)
+    check_like(op, "grad_y", grad_y, x.dtype, " (like x)", x.shape, "x", x)
+    rows = math.prod(x.shape[:-1])
+    for name, stat in (("mean", mean), ("rstd", rstd)):
+        check_same_device(op, name, stat, "x", x)
+        if stat.dtype != x.dtype:
+            raise ValueError(f"{op}: {name} must be {_name(x.dtype)} (like x: the forward's), got {_name(stat.dtype)}")
+        _require(stat.numel() == rows, f"{op}: {name} must have one value per row of x ({rows}), got {stat.numel()}")
+    _check_layer_norm_input(op, x, ("weight", weight))
     grad_x = torch.empty_like(x, memory_format=torch.contiguous_format) if output_mask[0] else x.new_empty(0)
     return grad_x, *(x.new_empty(x.shape[-1] if wanted else 0) for wanted in output_mask[1:])
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import hiera_kernels as hk
 from hiera_kernels import error_rule
@@ -186,23 +187,37 @@ def test_backward_empty_non_contiguous_opcheck_and_compile():
     torch.testing.assert_close(compiled(dy, x, mean, rstd, w, [True] * 3), backward_op(dy, x, mean, rstd, w, [True] * 3)[0].sum())
 
 
-def test_clear_errors():
+def _error_cases():
+    """(op, args, message) for bad calls of the two ops."""
     x, w, b = case(4, 8)
-    with pytest.raises(RuntimeError, match=r"hiera_kernels::layer_norm: weight must have shape \[8\], got \[9\]"):
-        op(x, torch.ones(9), None, 1e-6)
-    with pytest.raises(RuntimeError, match=r"hiera_kernels::layer_norm: bias must be float32 \(like x\), got bfloat16"):
-        op(x, None, b.bfloat16(), 1e-6)
-    with pytest.raises(RuntimeError, match=r"hiera_kernels::layer_norm: eps must be finite and >= 0, got -1"):
-        op(x, w, b, -1.0)
-    with pytest.raises(RuntimeError, match=r"hiera_kernels::layer_norm: x has dtype int64"):
-        op(torch.ones(2, 8, dtype=torch.long), None, None, 1e-6)
     _, mean, rstd = op(x, w, b, 1e-6)
-    with pytest.raises(RuntimeError, match=r"hiera_kernels::layer_norm_backward: grad_y must have shape \[4, 8\], got \[4, 9\]"):
-        backward_op(torch.ones(4, 9), x, mean, rstd, w, [True] * 3)
-    with pytest.raises(RuntimeError, match=r"hiera_kernels::layer_norm_backward: rstd must have one value per row of x \(4\), got 3"):
-        backward_op(x, x, mean, rstd[:3], w, [True] * 3)
-    with pytest.raises(RuntimeError, match=r"hiera_kernels::layer_norm_backward: mean must be float32 \(like x: the forward's\), got float64"):
-        backward_op(x, x, mean.double(), rstd, w, [True] * 3)
+    return [
+        (op, (x, torch.ones(9), None, 1e-6), r"hiera_kernels::layer_norm: weight must have shape \[8\], got \[9\]"),
+        (op, (x, None, b.bfloat16(), 1e-6), r"hiera_kernels::layer_norm: bias must be float32 \(like x\), got bfloat16"),
+        (op, (x, w, b, -1.0), r"hiera_kernels::layer_norm: eps must be finite and >= 0, got -1"),
+        (op, (torch.ones(2, 8, dtype=torch.long), None, None, 1e-6), r"hiera_kernels::layer_norm: x has dtype int64"),
+        (op, (torch.tensor(1.0), None, None, 1e-6), r"hiera_kernels::layer_norm: x must have at least one dim"),
+        (backward_op, (torch.ones(4, 9), x, mean, rstd, w, [True] * 3),
+         r"hiera_kernels::layer_norm_backward: grad_y must have shape \[4, 8\], got \[4, 9\]"),
+        (backward_op, (x, x, mean, rstd[:3], w, [True] * 3),
+         r"hiera_kernels::layer_norm_backward: rstd must have one value per row of x \(4\), got 3"),
+        (backward_op, (x, x, mean.double(), rstd, w, [True] * 3),
+         r"hiera_kernels::layer_norm_backward: mean must be float32 \(like x: the forward's\), got float64"),
+        (backward_op, (x, x, mean, rstd, torch.ones(7), [True] * 3),
+         r"hiera_kernels::layer_norm_backward: weight must have shape \[8\], got \[7\]"),
+    ]
+
+
+def test_clear_errors():
+    """Each bad call raises the C++ check's message eagerly and, traced (FakeTensorMode:
+    torch.compile, opcheck), the fake's: the same message."""
+    for fn, args, message in _error_cases():
+        with pytest.raises(RuntimeError, match=message):
+            fn(*args)
+        with FakeTensorMode() as mode:
+            fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+            with pytest.raises(ValueError, match=message):
+                fn(*fake_args)
 
 
 def test_where_the_models_run_it():
