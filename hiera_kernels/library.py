@@ -43,10 +43,10 @@ shape, device and bounds (csrc/include/hiera_kernels) and raise a ``RuntimeError
 naming the op, the argument and the numbers. The fakes repeat those checks with the same
 messages (as ``ValueError``; :func:`check_input`, :func:`check_like` and the op checks
 below), so that a traced call fails where eager does instead of returning shapes (the
-Triton family's unroll and reroll within those kernels' wider bounds). Of the values, the CPU attention backwards refuse a
-``q_argmax`` byte at or past the candidate count, the CUDA ones read it as 0 (they
-cannot raise without a sync), and ``query_pool_backward`` drops the gradient of an
-argmax of ``stride`` or more.
+Triton family's unroll and reroll within those kernels' wider bounds). Of the values,
+the CPU attention backwards refuse a ``q_argmax`` byte at or past the candidate count,
+the CUDA ones read it as 0 (they cannot raise without a sync), and
+``query_pool_backward`` drops the gradient of an argmax of ``stride`` or more.
 
 ``windowed`` order is Reroll-with-a-mask order: unit after unit, each unit's
 tokens in raster order over the unit shape; ``size`` then only gives the number
@@ -181,11 +181,16 @@ def check_pool_stride(op: str, stride: int) -> None:
         raise ValueError(f"{op}: stride must be in [1, {MAX_POOL_STRIDE}] (one-byte argmax), got {stride}")
 
 
+def check_heads(op: str, width: int, heads: int) -> None:
+    """qkv's last dim is ``width`` = 3 * heads * head_dim (both attentions)."""
+    _require(heads >= 1 and width % (3 * heads) == 0,
+             f"{op}: qkv width {width} is not divisible by 3 * heads = {3 * heads}")
+
+
 def check_attention_args(op: str, tokens: int, width: int, heads: int, q_stride: int, windows: int) -> None:
     """mask_unit_attention: qkv [B, tokens, width = 3 * heads * head_dim] in ``windows``
     windows of a multiple of q_stride tokens (check_attention_args in attention_checks.h)."""
-    _require(heads >= 1 and width % (3 * heads) == 0,
-             f"{op}: qkv width {width} is not divisible by 3 * heads = {3 * heads}")
+    check_heads(op, width, heads)
     if not 1 <= q_stride <= MAX_POOL_STRIDE:
         raise ValueError(f"{op}: q_stride must be in [1, {MAX_POOL_STRIDE}], got {q_stride}")
     _require(windows >= 1 and tokens % (windows * q_stride) == 0,
@@ -198,8 +203,7 @@ def check_window_attention_args(op: str, qkv: torch.Tensor, pad: torch.Tensor, h
     q_stride; s * s candidates fit the one-byte argmax; the map holds at least one pooling
     window; pad [3 * C] like qkv (check_window_attention_args in attention_checks.h)."""
     _, height, width, channels = qkv.shape
-    _require(heads >= 1 and channels % (3 * heads) == 0,
-             f"{op}: qkv width {channels} is not divisible by 3 * heads = {3 * heads}")
+    check_heads(op, channels, heads)
     if not 1 <= q_stride <= MAX_WINDOW_Q_STRIDE:
         raise ValueError(f"{op}: q_stride must be in [1, {MAX_WINDOW_Q_STRIDE}] (s * s candidates, one-byte argmax), "
                          f"got {q_stride}")
@@ -209,6 +213,12 @@ def check_window_attention_args(op: str, qkv: torch.Tensor, pad: torch.Tensor, h
     _require(height >= q_stride, too_small)
     _require(width >= q_stride, too_small)
     check_like(op, "pad", pad, qkv.dtype, " like qkv", (channels,), "qkv", qkv)
+
+
+def attention_lse_dtype(qkv_dtype: torch.dtype) -> torch.dtype:
+    """The log-sum-exp is saved in the accumulation type: float32, or float64 for float64
+    (attention_lse_dtype in attention_checks.h)."""
+    return torch.float64 if qkv_dtype == torch.float64 else torch.float32
 
 
 def check_forward_outputs(op: str, qkv: torch.Tensor, given, expected) -> None:
@@ -253,8 +263,7 @@ def _mask_unit_attention_fake(qkv, heads, q_stride, windows, *, op):
     check_attention_args(op, N, width, heads, q_stride, windows)
     dim, queries = width // 3, N // (windows * q_stride)
     out = qkv.new_empty((B, queries * windows, dim))
-    lse_dtype = torch.float64 if qkv.dtype == torch.float64 else torch.float32  # the accumulation type
-    lse = qkv.new_empty((B, heads, windows, queries), dtype=lse_dtype)
+    lse = qkv.new_empty((B, heads, windows, queries), dtype=attention_lse_dtype(qkv.dtype))
     argmax_shape = (B, queries * windows, dim) if q_stride > 1 else (0,)
     return out, lse, qkv.new_empty(argmax_shape, dtype=torch.uint8)
 
@@ -271,8 +280,7 @@ def _window_attention_fake(qkv, pad, heads, window_size, q_stride, *, op):
     B, H, W, width = qkv.shape
     grid = window_grid(H, W, window_size, q_stride)
     out = qkv.new_empty((B, grid.out_h, grid.out_w, width // 3))
-    lse_dtype = torch.float64 if qkv.dtype == torch.float64 else torch.float32
-    lse = qkv.new_empty((B, heads, grid.windows, grid.queries), dtype=lse_dtype)
+    lse = qkv.new_empty((B, heads, grid.windows, grid.queries), dtype=attention_lse_dtype(qkv.dtype))
     argmax_shape = tuple(out.shape) if q_stride > 1 else (0,)
     return out, lse, qkv.new_empty(argmax_shape, dtype=torch.uint8)
 
@@ -421,16 +429,18 @@ _lib.define("layer_norm_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor rs
             "bool[3] output_mask) -> (Tensor, Tensor, Tensor)")
 
 
-def _check_layer_norm_input(op: str, x: torch.Tensor, *affine) -> None:
-    """x has the channels; weight and bias (name, tensor or None) are [C] like x, checked in
-    layer_norm.cpp's order (affine_ptr: device, dtype, shape)."""
+def _check_layer_norm_x(op: str, x: torch.Tensor) -> None:
     if x.dim() < 1:
         raise ValueError(f"{op}: x must have at least one dim (the channels), got a scalar")
     check_float_dtype(op, "x", x)
-    for name, t in affine:
-        if t is not None:
-            check_same_device(op, name, t, "x", x)
-            check_like(op, name, t, x.dtype, " (like x)", (x.shape[-1],), "x", x)
+
+
+def _check_layer_norm_affine(op: str, name: str, t, x: torch.Tensor) -> None:
+    """weight or bias: None, or [C] like x, in layer_norm.cpp's order (affine_ptr: device
+    first, then check_like's dtype and shape)."""
+    if t is not None:
+        check_same_device(op, name, t, "x", x)
+        check_like(op, name, t, x.dtype, " (like x)", (x.shape[-1],), "x", x)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::layer_norm", lib=_lib)
@@ -438,7 +448,9 @@ def _layer_norm_fake(x, weight, bias, eps):
     op = f"{NAMESPACE}::layer_norm"
     if x.dim() >= 1 and not (math.isfinite(eps) and eps >= 0):
         raise ValueError(f"{op}: eps must be finite and >= 0, got {eps:g}")
-    _check_layer_norm_input(op, x, ("weight", weight), ("bias", bias))
+    _check_layer_norm_x(op, x)
+    _check_layer_norm_affine(op, "weight", weight, x)
+    _check_layer_norm_affine(op, "bias", bias, x)
     stats = x.new_empty(tuple(x.shape[:-1]) + (1,))
     return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
 
@@ -446,7 +458,7 @@ def _layer_norm_fake(x, weight, bias, eps):
 @torch.library.register_fake(f"{NAMESPACE}::layer_norm_backward", lib=_lib)
 def _layer_norm_backward_fake(grad_y, x, mean, rstd, weight, output_mask):
     op = f"{NAMESPACE}::layer_norm_backward"
-    _check_layer_norm_input(op, x)
+    _check_layer_norm_x(op, x)
     check_same_device(op, "grad_y", grad_y, "x", x)
     check_like(op, "grad_y", grad_y, x.dtype, " (like x)", x.shape, "x", x)
     rows = math.prod(x.shape[:-1])
@@ -455,7 +467,7 @@ def _layer_norm_backward_fake(grad_y, x, mean, rstd, weight, output_mask):
         if stat.dtype != x.dtype:
             raise ValueError(f"{op}: {name} must be {_name(x.dtype)} (like x: the forward's), got {_name(stat.dtype)}")
         _require(stat.numel() == rows, f"{op}: {name} must have one value per row of x ({rows}), got {stat.numel()}")
-    _check_layer_norm_input(op, x, ("weight", weight))
+    _check_layer_norm_affine(op, "weight", weight, x)
     grad_x = torch.empty_like(x, memory_format=torch.contiguous_format) if output_mask[0] else x.new_empty(0)
     return grad_x, *(x.new_empty(x.shape[-1] if wanted else 0) for wanted in output_mask[1:])
 

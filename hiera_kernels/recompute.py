@@ -32,8 +32,8 @@ Under ``create_graph`` the backward is itself differentiable (ATen's GELU, h rec
 from x). The ops are composite: they run on every device, and only the memory they keep
 differs from the plain modules.
 
-The drop-in model and patched official, timm, transformers and SAM 2 blocks use them in training on
-every backend but ``"torch"`` (the plain oracle), not under ``torch.compile`` (inductor's
+The drop-in model and patched official, timm, transformers and SAM 2 blocks use them in
+training on every backend but ``"torch"`` (the plain oracle), not under ``torch.compile`` (inductor's
 partitioner already chooses what to recompute, and fuses these elementwise passes into
 its own kernels) nor CPU autocast, and never past a hook; see :func:`applies`.
 """

@@ -81,6 +81,17 @@ def kernel_for(key, op, *args):
     return library.OPS[op].redispatch(torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key)), *args)
 
 
+def assert_fake_refuses(fn, args, message):
+    """``fn(*args)`` traced (FakeTensorMode, as torch.compile and opcheck run an op's fake,
+    the tensors made fake) raises ValueError matching ``message``."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        with pytest.raises(ValueError, match=message):
+            fn(*fake_args)
+
+
 def without_interpreter():
     """The environment for a subprocess that sees hiera_kernels as a user does (the test
     session runs the Triton kernels in the interpreter: see conftest.py)."""

@@ -13,7 +13,7 @@ import hiera_kernels as hk
 from hiera_kernels import BackendError, library, ops
 from hiera_kernels.backends import EXTENSION, choose
 
-from helpers import kernel_for, without_interpreter
+from helpers import assert_fake_refuses, kernel_for, without_interpreter
 
 S2 = [(2, 2)] * 3
 
@@ -273,11 +273,7 @@ def test_the_fakes_refuse_what_the_kernels_refuse(op, make_args, message):
     """Traced (FakeTensorMode: torch.compile, opcheck), each op's fake checks its arguments
     as the C++ entry points do, with their message (as a ValueError), instead of returning
     shapes for a call that would fail only once the kernel ran."""
-    args = make_args()
-    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
-        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-        with pytest.raises(ValueError, match=message):
-            library.OPS[op](*fake_args)
+    assert_fake_refuses(library.OPS[op], make_args(), message)
 
 
 def test_the_triton_token_order_fakes_check_within_the_triton_bounds():

@@ -9,12 +9,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 import hiera_kernels as hk
 from hiera_kernels import error_rule
 from hiera_kernels import layer_norm as ln
 from hiera_kernels.backends import EXTENSION
+
+from helpers import assert_fake_refuses
 
 pytestmark = pytest.mark.skipif(not EXTENSION.loaded, reason="the C++ extension is not built")
 
@@ -214,10 +215,7 @@ def test_clear_errors():
     for fn, args, message in _error_cases():
         with pytest.raises(RuntimeError, match=message):
             fn(*args)
-        with FakeTensorMode() as mode:
-            fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-            with pytest.raises(ValueError, match=message):
-                fn(*fake_args)
+        assert_fake_refuses(fn, args, message)
 
 
 def test_where_the_models_run_it():

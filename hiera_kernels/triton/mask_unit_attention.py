@@ -50,9 +50,9 @@ import triton
 import triton.language as tl
 from triton.runtime.autotuner import Autotuner
 
+from ..library import check_attention_args
 from .common import (INTERPRETED, TL_DTYPES, check_tensor, dtype_name, launch, mma_operand, new_attention_lse,
                      next_power_of_2)
-from ..library import check_attention_args
 from .query_pool import pool_takes
 
 LOG2E = tl.constexpr(1.4426950408889634)  # scores run in base 2: exp(x) = exp2(x * LOG2E)
