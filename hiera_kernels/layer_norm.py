@@ -79,16 +79,31 @@ def native_layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Opt
 
 
 def native_layer_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-                               weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], needs):
-    """(grad_x, grad_weight, grad_bias) of a LayerNorm over the last dim from its saved
-    mean and rstd, as ``aten::native_layer_norm_backward``: each computed only where
-    ``needs`` (three bools) says so, else None; on the kernel for CPU tensors where the
-    extension is built, outside ``create_graph``."""
+                               weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], needs,
+                               eps: Optional[float] = None, grad_skip: Optional[torch.Tensor] = None):
+    """(grad_x, grad_weight, grad_bias, y, grad_skip_sum) of a LayerNorm over the last dim
+    from its saved mean and rstd, as ``aten::native_layer_norm_backward``: the gradients
+    each computed only where ``needs`` (three bools) says so, else None; where ``eps`` is
+    given, ``y`` is the forward's output recomputed (:func:`native_layer_norm`'s bits);
+    where ``grad_skip`` (x's shape; needs[0]) is given, ``grad_x`` includes it and
+    ``grad_skip_sum`` is its column sums [C]; else None. On the kernel for CPU tensors where
+    the extension is built, outside ``create_graph``: one pass over x for y and the
+    backward, the skip gradient added before grad_x is rounded."""
+    torch._check(grad_skip is None or bool(needs[0]), lambda: "native_layer_norm_backward: grad_skip is added to grad_x: needs[0] must be True")
     mask = [bool(needs[0]), weight is not None and bool(needs[1]), bias is not None and bool(needs[2])]
-    if not torch.is_grad_enabled() and cpu_kernel_takes(x, grad_y, mean, rstd, weight, bias):
-        grads = torch.ops.hiera_kernels.layer_norm_backward(grad_y, x, mean, rstd, weight, mask)
-        return tuple(grad if wanted else None for grad, wanted in zip(grads, mask))
-    return torch.ops.aten.native_layer_norm_backward(grad_y.contiguous(), x, [x.shape[-1]], mean, rstd, weight, bias, mask)
+    if not torch.is_grad_enabled() and cpu_kernel_takes(x, grad_y, mean, rstd, weight, bias, grad_skip):
+        grad_x, grad_weight, grad_bias, y, grad_skip_sum = torch.ops.hiera_kernels.layer_norm_backward(
+            grad_y, x, mean, rstd, weight, mask, bias if eps is not None else None, eps, grad_skip)
+        grads = tuple(grad if wanted else None for grad, wanted in zip((grad_x, grad_weight, grad_bias), mask))
+        return *grads, y if eps is not None else None, grad_skip_sum if grad_skip is not None else None
+    y = native_layer_norm(x, weight, bias, eps)[0] if eps is not None else None
+    grad_x, grad_weight, grad_bias = torch.ops.aten.native_layer_norm_backward(
+        grad_y.contiguous(), x, [x.shape[-1]], mean, rstd, weight, bias, mask)
+    grad_skip_sum = None
+    if grad_skip is not None:
+        grad_x = grad_x + grad_skip if torch.is_grad_enabled() else grad_x.add_(grad_skip)
+        grad_skip_sum = grad_skip.reshape(-1, x.shape[-1]).sum(0)
+    return grad_x, grad_weight, grad_bias, y, grad_skip_sum
 
 
 def _setup_layer_norm(ctx, inputs, output):
@@ -101,7 +116,7 @@ def _setup_layer_norm(ctx, inputs, output):
 @needs_first_gradient
 def _layer_norm_autograd(ctx, grad_y, _grad_mean, _grad_rstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
-    return (*native_layer_norm_backward(grad_y, x, mean, rstd, weight, bias, ctx.needs_input_grad[:3]), None)
+    return (*native_layer_norm_backward(grad_y, x, mean, rstd, weight, bias, ctx.needs_input_grad[:3])[:3], None)
 
 
 torch.library.register_autograd(f"{NAMESPACE}::layer_norm", _layer_norm_autograd, setup_context=_setup_layer_norm, lib=_lib)

@@ -421,12 +421,18 @@ TRITON_OPS = _define_family(TRITON_SUFFIX)
 # C++ CPU kernels only (csrc/cpu/layer_norm.cpp). layer_norm has aten::native_layer_norm's
 # contract over the last dim (mean and rstd [..., 1] in x's dtype, as ATen's CPU kernel
 # returns them); layer_norm_backward is aten::native_layer_norm_backward's from those mean
-# and rstd, each output computed where output_mask says so, else an empty [0] tensor; it
-# is not itself differentiable (like the other *_backward ops). hiera_kernels.layer_norm
-# decides where they run and registers layer_norm's autograd.
+# and rstd, (grad_x, grad_weight, grad_bias) each computed where output_mask says so, else
+# an empty [0] tensor, and two fusions for training's recompute ops (hiera_kernels.recompute):
+# where eps is given, y = layer_norm(x, weight, bias, eps), the forward's output with its
+# bits, recomputed in the same pass over x (bias is read only for it); where grad_skip is
+# given (x's shape; needs grad_x), grad_x + grad_skip (one rounding) and grad_skip's column
+# sums [C] (the bias gradient of the Linear that adds the skip connection); else [0]
+# tensors. It is not itself differentiable (like the other *_backward ops).
+# hiera_kernels.layer_norm decides where they run and registers layer_norm's autograd.
 _lib.define("layer_norm(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)")
 _lib.define("layer_norm_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, "
-            "bool[3] output_mask) -> (Tensor, Tensor, Tensor)")
+            "bool[3] output_mask, Tensor? bias=None, float? eps=None, Tensor? grad_skip=None) "
+            "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor y, Tensor grad_skip_sum)")
 
 
 def _check_layer_norm_x(op: str, x: torch.Tensor) -> None:
@@ -443,11 +449,16 @@ def _check_layer_norm_affine(op: str, name: str, t, x: torch.Tensor) -> None:
         check_like(op, name, t, x.dtype, " (like x)", (x.shape[-1],), "x", x)
 
 
+def _check_layer_norm_eps(op: str, eps: float) -> None:
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"{op}: eps must be finite and >= 0, got {eps:g}")
+
+
 @torch.library.register_fake(f"{NAMESPACE}::layer_norm", lib=_lib)
 def _layer_norm_fake(x, weight, bias, eps):
     op = f"{NAMESPACE}::layer_norm"
-    if x.dim() >= 1 and not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"{op}: eps must be finite and >= 0, got {eps:g}")
+    if x.dim() >= 1:
+        _check_layer_norm_eps(op, eps)
     _check_layer_norm_x(op, x)
     _check_layer_norm_affine(op, "weight", weight, x)
     _check_layer_norm_affine(op, "bias", bias, x)
@@ -456,7 +467,7 @@ def _layer_norm_fake(x, weight, bias, eps):
 
 
 @torch.library.register_fake(f"{NAMESPACE}::layer_norm_backward", lib=_lib)
-def _layer_norm_backward_fake(grad_y, x, mean, rstd, weight, output_mask):
+def _layer_norm_backward_fake(grad_y, x, mean, rstd, weight, output_mask, bias=None, eps=None, grad_skip=None):
     op = f"{NAMESPACE}::layer_norm_backward"
     _check_layer_norm_x(op, x)
     check_same_device(op, "grad_y", grad_y, "x", x)
@@ -468,8 +479,25 @@ def _layer_norm_backward_fake(grad_y, x, mean, rstd, weight, output_mask):
             raise ValueError(f"{op}: {name} must be {_name(x.dtype)} (like x: the forward's), got {_name(stat.dtype)}")
         _require(stat.numel() == rows, f"{op}: {name} must have one value per row of x ({rows}), got {stat.numel()}")
     _check_layer_norm_affine(op, "weight", weight, x)
-    grad_x = torch.empty_like(x, memory_format=torch.contiguous_format) if output_mask[0] else x.new_empty(0)
-    return grad_x, *(x.new_empty(x.shape[-1] if wanted else 0) for wanted in output_mask[1:])
+    if eps is None and bias is not None:
+        raise ValueError(f"{op}: bias is read only to recompute y, which needs the forward's eps: got a bias and no eps")
+    if eps is not None:
+        _check_layer_norm_eps(op, eps)
+    _check_layer_norm_affine(op, "bias", bias, x)
+    if grad_skip is not None:
+        if not output_mask[0]:
+            raise ValueError(f"{op}: grad_skip is added to grad_x, which output_mask[0] does not ask for")
+        check_same_device(op, "grad_skip", grad_skip, "x", x)
+        check_like(op, "grad_skip", grad_skip, x.dtype, " (like x)", x.shape, "x", x)
+
+    def like_x(wanted):
+        return torch.empty_like(x, memory_format=torch.contiguous_format) if wanted else x.new_empty(0)
+
+    def per_channel(wanted):
+        return x.new_empty(x.shape[-1] if wanted else 0)
+
+    return (like_x(output_mask[0]), per_channel(output_mask[1]), per_channel(output_mask[2]), like_x(eps is not None),
+            per_channel(grad_skip is not None))
 
 
 # -------------------------------------------------------- gelu_recompute_backward

@@ -21,13 +21,17 @@ ops in their order, the LayerNorm on :mod:`hiera_kernels.layer_norm`'s CPU kerne
 tensors whose norm parameters share x's dtype (ATen's elsewhere) and the Linears with
 their bias (and fc2 with the skip connection) in the GEMM's epilogue
 (:func:`hiera_kernels.epilogues.linear_in_epilogue`; F.linear where that does not take
-the tensors). The backward recomputes ``layer_norm(x)`` with the forward's function (the
-same bits) and ``gelu(h)`` together with the GELU's backward (for the exact GELU of CPU
-tensors, one pass of a C++ kernel, ``hiera_kernels::gelu_recompute_backward_``, whose erf
-is ATen's vectorised formula: within an ulp or so of the forward's, where ATen runs two
-passes with an erf each; the same pass sums fc1's bias gradient and writes grad_h over
-fc2's input gradient), then the Linears' and LayerNorm's own backward formulas, for the
-inputs that need a gradient.
+the tensors). The backward recomputes ``gelu(h)`` together with the GELU's backward (for
+the exact GELU of CPU tensors, one pass of a C++ kernel,
+``hiera_kernels::gelu_recompute_backward_``, whose erf is ATen's vectorised formula:
+within an ulp or so of the forward's, where ATen runs two passes with an erf each; the
+same pass sums fc1's bias gradient and writes grad_h over fc2's input gradient), then the
+Linears' and LayerNorm's own backward formulas, for the inputs that need a gradient. The
+Linear after the LayerNorm gives its input gradient first, so that the LayerNorm's
+backward recomputes ``layer_norm(x)`` (with the forward's function: the same bits) for
+the Linear's weight gradient; on the C++ kernel in the same pass over x, where
+``layer_norm_mlp``'s skip gradient also joins grad_x (one rounding) and has its columns
+summed: fc2's bias gradient (``hiera_kernels::layer_norm_backward``'s fusions).
 Under ``create_graph`` the backward is itself differentiable (ATen's GELU, h recomputed
 from x). The ops are composite: they run on every device, and only the memory they keep
 differs from the plain modules.
@@ -97,15 +101,28 @@ def _setup_layer_norm_linear(ctx, inputs, output):
     ctx.save_for_backward(x, norm_weight, norm_bias, weight, mean, rstd)
 
 
+def _norm_backward(grad_y, x, mean, rstd, norm_weight, norm_bias, eps, norm_needs, needs_y, grad_skip=None):
+    """(grad_x, grad_norm_weight, grad_norm_bias, y, grad_skip_sum): the LayerNorm's
+    backward where ``norm_needs`` asks for a gradient (``grad_y`` [..., C], the Linear's
+    input gradient, computed by the caller only then), recomputing its output ``y`` where
+    ``needs_y`` (for the Linear's weight gradient) in the same pass over x; else y alone."""
+    if any(norm_needs):
+        return native_layer_norm_backward(grad_y, x, mean, rstd, norm_weight, norm_bias, norm_needs,
+                                          eps if needs_y else None, grad_skip)
+    return None, None, None, native_layer_norm(x, norm_weight, norm_bias, eps)[0] if needs_y else None, None
+
+
 def _backward_layer_norm_linear(ctx, grad_out, _grad_mean, _grad_rstd):
     x, norm_weight, norm_bias, weight, mean, rstd = ctx.saved_tensors
     needs_x, needs_nw, needs_nb, _, needs_w, needs_b = ctx.needs_input_grad
-    y = native_layer_norm(x, norm_weight, norm_bias, ctx.eps)[0]  # the forward's y, recomputed
     norm_needs = (needs_x, needs_nw, needs_nb)
-    grad_y, grad_weight, grad_bias = linear_backward(grad_out, y, weight, (any(norm_needs), needs_w, needs_b))
-    grad_x = grad_norm_weight = grad_norm_bias = None
-    if any(norm_needs):
-        grad_x, grad_norm_weight, grad_norm_bias = native_layer_norm_backward(grad_y, x, mean, rstd, norm_weight, norm_bias, norm_needs)
+    # The Linear's input gradient first: the LayerNorm's backward then recomputes the
+    # forward's y (for the weight gradient) in its own pass over x.
+    grad_y, _, grad_bias = linear_backward(grad_out, None, weight, (any(norm_needs), False, needs_b))
+    grad_x, grad_norm_weight, grad_norm_bias, y, _ = _norm_backward(grad_y, x, mean, rstd, norm_weight, norm_bias,
+                                                                    ctx.eps, norm_needs, needs_w)
+    del grad_y
+    _, grad_weight, _ = linear_backward(grad_out, y, weight, (False, needs_w, False))
     return grad_x, grad_norm_weight, grad_norm_bias, None, grad_weight, grad_bias
 
 
@@ -146,17 +163,19 @@ def _backward_layer_norm_mlp(ctx, grad_out, _grad_mean, _grad_rstd, _grad_h):
     # largest activations) and freed before fc1's backward allocates its own; fc1's bias
     # gradient is summed in the same pass.
     a, grad_h, grad_fc1_bias = gelu_recompute_backward((g2 @ fc2_weight).view(h.shape), h, ctx.approximate, needs_b1)
-    _, grad_fc2_weight, grad_fc2_bias = linear_backward(g2, a, fc2_weight, (False, needs_w2, needs_b2))
+    # The skip connection's gradient (grad_out) joins grad_x in the LayerNorm's backward,
+    # which sums its columns on the way: fc2's bias gradient.
+    grad_skip = grad_out if ctx.residual and needs_x else None
+    _, grad_fc2_weight, grad_fc2_bias = linear_backward(g2, a, fc2_weight, (False, needs_w2, needs_b2 and grad_skip is None))
     del a
-    if y is None:
-        y = native_layer_norm(x, norm_weight, norm_bias, ctx.eps)[0]
-    grad_y, grad_fc1_weight, _ = linear_backward(grad_h, y, fc1_weight, (any(norm_needs), needs_w1, False))
-    del grad_h, y
-    grad_x = grad_norm_weight = grad_norm_bias = None
-    if any(norm_needs):
-        grad_x, grad_norm_weight, grad_norm_bias = native_layer_norm_backward(grad_y, x, mean, rstd, norm_weight, norm_bias, norm_needs)
-        if ctx.residual and needs_x:  # the skip connection's gradient
-            grad_x = grad_x + grad_out if torch.is_grad_enabled() else grad_x.add_(grad_out)
+    grad_y, _, _ = linear_backward(grad_h, None, fc1_weight, (any(norm_needs), False, False))
+    grad_x, grad_norm_weight, grad_norm_bias, y_recomputed, grad_skip_sum = _norm_backward(
+        grad_y, x, mean, rstd, norm_weight, norm_bias, ctx.eps, norm_needs, needs_w1 and y is None, grad_skip)
+    del grad_y
+    if needs_b2 and grad_skip is not None:
+        grad_fc2_bias = grad_skip_sum
+    _, grad_fc1_weight, _ = linear_backward(grad_h, y if y is not None else y_recomputed, fc1_weight, (False, needs_w1, False))
+    del grad_h
     grads = (grad_x, grad_norm_weight, grad_norm_bias, None, grad_fc1_weight, grad_fc1_bias,
              grad_fc2_weight, grad_fc2_bias, None, None)
     return grads[:len(ctx.needs_input_grad)]

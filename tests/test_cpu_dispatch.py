@@ -169,6 +169,23 @@ CHECK_SCRIPT = textwrap.dedent(
                 verdict = judge(o, t, r)
                 if not verdict.passed:
                     failures.append(f"layer_norm {what} C={C} {dtype}: {verdict.describe()}")
+        # The backward's fusions: y recomputed (the forward kernel's bits), a skip gradient
+        # added to grad_x and its columns summed (the torch path: + skip, skip.sum(0)).
+        skip = torch.randn(13, C)
+        for dtype in [torch.float32, torch.float16, torch.bfloat16]:
+            xs, ws, bs, dys, skips = (t.to(dtype) for t in (x, w, b, dy, skip))
+            y, mean, rstd = torch.ops.hiera_kernels.layer_norm(xs, ws, bs, 1e-6)
+            fused = torch.ops.hiera_kernels.layer_norm_backward(dys, xs, mean, rstd, ws, [True] * 3, bs, 1e-6, skips)
+            exact(f"layer_norm_backward y C={C} {dtype}", fused[3], y)
+            def skip_grads(dt):
+                grads = torch.ops.aten.native_layer_norm_backward(
+                    dys.to(dt), xs.to(dt), [C], mean.to(dt), rstd.to(dt), ws.to(dt), bs.to(dt), [True] * 3)
+                return grads[0] + skips.to(dt), skips.to(dt).sum(0)
+            for what, o, t, r in zip(["dx + skip", "skip sums"], (fused[0], fused[4]), skip_grads(dtype),
+                                     skip_grads(torch.float64)):
+                verdict = judge(o, t, r)
+                if not verdict.passed:
+                    failures.append(f"layer_norm_backward {what} C={C} {dtype}: {verdict.describe()}")
     # GELU recomputed with its backward and the bias gradient: 3 rows of 300 (vector and
     # block tails).
     h, g = torch.randn(3, 300) * 3, torch.randn(3, 300)

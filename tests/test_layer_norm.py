@@ -122,13 +122,14 @@ def test_backward_is_atens_contract(dtype, rows):
         dy.double(), x.double(), [100], mean.double(), rstd.double(), w.double(), b.double(), [True] * 3)
     aten = torch.ops.aten.native_layer_norm_backward(dy, x, [100], mean, rstd, w, b, [True] * 3)
     ours = backward_op(dy, x, mean, rstd, w, [True] * 3)
+    assert ours[3].shape == ours[4].shape == (0,)  # no eps, no grad_skip
     for what, o, t, r in zip(["dx", "dweight", "dbias"], ours, aten, reference):
         assert o.dtype == dtype and o.shape == t.shape
         verdict = error_rule.judge(o, t, r)
         assert verdict.passed, f"{what}: {verdict.describe()}"
     for mask in ([True, False, False], [False, True, True], [False, False, True], [False] * 3):
         got = backward_op(dy, x, mean, rstd, w, mask)
-        for wanted, g, full in zip(mask, got, ours):
+        for wanted, g, full in zip(mask, got[:3], ours):
             assert torch.equal(g, full) if wanted else g.shape == (0,)
     # No weight: g = grad_y.
     mask = [True, False, True]
@@ -141,18 +142,62 @@ def test_backward_is_atens_contract(dtype, rows):
         assert verdict.passed, f"no weight, output {what}: {verdict.describe()}"
 
 
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("rows, C", [(37, 100), (400, 100), (170, 96), (9, 7)])  # partial blocks, chunks, tails
+@pytest.mark.parametrize("affine", [True, False])
+def test_backward_recomputes_the_forwards_y(dtype, rows, C, affine):
+    """With eps, the backward's y is the forward kernel's output, bit for bit (the
+    recompute ops' weight gradients read it), and the gradients are those without it."""
+    x, w, b = (cast(t, dtype) for t in case(rows, C, affine))
+    y, mean, rstd = op(x, w, b, 1e-5)
+    dy = torch.randn(x.shape).to(dtype)
+    plain = backward_op(dy, x, mean, rstd, w, [True] * 3)
+    fused = backward_op(dy, x, mean, rstd, w, [True] * 3, b, 1e-5)
+    assert torch.equal(fused[3], y)
+    for p, f in zip(plain[:3], fused[:3]):
+        assert torch.equal(p, f)
+    assert torch.equal(backward_op(dy, x, mean, rstd, w, [False] * 3, b, 1e-5)[3], y)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, C", [(37, 100), (400, 96), (9, 7)])
+def test_backward_adds_the_skip_gradient(dtype, rows, C):
+    """grad_skip joins grad_x before its one rounding, and its column sums are the bias
+    gradient of the Linear that adds the skip: both by the shared rule against the torch
+    path (ATen's backward, then + grad_skip; grad_skip.sum(0)) and float64; the other
+    outputs unchanged."""
+    x, w, b = (cast(t, dtype) for t in case(rows, C))
+    _, mean, rstd = op(x, w, b, 1e-6)
+    dy, skip = torch.randn(x.shape).to(dtype), (torch.randn(x.shape) * 4).to(dtype)
+
+    def torch_path(*t):
+        dy_, x_, mean_, rstd_, w_, b_, skip_ = t
+        grads = torch.ops.aten.native_layer_norm_backward(dy_, x_, [C], mean_, rstd_, w_, b_, [True] * 3)
+        return grads[0] + skip_, skip_.sum(0)
+
+    reference = torch_path(*(t.double() for t in (dy, x, mean, rstd, w, b, skip)))
+    plain = torch_path(dy, x, mean, rstd, w, b, skip)
+    ours = backward_op(dy, x, mean, rstd, w, [True] * 3, None, None, skip)
+    for what, o, t, r in zip(["dx", "skip sums"], (ours[0], ours[4]), plain, reference):
+        assert o.dtype == dtype and o.shape == t.shape
+        verdict = error_rule.judge(o, t, r)
+        assert verdict.passed, f"{what}: {verdict.describe()}"
+    without = backward_op(dy, x, mean, rstd, w, [True] * 3)
+    assert torch.equal(ours[1], without[1]) and torch.equal(ours[2], without[2])
+
+
 def test_backward_column_sums_do_not_depend_on_threads():
-    """grad_weight and grad_bias add fixed row chunks in a fixed order: the same bits on
-    one thread as on several (5000 rows of 96: many chunks)."""
+    """grad_weight, grad_bias and grad_skip's sums add fixed row chunks in a fixed order:
+    the same bits on one thread as on several (5000 rows of 96: many chunks)."""
     x, w, b = case(5000, 96)
     dy = torch.randn(x.shape)
     _, mean, rstd = op(x, w, b, 1e-6)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = backward_op(dy, x, mean, rstd, w, [True] * 3)
+        one = backward_op(dy, x, mean, rstd, w, [True] * 3, None, None, dy)
         torch.set_num_threads(max(2, threads))
-        several = backward_op(dy, x, mean, rstd, w, [True] * 3)
+        several = backward_op(dy, x, mean, rstd, w, [True] * 3, None, None, dy)
     finally:
         torch.set_num_threads(threads)
     for a, b_ in zip(one, several):
@@ -164,25 +209,30 @@ def test_backward_non_finite_values_stay_in_their_row():
     x[3, 5], x[12, 95] = float("nan"), float("inf")
     _, mean, rstd = op(x, w, b, 1e-6)
     dy = torch.randn(x.shape)
-    dx, dw, db = backward_op(dy, x, mean, rstd, w, [True] * 3)
+    skip = torch.randn(x.shape)
+    dx, dw, db, y, skip_sum = backward_op(dy, x, mean, rstd, w, [True] * 3, b, 1e-6, skip)
     good = [r for r in range(20) if r not in (3, 12)]
     assert dx[[3, 12]].isnan().all() and dx[good].isfinite().all()
     assert db.isfinite().all() and dw.isnan().all()  # as ATen: every column's sum meets a NaN row
+    assert y[[3, 12]].isnan().all() and y[good].isfinite().all() and skip_sum.isfinite().all()
 
 
 def test_backward_empty_non_contiguous_opcheck_and_compile():
     x, w, b = case(6, 12)
     dy = torch.randn(x.shape)
     _, mean, rstd = op(x, w, b, 1e-6)
-    dx, dw, db = backward_op(dy[:0], x[:0], mean[:0], rstd[:0], w, [True] * 3)
-    assert dx.shape == (0, 12) and torch.equal(dw, torch.zeros(12)) and torch.equal(db, torch.zeros(12))
+    dx, dw, db, y, skip_sum = backward_op(dy[:0], x[:0], mean[:0], rstd[:0], w, [True] * 3, b, 1e-6, dy[:0])
+    assert dx.shape == y.shape == (0, 12) and torch.equal(dw, torch.zeros(12)) and torch.equal(db, torch.zeros(12))
+    assert torch.equal(skip_sum, torch.zeros(12))
     no_channels = torch.empty(3, 0, requires_grad=True)  # rows but no channels: empty gradients, as ATen
     op(no_channels, None, None, 1e-6)[0].sum().backward()
     assert no_channels.grad.shape == (3, 0)
-    strided = backward_op(dy.t().contiguous().t(), x.t().contiguous().t(), mean, rstd, w, [True] * 3)
-    for s_, c in zip(strided, backward_op(dy, x, mean, rstd, w, [True] * 3)):
+    column_major = lambda t: t.t().contiguous().t()  # noqa: E731  same values
+    strided = backward_op(column_major(dy), column_major(x), mean, rstd, w, [True] * 3, b, 1e-6, column_major(dy))
+    for s_, c in zip(strided, backward_op(dy, x, mean, rstd, w, [True] * 3, b, 1e-6, dy)):
         assert torch.equal(s_, c)
     torch.library.opcheck(backward_op, (dy, x, mean, rstd, w, [True, True, False]))
+    torch.library.opcheck(backward_op, (dy, x, mean, rstd, w, [True, False, True], b, 1e-6, dy))
     torch._dynamo.reset()
     compiled = torch.compile(lambda *a: backward_op(*a)[0].sum(), fullgraph=True)
     torch.testing.assert_close(compiled(dy, x, mean, rstd, w, [True] * 3), backward_op(dy, x, mean, rstd, w, [True] * 3)[0].sum())
@@ -206,6 +256,18 @@ def _error_cases():
          r"hiera_kernels::layer_norm_backward: mean must be float32 \(like x: the forward's\), got float64"),
         (backward_op, (x, x, mean, rstd, torch.ones(7), [True] * 3),
          r"hiera_kernels::layer_norm_backward: weight must have shape \[8\], got \[7\]"),
+        (backward_op, (x, x, mean, rstd, w, [True] * 3, b),
+         r"hiera_kernels::layer_norm_backward: bias is read only to recompute y, which needs the forward's eps"),
+        (backward_op, (x, x, mean, rstd, w, [True] * 3, b, -1.0),
+         r"hiera_kernels::layer_norm_backward: eps must be finite and >= 0, got -1"),
+        (backward_op, (x, x, mean, rstd, w, [True] * 3, b[:7], 1e-6),
+         r"hiera_kernels::layer_norm_backward: bias must have shape \[8\], got \[7\]"),
+        (backward_op, (x, x, mean, rstd, w, [False, True, True], None, None, x),
+         r"hiera_kernels::layer_norm_backward: grad_skip is added to grad_x, which output_mask\[0\] does not ask for"),
+        (backward_op, (x, x, mean, rstd, w, [True] * 3, None, None, x[:, :7]),
+         r"hiera_kernels::layer_norm_backward: grad_skip must have shape \[4, 8\], got \[4, 7\]"),
+        (backward_op, (x, x, mean, rstd, w, [True] * 3, None, None, x.double()),
+         r"hiera_kernels::layer_norm_backward: grad_skip must be float32 \(like x\), got float64"),
     ]
 
 

@@ -105,13 +105,15 @@ struct CpuKernels {
                      void* y, void* mean, void* rstd, int64_t begin, int64_t end, void* workspace);
 
   // LayerNorm's backward over rows [begin, end) of x and grad_y [rows, C], from the
-  // forward's mean and rstd [rows] (x's dtype): grad_x [rows, C] (nullptr: not wanted) and
-  // this range's column sums [2, C] of the accumulation type (grad_weight's, then
-  // grad_bias's; the entry point adds the ranges up). weight [C] or nullptr; a task is a
-  // row. workspace: layer_norm_backward_workspace(C) elements of the accumulation type.
+  // forward's mean and rstd [rows] (x's dtype): grad_x [rows, C] (nullptr: not wanted),
+  // plus grad_skip [rows, C] where that is not nullptr (then grad_x is wanted), and this
+  // range's column sums [2, C] of the accumulation type (grad_weight's, then grad_bias's;
+  // [3, C] with grad_skip's third; the entry point adds the ranges up). weight [C] or
+  // nullptr; a task is a row. workspace: layer_norm_backward_workspace(C) elements of the
+  // accumulation type.
   void (*layer_norm_backward)(CpuDtype dtype, const void* grad_y, const void* x, const void* mean, const void* rstd,
-                              const void* weight, int64_t C, void* grad_x, void* column_sums, int64_t begin,
-                              int64_t end, void* workspace);
+                              const void* weight, int64_t C, const void* grad_skip, void* grad_x, void* column_sums,
+                              int64_t begin, int64_t end, void* workspace);
 
   // The exact GELU recomputed with its backward, over rows [begin, end) of h and grad_out
   // [rows, width]: out = gelu(h), grad_h = grad_out * gelu'(h); and, unless column_sums is

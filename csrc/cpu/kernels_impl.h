@@ -1259,7 +1259,10 @@ void layer_norm(CpuDtype dtype, const void* x, const void* weight, const void* b
 // kLayerNormBackwardRows rows at a time are walked side by side: each row's two sums are
 // independent chains in registers, and a block's column sums are read and written once
 // per block; the second walk (grad_x) finds the block's rows in L1 and recomputes xhat
-// and g from them rather than storing them.
+// and g from them rather than storing them. With a skip gradient (kSkip: the gradient
+// that a skip connection around the LayerNorm's branch carries to x), grad_x is the sum
+// of both, rounded once, and the skip gradient's column sums are this range's third row
+// of column sums (the bias gradient of the Linear whose output the skip is added to).
 
 // Simd<acc_t>::kLanes elements of src in the accumulation type (load_as_acc's widening),
 // and back (store_from_acc's rounding).
@@ -1289,11 +1292,12 @@ inline void store_narrowed(typename Simd<acc_t>::Vec v, scalar_t* dst) {
   }
 }
 
-// Rows [r0, r0 + kRows) of layer_norm_backward_typed; gamma [C] the widened weight.
-template <int64_t kRows, typename scalar_t, typename acc_t>
+// Rows [r0, r0 + kRows) of layer_norm_backward_typed; gamma [C] the widened weight;
+// grad_skip read where kSkip (then grad_x is not nullptr).
+template <int64_t kRows, bool kSkip, typename scalar_t, typename acc_t>
 inline void layer_norm_backward_rows(const scalar_t* grad_y, const scalar_t* x, const scalar_t* mean,
-                                     const scalar_t* rstd, const acc_t* gamma, int64_t C, scalar_t* grad_x,
-                                     acc_t* column_sums, int64_t r0) {
+                                     const scalar_t* rstd, const acc_t* gamma, int64_t C, const scalar_t* grad_skip,
+                                     scalar_t* grad_x, acc_t* column_sums, int64_t r0) {
   using S = Simd<acc_t>;
   using Vec = typename S::Vec;
   const int64_t vector_end = C / S::kLanes * S::kLanes;
@@ -1341,44 +1345,70 @@ inline void layer_norm_backward_rows(const scalar_t* grad_y, const scalar_t* x, 
   for (int64_t i = 0; i < kRows; ++i) {
     const acc_t mean_g = sum_g[i] / static_cast<acc_t>(C), mean_gx = sum_gx[i] / static_cast<acc_t>(C);
     scalar_t* dx = grad_x + (r0 + i) * C;
+    const scalar_t* skip = kSkip ? grad_skip + (r0 + i) * C : nullptr;
+    acc_t* skip_sums = column_sums + 2 * C;
     int64_t c = 0;
     for (; c < vector_end; c += S::kLanes) {
       const Vec xh = (load_widened<scalar_t, acc_t>(xs + i * C + c) - m[i]) * s[i];
       const Vec gw = load_widened<scalar_t, acc_t>(dys + i * C + c) * S::load(gamma + c);
-      store_narrowed<scalar_t, acc_t>((gw - mean_g - xh * mean_gx) * s[i], dx + c);
+      Vec dxv = (gw - mean_g - xh * mean_gx) * s[i];
+      if constexpr (kSkip) {
+        const Vec k = load_widened<scalar_t, acc_t>(skip + c);
+        dxv += k;
+        S::store(skip_sums + c, S::load(skip_sums + c) + k);
+      }
+      store_narrowed<scalar_t, acc_t>(dxv, dx + c);
     }
     for (; c < C; ++c) {
       const acc_t xh = (static_cast<acc_t>(xs[i * C + c]) - m[i]) * s[i];
-      dx[c] = static_cast<scalar_t>((static_cast<acc_t>(dys[i * C + c]) * gamma[c] - mean_g - xh * mean_gx) * s[i]);
+      acc_t dxc = (static_cast<acc_t>(dys[i * C + c]) * gamma[c] - mean_g - xh * mean_gx) * s[i];
+      if constexpr (kSkip) {
+        dxc += static_cast<acc_t>(skip[c]);
+        skip_sums[c] += static_cast<acc_t>(skip[c]);
+      }
+      dx[c] = static_cast<scalar_t>(dxc);
     }
   }
 }
 
+template <bool kSkip, typename scalar_t, typename acc_t>
+void layer_norm_backward_blocks(const scalar_t* grad_y, const scalar_t* x, const scalar_t* mean, const scalar_t* rstd,
+                                const acc_t* gamma, int64_t C, const scalar_t* grad_skip, scalar_t* grad_x,
+                                acc_t* column_sums, int64_t begin, int64_t end) {
+  int64_t r = begin;
+  for (; r + kLayerNormBackwardRows <= end; r += kLayerNormBackwardRows)
+    layer_norm_backward_rows<kLayerNormBackwardRows, kSkip>(grad_y, x, mean, rstd, gamma, C, grad_skip, grad_x,
+                                                            column_sums, r);
+  for (; r < end; ++r)  // a last, partial block
+    layer_norm_backward_rows<1, kSkip>(grad_y, x, mean, rstd, gamma, C, grad_skip, grad_x, column_sums, r);
+}
+
 template <typename scalar_t>
 void layer_norm_backward_typed(const scalar_t* grad_y, const scalar_t* x, const scalar_t* mean, const scalar_t* rstd,
-                               const scalar_t* weight, int64_t C, scalar_t* grad_x, acc_type<scalar_t>* column_sums,
-                               int64_t begin, int64_t end, acc_type<scalar_t>* workspace) {
+                               const scalar_t* weight, int64_t C, const scalar_t* grad_skip, scalar_t* grad_x,
+                               acc_type<scalar_t>* column_sums, int64_t begin, int64_t end,
+                               acc_type<scalar_t>* workspace) {
   using acc_t = acc_type<scalar_t>;
   acc_t* gamma = workspace;  // [C] weight, or ones
   for (int64_t c = 0; c < C; ++c) gamma[c] = weight == nullptr ? acc_t(1) : static_cast<acc_t>(weight[c]);
-  std::fill(column_sums, column_sums + 2 * C, acc_t(0));
-  int64_t r = begin;
-  for (; r + kLayerNormBackwardRows <= end; r += kLayerNormBackwardRows)
-    layer_norm_backward_rows<kLayerNormBackwardRows>(grad_y, x, mean, rstd, gamma, C, grad_x, column_sums, r);
-  for (; r < end; ++r)  // a last, partial block
-    layer_norm_backward_rows<1>(grad_y, x, mean, rstd, gamma, C, grad_x, column_sums, r);
+  std::fill(column_sums, column_sums + (grad_skip == nullptr ? 2 : 3) * C, acc_t(0));
+  if (grad_skip == nullptr)
+    layer_norm_backward_blocks<false>(grad_y, x, mean, rstd, gamma, C, grad_skip, grad_x, column_sums, begin, end);
+  else
+    layer_norm_backward_blocks<true>(grad_y, x, mean, rstd, gamma, C, grad_skip, grad_x, column_sums, begin, end);
 }
 
 void layer_norm_backward(CpuDtype dtype, const void* grad_y, const void* x, const void* mean, const void* rstd,
-                         const void* weight, int64_t C, void* grad_x, void* column_sums, int64_t begin, int64_t end,
-                         void* workspace) {
+                         const void* weight, int64_t C, const void* grad_skip, void* grad_x, void* column_sums,
+                         int64_t begin, int64_t end, void* workspace) {
   by_dtype(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = acc_type<scalar_t>;
     layer_norm_backward_typed(static_cast<const scalar_t*>(grad_y), static_cast<const scalar_t*>(x),
                               static_cast<const scalar_t*>(mean), static_cast<const scalar_t*>(rstd),
-                              static_cast<const scalar_t*>(weight), C, static_cast<scalar_t*>(grad_x),
-                              static_cast<acc_t*>(column_sums), begin, end, static_cast<acc_t*>(workspace));
+                              static_cast<const scalar_t*>(weight), C, static_cast<const scalar_t*>(grad_skip),
+                              static_cast<scalar_t*>(grad_x), static_cast<acc_t*>(column_sums), begin, end,
+                              static_cast<acc_t*>(workspace));
   });
 }
 
