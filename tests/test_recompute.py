@@ -114,6 +114,30 @@ def test_frozen_parameters_get_no_gradient_work():
     assert x.grad is not None and fc2.weight.grad is not None and fc1.weight.grad is None and norm.weight.grad is None
 
 
+@pytest.mark.parametrize("kind", ["layer_norm_linear", "layer_norm_mlp+residual"])
+@pytest.mark.parametrize("wanted", [("x",), ("2.bias",), ("x", "2.bias"), ("1.weight",), ("0.weight", "1.bias")])
+def test_any_subset_of_gradients(kind, wanted):
+    """Whatever subset needs a gradient (x alone: the LayerNorm's backward without y; fc2's
+    bias alone: no skip gradient to sum it from; the weight alone: y without a LayerNorm
+    backward), the op gives the plain modules' gradients (float32)."""
+    mods = modules()
+    x = torch.randn(2, 150, 96)
+    names = ["x"] + [f"{i}.{n}" for i, m in enumerate(mods) for n, _ in m.named_parameters()]
+    if kind == "layer_norm_linear":
+        wanted = tuple(w.replace("2.", "1.") for w in wanted)
+
+    def grads(run):
+        used = [copy.deepcopy(m) for m in mods]
+        leaves = dict(zip(names, [x.clone()] + [p for m in used for p in m.parameters()]))
+        for name, t in leaves.items():
+            t.requires_grad_(name in wanted)
+        out = run(kind, *used, "gelu", leaves["x"])
+        return torch.autograd.grad(out, [leaves[w] for w in wanted], torch.ones_like(out) * 0.5)
+
+    for w, o, p in zip(wanted, grads(fused), grads(plain)):
+        torch.testing.assert_close(o, p, atol=2e-4, rtol=1e-4, msg=lambda m: f"{kind} {w}: {m}")
+
+
 def test_mixed_dtype_norm_keeps_atens_layer_norm():
     """A bfloat16 model with its LayerNorms kept in float32 (a mixed-precision recipe ATen
     takes) trains on "cpu" as on "torch" (the kernels only take matching dtypes): logits and
