@@ -259,8 +259,8 @@ def takes_in_training(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
 def linear_backward(grad_out: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, needs):
     """(grad_inp, grad_weight, grad_bias) of ``F.linear(inp, weight, bias)``, each None
     where ``needs`` (three bools) says it is not needed (a frozen weight: no GEMM);
-    grad_out [..., out], inp [..., in] (read only for grad_weight: None where that is
-    not needed, then grad_inp is [..., in] with grad_out's leading dims)."""
+    grad_out [..., out]; inp [..., in], read only for grad_weight (None where that is
+    not needed); grad_inp [..., in] with grad_out's leading dims."""
     g2 = grad_out.reshape(-1, grad_out.shape[-1])
     grad_inp = (g2 @ weight).view(*grad_out.shape[:-1], weight.shape[1]) if needs[0] else None
     grad_weight = g2.t() @ inp.reshape(-1, inp.shape[-1]) if needs[1] else None

@@ -89,7 +89,8 @@ def native_layer_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torc
     ``grad_skip_sum`` is its column sums [C]; else None. On the kernel for CPU tensors where
     the extension is built, outside ``create_graph``: one pass over x for y and the
     backward, the skip gradient added before grad_x is rounded."""
-    torch._check(grad_skip is None or bool(needs[0]), lambda: "native_layer_norm_backward: grad_skip is added to grad_x: needs[0] must be True")
+    torch._check(grad_skip is None or bool(needs[0]),
+                 lambda: "native_layer_norm_backward: grad_skip is added to grad_x, which needs[0] does not ask for")
     mask = [bool(needs[0]), weight is not None and bool(needs[1]), bias is not None and bool(needs[2])]
     if not torch.is_grad_enabled() and cpu_kernel_takes(x, grad_y, mean, rstd, weight, bias, grad_skip):
         grad_x, grad_weight, grad_bias, y, grad_skip_sum = torch.ops.hiera_kernels.layer_norm_backward(

@@ -105,7 +105,10 @@ def _norm_backward(grad_y, x, mean, rstd, norm_weight, norm_bias, eps, norm_need
     """(grad_x, grad_norm_weight, grad_norm_bias, y, grad_skip_sum): the LayerNorm's
     backward where ``norm_needs`` asks for a gradient (``grad_y`` [..., C], the Linear's
     input gradient, computed by the caller only then), recomputing its output ``y`` where
-    ``needs_y`` (for the Linear's weight gradient) in the same pass over x; else y alone."""
+    ``needs_y`` (for the Linear's weight gradient) in the same pass over x; else y alone.
+    (grad_y, grad_x and y are alive together for a moment: one [rows, C] buffer more at
+    the backward's peak than when y was recomputed after grad_y was freed, against one
+    pass over x fewer.)"""
     if any(norm_needs):
         return native_layer_norm_backward(grad_y, x, mean, rstd, norm_weight, norm_bias, norm_needs,
                                           eps if needs_y else None, grad_skip)
@@ -116,13 +119,15 @@ def _backward_layer_norm_linear(ctx, grad_out, _grad_mean, _grad_rstd):
     x, norm_weight, norm_bias, weight, mean, rstd = ctx.saved_tensors
     needs_x, needs_nw, needs_nb, _, needs_w, needs_b = ctx.needs_input_grad
     norm_needs = (needs_x, needs_nw, needs_nb)
+    g2 = grad_out.reshape(-1, grad_out.shape[-1])
     # The Linear's input gradient first: the LayerNorm's backward then recomputes the
     # forward's y (for the weight gradient) in its own pass over x.
-    grad_y, _, grad_bias = linear_backward(grad_out, None, weight, (any(norm_needs), False, needs_b))
+    grad_y, _, grad_bias = linear_backward(g2, None, weight, (any(norm_needs), False, needs_b))
+    grad_y = None if grad_y is None else grad_y.view(x.shape)
     grad_x, grad_norm_weight, grad_norm_bias, y, _ = _norm_backward(grad_y, x, mean, rstd, norm_weight, norm_bias,
                                                                     ctx.eps, norm_needs, needs_w)
     del grad_y
-    _, grad_weight, _ = linear_backward(grad_out, y, weight, (False, needs_w, False))
+    _, grad_weight, _ = linear_backward(g2, y, weight, (False, needs_w, False))
     return grad_x, grad_norm_weight, grad_norm_bias, None, grad_weight, grad_bias
 
 

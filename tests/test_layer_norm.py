@@ -161,21 +161,22 @@ def test_backward_recomputes_the_forwards_y(dtype, rows, C, affine):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows, C", [(37, 100), (400, 96), (9, 7)])
-def test_backward_adds_the_skip_gradient(dtype, rows, C):
+@pytest.mark.parametrize("affine", [True, False])
+def test_backward_adds_the_skip_gradient(dtype, rows, C, affine):
     """grad_skip joins grad_x before its one rounding, and its column sums are the bias
     gradient of the Linear that adds the skip: both by the shared rule against the torch
     path (ATen's backward, then + grad_skip; grad_skip.sum(0)) and float64; the other
     outputs unchanged."""
-    x, w, b = (cast(t, dtype) for t in case(rows, C))
+    x, w, b = (cast(t, dtype) for t in case(rows, C, affine))
     _, mean, rstd = op(x, w, b, 1e-6)
     dy, skip = torch.randn(x.shape).to(dtype), (torch.randn(x.shape) * 4).to(dtype)
 
     def torch_path(*t):
         dy_, x_, mean_, rstd_, w_, b_, skip_ = t
-        grads = torch.ops.aten.native_layer_norm_backward(dy_, x_, [C], mean_, rstd_, w_, b_, [True] * 3)
+        grads = torch.ops.aten.native_layer_norm_backward(dy_, x_, [C], mean_, rstd_, w_, b_, [True, affine, affine])
         return grads[0] + skip_, skip_.sum(0)
 
-    reference = torch_path(*(t.double() for t in (dy, x, mean, rstd, w, b, skip)))
+    reference = torch_path(*(cast(t, torch.float64) for t in (dy, x, mean, rstd, w, b, skip)))
     plain = torch_path(dy, x, mean, rstd, w, b, skip)
     ours = backward_op(dy, x, mean, rstd, w, [True] * 3, None, None, skip)
     for what, o, t, r in zip(["dx", "skip sums"], (ours[0], ours[4]), plain, reference):
@@ -184,6 +185,28 @@ def test_backward_adds_the_skip_gradient(dtype, rows, C):
         assert verdict.passed, f"{what}: {verdict.describe()}"
     without = backward_op(dy, x, mean, rstd, w, [True] * 3)
     assert torch.equal(ours[1], without[1]) and torch.equal(ours[2], without[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_atens_fallback_keeps_the_fused_contract(dtype, monkeypatch):
+    """Where the kernel does not take the tensors (no extension, another device, mixed
+    dtypes), native_layer_norm_backward runs ATen's ops with the same outputs: the
+    gradients, the forward's y, grad_x with the skip gradient and its column sums, None
+    for what is not asked; by the rule against float64, like the kernel's."""
+    x, w, b = (cast(t, dtype) for t in case(300, 96))
+    _, mean, rstd = op(x, w, b, 1e-6)
+    dy, skip = torch.randn(x.shape).to(dtype), torch.randn(x.shape).to(dtype)
+    args = (dy, x, mean, rstd, w, b, [True] * 3)
+    kernel = ln.native_layer_norm_backward(*args, eps=1e-6, grad_skip=skip)
+    reference = ln.native_layer_norm_backward(*(cast(t, torch.float64) if isinstance(t, torch.Tensor) else t for t in args),
+                                              eps=1e-6, grad_skip=skip.double())
+    monkeypatch.setattr(ln, "cpu_kernel_takes", lambda *tensors: False)
+    fallback = ln.native_layer_norm_backward(*args, eps=1e-6, grad_skip=skip)
+    for what, f, k, r in zip(["dx", "dweight", "dbias", "y", "skip sums"], fallback, kernel, reference):
+        assert f.dtype == k.dtype == dtype and f.shape == k.shape
+        verdict = error_rule.judge(f, k, r)
+        assert verdict.passed, f"{what}: {verdict.describe()}"
+    assert ln.native_layer_norm_backward(dy, x, mean, rstd, w, b, [False, True, False])[3:] == (None, None)
 
 
 def test_backward_column_sums_do_not_depend_on_threads():

@@ -1345,8 +1345,10 @@ inline void layer_norm_backward_rows(const scalar_t* grad_y, const scalar_t* x, 
   for (int64_t i = 0; i < kRows; ++i) {
     const acc_t mean_g = sum_g[i] / static_cast<acc_t>(C), mean_gx = sum_gx[i] / static_cast<acc_t>(C);
     scalar_t* dx = grad_x + (r0 + i) * C;
-    const scalar_t* skip = kSkip ? grad_skip + (r0 + i) * C : nullptr;
-    acc_t* skip_sums = column_sums + 2 * C;
+    // With a skip gradient: its row, and its column sums (column_sums' third row; summed
+    // row by row here, where the row is read for grad_x anyway).
+    [[maybe_unused]] const scalar_t* skip = kSkip ? grad_skip + (r0 + i) * C : nullptr;
+    [[maybe_unused]] acc_t* skip_sums = column_sums + 2 * C;
     int64_t c = 0;
     for (; c < vector_end; c += S::kLanes) {
       const Vec xh = (load_widened<scalar_t, acc_t>(xs + i * C + c) - m[i]) * s[i];
@@ -1371,6 +1373,8 @@ inline void layer_norm_backward_rows(const scalar_t* grad_y, const scalar_t* x, 
   }
 }
 
+// Rows [begin, end): whole blocks of kLayerNormBackwardRows, then a last, partial block
+// row by row; kSkip compiles the walk with or without the skip gradient (no test per element).
 template <bool kSkip, typename scalar_t, typename acc_t>
 void layer_norm_backward_blocks(const scalar_t* grad_y, const scalar_t* x, const scalar_t* mean, const scalar_t* rstd,
                                 const acc_t* gamma, int64_t C, const scalar_t* grad_skip, scalar_t* grad_x,
@@ -1379,7 +1383,7 @@ void layer_norm_backward_blocks(const scalar_t* grad_y, const scalar_t* x, const
   for (; r + kLayerNormBackwardRows <= end; r += kLayerNormBackwardRows)
     layer_norm_backward_rows<kLayerNormBackwardRows, kSkip>(grad_y, x, mean, rstd, gamma, C, grad_skip, grad_x,
                                                             column_sums, r);
-  for (; r < end; ++r)  // a last, partial block
+  for (; r < end; ++r)
     layer_norm_backward_rows<1, kSkip>(grad_y, x, mean, rstd, gamma, C, grad_skip, grad_x, column_sums, r);
 }
 
