@@ -40,6 +40,21 @@ The drop-in model and patched official, timm, transformers and SAM 2 blocks use 
 training on every backend but ``"torch"`` (the plain oracle), not under ``torch.compile`` (inductor's
 partitioner already chooses what to recompute, and fuses these elementwise passes into
 its own kernels) nor CPU autocast, and never past a hook; see :func:`applies`.
+
+A third op takes the drop-in block's whole attention branch where the C++ kernels run
+its attention (:func:`attention_applies`):
+
+    layer_norm_attention(x, norm_weight, norm_bias, eps, qkv_weight, qkv_bias, proj_weight, proj_bias, heads, windows)
+        x [B, N, C] -> (x + proj(mask_unit_attention(qkv(layer_norm(x)))) [B, N, C], mean, rstd,
+                        qkv [B, N, 3C], the attention's output [B, N, C], its lse and q_argmax)
+        saves x, mean, rstd and the attention's tensors (what layer_norm_linear, the
+        attention op and proj's linear_residual keep between them)
+
+whose backward gives the skip connection's gradient to the LayerNorm backward kernel, which
+adds it to grad_x and sums proj's bias gradient from it: no add where two ops read x
+(the autograd engine's) and no separate bias sum. Without query pooling only (windows:
+the attention op's, for q_stride 1); its double backward is the attention op's (whose own
+backward is not differentiable).
 """
 
 from __future__ import annotations
@@ -51,10 +66,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import backends
+from . import backends, reference
 from .epilogues import Linear, hooked, linear_backward, linear_in_epilogue, plain_linear_residual
 from .layer_norm import cpu_kernel_takes, native_layer_norm, native_layer_norm_backward, plain_layer_norm
-from .library import NAMESPACE, mark_extra_outputs, needs_first_gradient
+from .library import NAMESPACE, OPS, mark_extra_outputs, needs_first_gradient
 
 SCHEMAS = {
     "layer_norm_linear": "(Tensor x, Tensor? norm_weight, Tensor? norm_bias, float eps, Tensor weight, Tensor? bias) "
@@ -62,6 +77,9 @@ SCHEMAS = {
     "layer_norm_mlp": "(Tensor x, Tensor? norm_weight, Tensor? norm_bias, float eps, Tensor fc1_weight, "
     "Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, str approximate, bool residual=False) "
     "-> (Tensor, Tensor, Tensor, Tensor)",
+    "layer_norm_attention": "(Tensor x, Tensor? norm_weight, Tensor? norm_bias, float eps, Tensor qkv_weight, "
+    "Tensor? qkv_bias, Tensor proj_weight, Tensor? proj_bias, int heads, int windows) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 }
 APPROXIMATIONS = ("none", "tanh")  # F.gelu's approximate=
 
@@ -86,10 +104,21 @@ def _layer_norm_mlp(x, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_we
     return out, mean, rstd, h
 
 
+def _layer_norm_attention(x, norm_weight, norm_bias, eps, qkv_weight, qkv_bias, proj_weight, proj_bias, heads, windows,
+                          linear=linear_in_epilogue):
+    torch._check(proj_weight.shape[0] == x.shape[-1],
+                 lambda: f"layer_norm_attention: the skip connection needs proj's output width {proj_weight.shape[0]} == x's {x.shape[-1]}")
+    y, mean, rstd = native_layer_norm(x, norm_weight, norm_bias, eps)
+    qkv = linear(y, qkv_weight, qkv_bias)
+    attn, lse, q_argmax = OPS["mask_unit_attention"](qkv, heads, 1, windows)
+    return linear(attn, proj_weight, proj_bias, x), mean, rstd, qkv, attn, lse, q_argmax
+
+
 # The Linears run with their bias (and fc2 with the skip connection) in the GEMM's
 # epilogue (epilogues.linear_in_epilogue); the fakes run the plain ops, whose meta kernels
-# give the same shapes.
-for _name, _fn in (("layer_norm_linear", _layer_norm_linear), ("layer_norm_mlp", _layer_norm_mlp)):
+# give the same shapes (and the attention's fake).
+for _name, _fn in (("layer_norm_linear", _layer_norm_linear), ("layer_norm_mlp", _layer_norm_mlp),
+                   ("layer_norm_attention", _layer_norm_attention)):
     torch.library.impl(f"{NAMESPACE}::{_name}", "CompositeExplicitAutograd", _fn, lib=_lib)
     torch.library.register_fake(f"{NAMESPACE}::{_name}", functools.partial(_fn, linear=plain_linear_residual), lib=_lib)
 
@@ -186,10 +215,48 @@ def _backward_layer_norm_mlp(ctx, grad_out, _grad_mean, _grad_rstd, _grad_h):
     return grads[:len(ctx.needs_input_grad)]
 
 
+def _setup_layer_norm_attention(ctx, inputs, output):
+    x, norm_weight, norm_bias, ctx.eps, qkv_weight, _, proj_weight, _, ctx.heads, ctx.windows = inputs
+    _, mean, rstd, qkv, attn, lse, q_argmax = output
+    mark_extra_outputs(ctx, mean, rstd, qkv, attn, lse, q_argmax)
+    ctx.save_for_backward(x, norm_weight, norm_bias, qkv_weight, proj_weight, mean, rstd, qkv, attn, lse, q_argmax)
+
+
+def _backward_layer_norm_attention(ctx, grad_out, *_extra_grads):
+    x, norm_weight, norm_bias, qkv_weight, proj_weight, mean, rstd, qkv, attn, lse, q_argmax = ctx.saved_tensors
+    needs_x, needs_nw, needs_nb, _, needs_wq, needs_bq, needs_wp, needs_bp, _, _ = ctx.needs_input_grad
+    norm_needs = (needs_x, needs_nw, needs_nb)
+    needs_qkv = any(norm_needs) or needs_wq or needs_bq
+    # The skip connection's gradient (grad_out) joins grad_x in the LayerNorm's backward,
+    # which sums its columns on the way: proj's bias gradient.
+    grad_skip = grad_out if needs_x else None
+    g2 = grad_out.reshape(-1, grad_out.shape[-1])
+    grad_attn, grad_proj_weight, grad_proj_bias = linear_backward(g2, attn, proj_weight,
+                                                                   (needs_qkv, needs_wp, needs_bp and grad_skip is None))
+    grad_x = grad_norm_weight = grad_norm_bias = grad_qkv_weight = grad_qkv_bias = None
+    if needs_qkv:
+        grad_qkv = OPS["mask_unit_attention_backward"](grad_attn.view(attn.shape), qkv, attn, lse, q_argmax, ctx.heads, 1,
+                                                       ctx.windows)
+        del grad_attn
+        gq2 = grad_qkv.reshape(-1, grad_qkv.shape[-1])
+        grad_y, _, grad_qkv_bias = linear_backward(gq2, None, qkv_weight, (any(norm_needs), False, needs_bq))
+        grad_y = None if grad_y is None else grad_y.view(x.shape)
+        grad_x, grad_norm_weight, grad_norm_bias, y, grad_skip_sum = _norm_backward(
+            grad_y, x, mean, rstd, norm_weight, norm_bias, ctx.eps, norm_needs, needs_wq, grad_skip)
+        del grad_y
+        if needs_bp and grad_skip is not None:
+            grad_proj_bias = grad_skip_sum
+        _, grad_qkv_weight, _ = linear_backward(gq2, y, qkv_weight, (False, needs_wq, False))
+    return (grad_x, grad_norm_weight, grad_norm_bias, None, grad_qkv_weight, grad_qkv_bias, grad_proj_weight,
+            grad_proj_bias, None, None)
+
+
 torch.library.register_autograd(f"{NAMESPACE}::layer_norm_linear", needs_first_gradient(_backward_layer_norm_linear),
                                 setup_context=_setup_layer_norm_linear, lib=_lib)
 torch.library.register_autograd(f"{NAMESPACE}::layer_norm_mlp", needs_first_gradient(_backward_layer_norm_mlp),
                                 setup_context=_setup_layer_norm_mlp, lib=_lib)
+torch.library.register_autograd(f"{NAMESPACE}::layer_norm_attention", needs_first_gradient(_backward_layer_norm_attention),
+                                setup_context=_setup_layer_norm_attention, lib=_lib)
 
 
 # ------------------------------------------------------------------ module-level API
@@ -223,6 +290,32 @@ def qkv_applies(block: nn.Module, x: torch.Tensor, backend: Optional[str]) -> bo
     feeds its ``proj`` too. ``block`` has the official attributes (dim, dim_out, norm1,
     attn.qkv), as the drop-in, official, timm and SAM 2 blocks do."""
     return block.dim == block.dim_out and applies(block.norm1, (block.attn.qkv,), x, backend, block.attn)
+
+
+def attention_applies(block: nn.Module, x: torch.Tensor, backend: Optional[str]) -> bool:
+    """Whether the drop-in block runs its whole attention branch, ``x + attn.proj(attention(
+    attn.qkv(norm1(x))))``, as :func:`layer_norm_attention`: where :func:`qkv_applies` (proj
+    plain and unhooked too), no query pooling (a stage's later blocks) and the C++ kernels'
+    attention (backend ``"cpu"``, or ``"cuda"`` where chosen) runs it. The caller adds the
+    skip connection only where stochastic depth does not drop the branch."""
+    attn = block.attn
+    if attn.q_stride != 1 or not qkv_applies(block, x, backend) or type(attn.proj) not in (nn.Linear, Linear):
+        return False
+    chosen = backends.choose("mask_unit_attention", x, backend, stride=1, head_dim=attn.dim_out // attn.heads)
+    return getattr(chosen, "KERNELS", None) is OPS
+
+
+def layer_norm_attention(norm: nn.LayerNorm, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x + attn.proj(mask_unit_attention(attn.qkv(norm(x))))`` (the drop-in
+    :class:`~hiera_kernels.models.hiera.MaskUnitAttention` without query pooling) in one
+    op: keeps x, the qkv and the attention's output, its log-sum-exp and argmax for the
+    backward, instead of ``norm(x)`` besides; the backward adds the skip connection's
+    gradient inside the LayerNorm's and sums proj's bias gradient there."""
+    windows = reference.window_count(x.shape[1], 1, attn.window_size, attn.use_mask_unit_attn)
+    out, *_ = torch.ops.hiera_kernels.layer_norm_attention(x, norm.weight, norm.bias, norm.eps, attn.qkv.weight,
+                                                           attn.qkv.bias, attn.proj.weight, attn.proj.bias, attn.heads,
+                                                           windows)
+    return out
 
 
 def layer_norm_linear(norm: nn.LayerNorm, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:

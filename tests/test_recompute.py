@@ -443,3 +443,145 @@ def test_gelu_recompute_backward_in_place_gives_the_same_bits(dtype, bias_grad):
     compiled = torch.compile(step, fullgraph=True)
     for got, want in zip(compiled(grad, h), (out, grad_h)):
         assert torch.equal(got, want)
+
+
+# ------------------------------------------------------------ layer_norm_attention
+def attention_block(dim=48, heads=2, window_size=4, use_mask_unit_attn=True, dtype=torch.float32, affine=True, bias=True):
+    """The drop-in block's norm1 and attention (no query pooling), weights far from their defaults."""
+    from hiera_kernels.models.hiera import MaskUnitAttention
+    norm = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=affine)
+    attn = MaskUnitAttention(dim, dim, heads, 1, window_size, use_mask_unit_attn)
+    if not bias:
+        attn.qkv.bias, attn.proj.bias = None, None
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.normal_(1.0 if p is norm.weight else 0.0, 0.5)
+        for m in (attn.qkv, attn.proj):
+            m.weight.normal_(0, m.in_features**-0.5)
+            if m.bias is not None:
+                m.bias.normal_(0, 0.5)
+    return norm.to(dtype), attn.to(dtype)
+
+
+def attention_branch(fused, norm, attn, x):
+    """The block's attention branch with its skip connection: the op, or the plain path
+    (the drop-in modules on "torch")."""
+    if fused:
+        return recompute.layer_norm_attention(norm, attn, x)
+    return attn.set_backend("torch")(norm(x), residual=x)
+
+
+def attention_grads(fused, mods, x, wanted=None, seed=1):
+    """(out, gradients of x and the parameters, or of ``wanted`` by name)."""
+    norm, attn = (copy.deepcopy(m) for m in mods)
+    leaves = {"x": x.detach().clone(), **{f"norm.{n}": p for n, p in norm.named_parameters()},
+              **{n: p for n, p in attn.named_parameters()}}
+    wanted = list(leaves) if wanted is None else wanted
+    for name, t in leaves.items():
+        t.requires_grad_(name in wanted)
+    out = attention_branch(fused, norm, attn, leaves["x"])
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
+    return [out.detach(), *torch.autograd.grad(out, [leaves[w] for w in wanted], grad)], ["out", *wanted]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("use_mask_unit_attn", [True, False])  # 8 windows of 4 tokens; global
+def test_layer_norm_attention_passes_the_rule(dtype, use_mask_unit_attn):
+    mods = attention_block(use_mask_unit_attn=use_mask_unit_attn)
+    x = torch.randn(3, 32, 48)
+    reference, names = attention_grads(False, [m.double() for m in copy.deepcopy(mods)], x.double())
+    torch_path, _ = attention_grads(False, [copy.deepcopy(m).to(dtype) for m in mods], x.to(dtype))
+    ours, _ = attention_grads(True, [copy.deepcopy(m).to(dtype) for m in mods], x.to(dtype))
+    for name, r, t, o in zip(names, reference, torch_path, ours):
+        verdict = error_rule.judge(o, t, r)
+        assert verdict.passed, f"{name}: {verdict.describe()}"
+
+
+@pytest.mark.parametrize("wanted", [["x"], ["proj.bias"], ["x", "proj.bias"], ["qkv.weight"], ["norm.weight", "qkv.bias"],
+                                    ["proj.weight"]])
+def test_layer_norm_attention_any_subset_of_gradients(wanted):
+    """x alone (proj's bias from nothing), proj's bias alone (no skip gradient to sum it
+    from), a weight alone: the plain path's gradients by the rule against float64."""
+    mods = attention_block(dtype=torch.float32)
+    x = torch.randn(2, 32, 48)
+    reference, _ = attention_grads(False, [m.double() for m in copy.deepcopy(mods)], x.double(), wanted)
+    torch_path, _ = attention_grads(False, mods, x, wanted)
+    ours, _ = attention_grads(True, mods, x, wanted)
+    for name, r, t, o in zip(["out", *wanted], reference, torch_path, ours):
+        verdict = error_rule.judge(o, t, r)
+        assert verdict.passed, f"{name}: {verdict.describe()}"
+
+
+@pytest.mark.parametrize("affine_and_bias", [True, False])
+def test_layer_norm_attention_opcheck_and_float64_gradcheck(affine_and_bias):
+    op = torch.ops.hiera_kernels.layer_norm_attention.default
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        norm, attn = attention_block(dim=8, heads=2, window_size=2, dtype=dtype, affine=affine_and_bias, bias=affine_and_bias)
+        x = torch.randn(2, 4, 8, dtype=dtype, requires_grad=True)
+        args = (x, norm.weight, norm.bias, norm.eps, attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias, 2, 2)
+        if dtype == torch.float64:
+            assert torch.autograd.gradcheck(lambda *a: op(*a)[0], args)
+        else:
+            torch.library.opcheck(op, args)
+
+
+def test_layer_norm_attention_backward_runs_one_layer_norm_pass():
+    """The backward's LayerNorm work is one layer_norm_backward call (y recomputed in it,
+    the skip gradient added in it: no separate LayerNorm, add or proj bias sum)."""
+    norm, attn = attention_block(dtype=torch.bfloat16)
+    x = torch.randn(2, 32, 48, dtype=torch.bfloat16, requires_grad=True)
+    out = recompute.layer_norm_attention(norm, attn, x)
+    from torch.profiler import profile
+    with profile() as prof:
+        out.backward(torch.randn(out.shape, dtype=out.dtype))
+    calls = {e.key: e.count for e in prof.key_averages()}
+    assert calls.get("hiera_kernels::layer_norm_backward") == 1 and calls.get("hiera_kernels::mask_unit_attention_backward") == 1
+    assert calls.get("aten::sum") == 1  # qkv's bias gradient only
+    assert "hiera_kernels::layer_norm" not in calls and "aten::add_" not in calls and "aten::add" not in calls, sorted(calls)
+
+
+def test_drop_in_model_runs_the_attention_branch_as_one_op():
+    """In training on "cpu": every block but a stage's first (dim or q_stride changes) runs
+    layer_norm_attention; on "torch" none does, nor a block whose stochastic depth may drop
+    the branch (all but the first, whose rate is 0)."""
+    model = hk.hiera_tiny_224(input_size=(64, 64), num_classes=10)
+    x = torch.randn(2, 3, 64, 64)
+
+    def expected(model):
+        return sum(b.dim == b.dim_out and b.attn.q_stride == 1 and isinstance(b.drop_path, nn.Identity) for b in model.blocks)
+
+    from torch.profiler import profile
+
+    def calls(model):
+        with profile() as prof:
+            model(x).sum().backward()
+        return sum(e.count for e in prof.key_averages() if e.key == "hiera_kernels::layer_norm_attention")
+
+    assert 0 < expected(model) < len(model.blocks)
+    assert calls(model.set_backend("cpu").train()) == expected(model)
+    assert calls(model.set_backend("torch")) == 0
+    dropping = hk.hiera_tiny_224(input_size=(64, 64), num_classes=10, drop_path_rate=0.1).set_backend("cpu").train()
+    assert calls(dropping) == expected(dropping) < expected(model)
+
+
+@pytest.mark.parametrize("kind", ["layer_norm_linear", "layer_norm_mlp+residual", "layer_norm_attention"])
+def test_ops_compile_fullgraph(kind):
+    """Each recompute op traces whole under torch.compile(fullgraph=True), its gradients
+    through its backward, equal to eager's."""
+    if kind == "layer_norm_attention":
+        norm, attn = attention_block(dim=8, heads=2, window_size=2)
+        x = torch.randn(2, 4, 8, requires_grad=True)
+        args = (x, norm.weight, norm.bias, norm.eps, attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias, 2, 2)
+    else:
+        args = op_args(kind)
+    op = getattr(torch.ops.hiera_kernels, kind.split("+")[0]).default
+
+    def loss(*a):
+        return op(*a)[0].square().sum()
+
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    want = torch.autograd.grad(loss(*args), leaves)
+    torch._dynamo.reset()
+    got = torch.autograd.grad(torch.compile(loss, fullgraph=True)(*args), leaves)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)

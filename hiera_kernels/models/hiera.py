@@ -172,7 +172,10 @@ class HieraBlock(UsesBackend):
         # Without stochastic depth the skip connections go into proj's and fc2's epilogues
         # (added after the GEMM on the plain path, as officially).
         skip_in_epilogue = isinstance(self.drop_path, nn.Identity) or not self.training
-        if recompute.qkv_applies(self, x, self.backend):
+        if skip_in_epilogue and recompute.attention_applies(self, x, self.backend):
+            # Training on the C++ kernels: the whole branch, skip connection included, is one op.
+            x = recompute.layer_norm_attention(self.norm1, self.attn, x)
+        elif recompute.qkv_applies(self, x, self.backend):
             # Training on a kernel backend: norm1(x) is recomputed in the backward, not saved.
             qkv = recompute.layer_norm_linear(self.norm1, self.attn.qkv, x)
             x = self.attn.attend(qkv, residual=x) if skip_in_epilogue else x + self.drop_path(self.attn.attend(qkv))
