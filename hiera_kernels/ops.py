@@ -143,9 +143,20 @@ def mask_unit_attention(
     """
     op = "mask_unit_attention"
     _check_tensor(op, "qkv", qkv, "[B, N, 3 * dim_out]")
+    B, N, width = qkv.shape
+    check_mask_unit_geometry(op, N, width, heads, q_stride, window_size, use_mask_unit_attn)
+    # The pooling argmax is one byte; the kernels bound the head dim.
+    impl = choose(op, qkv, backend, stride=q_stride, head_dim=width // (3 * heads))
+    return impl.mask_unit_attention(qkv, heads, q_stride, window_size, bool(use_mask_unit_attn))
+
+
+def check_mask_unit_geometry(op: str, N: int, width: int, heads: int, q_stride: int, window_size: int,
+                             use_mask_unit_attn: bool) -> None:
+    """Mask-unit attention's geometry, as the official module assumes it: N tokens, a qkv
+    ``width`` of 3 * heads * head_dim, and whole windows of q_stride * window_size tokens
+    (global attention: N divisible by q_stride)."""
     _check_positive_int(op, "heads", heads)
     _check_positive_int(op, "q_stride", q_stride)
-    B, N, width = qkv.shape
     if N == 0:
         raise ValueError(f"{op}: qkv has no tokens (N=0)")
     if width % (3 * heads):
@@ -159,9 +170,6 @@ def mask_unit_attention(
             )
     elif N % q_stride:
         raise ValueError(f"{op}: N={N} is not divisible by q_stride={q_stride}")
-    # The pooling argmax is one byte; the kernels bound the head dim.
-    impl = choose(op, qkv, backend, stride=q_stride, head_dim=width // (3 * heads))
-    return impl.mask_unit_attention(qkv, heads, q_stride, window_size, bool(use_mask_unit_attn))
 
 
 def window_attention(

@@ -53,8 +53,9 @@ its attention (:func:`attention_applies`):
 whose backward gives the skip connection's gradient to the LayerNorm backward kernel, which
 adds it to grad_x and sums proj's bias gradient from it: no add where two ops read x
 (the autograd engine's) and no separate bias sum. Without query pooling only (windows:
-the attention op's, for q_stride 1); its double backward is the attention op's (whose own
-backward is not differentiable).
+the attention op's, for q_stride 1). Its backward is not differentiable (nor is the
+attention op's): under ``create_graph`` it raises instead of giving wrong second
+derivatives.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import backends, reference
+from . import backends, ops, reference
 from .epilogues import Linear, hooked, linear_backward, linear_in_epilogue, plain_linear_residual
 from .layer_norm import cpu_kernel_takes, native_layer_norm, native_layer_norm_backward, plain_layer_norm
 from .library import NAMESPACE, OPS, mark_extra_outputs, needs_first_gradient
@@ -223,6 +224,8 @@ def _setup_layer_norm_attention(ctx, inputs, output):
 
 
 def _backward_layer_norm_attention(ctx, grad_out, *_extra_grads):
+    torch._check(not torch.is_grad_enabled(), lambda: "layer_norm_attention: double backward (create_graph=True) is not "
+                 "supported: the attention's backward kernel is not differentiable")
     x, norm_weight, norm_bias, qkv_weight, proj_weight, mean, rstd, qkv, attn, lse, q_argmax = ctx.saved_tensors
     needs_x, needs_nw, needs_nb, _, needs_wq, needs_bq, needs_wp, needs_bp, _, _ = ctx.needs_input_grad
     norm_needs = (needs_x, needs_nw, needs_nb)
@@ -295,11 +298,16 @@ def qkv_applies(block: nn.Module, x: torch.Tensor, backend: Optional[str]) -> bo
 def attention_applies(block: nn.Module, x: torch.Tensor, backend: Optional[str]) -> bool:
     """Whether the drop-in block runs its whole attention branch, ``x + attn.proj(attention(
     attn.qkv(norm1(x))))``, as :func:`layer_norm_attention`: where :func:`qkv_applies` (proj
-    plain and unhooked too), no query pooling (a stage's later blocks) and the C++ kernels'
-    attention (backend ``"cpu"``, or ``"cuda"`` where chosen) runs it. The caller adds the
-    skip connection only where stochastic depth does not drop the branch."""
+    plain and unhooked too), no query pooling (a stage's later blocks), the attention and
+    its Linears on the block's ``backend`` (``set_backend`` sets them alike; where they
+    differ, each module keeps its own call), and the C++ kernels' attention (``"cpu"``, or
+    ``"cuda"`` where chosen) is what that backend runs. The caller uses it only where
+    stochastic depth cannot drop the branch (none, or eval); ``block.attn`` is the drop-in
+    MaskUnitAttention (its caller checks the type: a subclass keeps its own forward)."""
     attn = block.attn
     if attn.q_stride != 1 or not qkv_applies(block, x, backend) or type(attn.proj) not in (nn.Linear, Linear):
+        return False
+    if any(getattr(m, "backend", backend) != backend for m in (attn, attn.qkv, attn.proj)):
         return False
     chosen = backends.choose("mask_unit_attention", x, backend, stride=1, head_dim=attn.dim_out // attn.heads)
     return getattr(chosen, "KERNELS", None) is OPS
@@ -308,9 +316,12 @@ def attention_applies(block: nn.Module, x: torch.Tensor, backend: Optional[str])
 def layer_norm_attention(norm: nn.LayerNorm, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``x + attn.proj(mask_unit_attention(attn.qkv(norm(x))))`` (the drop-in
     :class:`~hiera_kernels.models.hiera.MaskUnitAttention` without query pooling) in one
-    op: keeps x, the qkv and the attention's output, its log-sum-exp and argmax for the
+    op, its geometry checked as :func:`hiera_kernels.ops.mask_unit_attention` checks it:
+    keeps x, the qkv and the attention's output, its log-sum-exp and argmax for the
     backward, instead of ``norm(x)`` besides; the backward adds the skip connection's
     gradient inside the LayerNorm's and sums proj's bias gradient there."""
+    ops.check_mask_unit_geometry("mask_unit_attention", x.shape[1], attn.qkv.weight.shape[0], attn.heads, 1,
+                                 attn.window_size, attn.use_mask_unit_attn)
     windows = reference.window_count(x.shape[1], 1, attn.window_size, attn.use_mask_unit_attn)
     out, *_ = torch.ops.hiera_kernels.layer_norm_attention(x, norm.weight, norm.bias, norm.eps, attn.qkv.weight,
                                                            attn.qkv.bias, attn.proj.weight, attn.proj.bias, attn.heads,

@@ -585,3 +585,39 @@ def test_ops_compile_fullgraph(kind):
     got = torch.autograd.grad(torch.compile(loss, fullgraph=True)(*args), leaves)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
+
+
+def test_layer_norm_attention_where_the_block_keeps_its_own_path():
+    """The fused branch checks the geometry as ops.mask_unit_attention does (a block whose
+    tokens are not whole windows raises the same ValueError), and leaves the three-op path
+    to an attention on another backend than its block, a subclass of the attention, and
+    refuses create_graph (the attention's backward is not differentiable)."""
+    from hiera_kernels.models.hiera import HieraBlock, MaskUnitAttention
+    from torch.profiler import profile
+
+    def fused_calls(block, x):
+        with profile() as prof:
+            block(x).sum().backward()
+        return sum(e.count for e in prof.key_averages() if e.key == "hiera_kernels::layer_norm_attention")
+
+    x = torch.randn(2, 32, 16, requires_grad=True)
+    block = HieraBlock(16, 16, 2, window_size=8, use_mask_unit_attn=True).set_backend("cpu").train()
+    assert fused_calls(block, x) == 1
+    with pytest.raises(ValueError, match=r"mask_unit_attention: N=36 is not a whole number of windows of q_stride \* window_size = 1 \* 8"):
+        block(torch.randn(2, 36, 16, requires_grad=True))
+    block.attn.set_backend("torch")  # the attention's own choice stands
+    assert fused_calls(block, x) == 0
+
+    class Scaled(MaskUnitAttention):
+        def attention(self, qkv):
+            return 2 * super().attention(qkv)
+
+    subclassed = HieraBlock(16, 16, 2, window_size=8, use_mask_unit_attn=True)
+    subclassed.attn.__class__ = Scaled
+    subclassed.set_backend("cpu").train()
+    assert fused_calls(subclassed, x) == 0
+
+    norm, attn = attention_block(dim=16, heads=2, window_size=8)
+    out = recompute.layer_norm_attention(norm, attn, x)
+    with pytest.raises(RuntimeError, match="layer_norm_attention: double backward .* is not supported"):
+        torch.autograd.grad(out.sum(), x, create_graph=True)

@@ -172,7 +172,7 @@ class HieraBlock(UsesBackend):
         # Without stochastic depth the skip connections go into proj's and fc2's epilogues
         # (added after the GEMM on the plain path, as officially).
         skip_in_epilogue = isinstance(self.drop_path, nn.Identity) or not self.training
-        if skip_in_epilogue and recompute.attention_applies(self, x, self.backend):
+        if skip_in_epilogue and type(self.attn) is MaskUnitAttention and recompute.attention_applies(self, x, self.backend):
             # Training on the C++ kernels: the whole branch, skip connection included, is one op.
             x = recompute.layer_norm_attention(self.norm1, self.attn, x)
         elif recompute.qkv_applies(self, x, self.backend):
