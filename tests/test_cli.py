@@ -12,7 +12,7 @@ import torch
 
 from hiera_kernels.__main__ import main
 from hiera_kernels.tools.bench import (FLOOR_NAME, FREEZING_ROW, HIERA_OPTIM_NOTE, PEAK_COLUMN, Progress, Row, bench,
-                                        official_symbols_for_hiera_optim, save)
+                                        interleaved_medians, official_symbols_for_hiera_optim, save)
 from hiera_kernels.tools.chart import FLOOR_COLOUR
 
 TINY = dict(model_name="hiera_tiny_224", batch=1, dtype=torch.float32, quick=True)
@@ -78,6 +78,21 @@ def test_bench_input_size_times_and_measures_peak_memory(capsys):
 def test_bench_input_size_must_fill_whole_mask_units():
     with pytest.raises(ValueError, match="--input-size 240 gives 60 tokens a side; .* a multiple of 32"):
         bench(**TINY, backend_names=["torch"], input_size=240)
+
+
+def test_rows_are_timed_once_a_round_in_shuffled_orders():
+    """Every round runs every row once, in its own order (no row always after the same
+    one), the same orders on every run (seeded); each row's median comes back."""
+    def record(runs):
+        steps = {name: (lambda name=name: runs.append(name)) for name in "abcd"}
+        return interleaved_medians(steps, torch.device("cpu"), 6)
+
+    first, second = [], []
+    medians = record(first)
+    record(second)
+    rounds = [first[i:i + 4] for i in range(0, 24, 4)]
+    assert sorted(medians) == list("abcd") and all(sorted(r) == list("abcd") for r in rounds)
+    assert len({tuple(r) for r in rounds}) > 1 and first == second
 
 
 def test_peak_memory_counts_what_a_step_allocates():
