@@ -348,8 +348,17 @@ def _setup_query_pool(ctx, inputs, output):
     ctx.save_for_backward(argmax)
 
 
+def refuse_double_backward(op: str) -> None:
+    """In a backward that calls a non-differentiable *_backward kernel: under create_graph
+    (grad mode on in the backward) raise, instead of the second derivatives that
+    PyTorch's fallback for an op without autograd would silently get wrong."""
+    torch._check(not torch.is_grad_enabled(), lambda: f"{op}: double backward (create_graph=True) is not supported: "
+                 "its backward kernel is not differentiable")
+
+
 def _query_pool_backward(ops):
     def backward(ctx, grad, _grad_argmax):
+        refuse_double_backward("query_pool")
         (argmax,) = ctx.saved_tensors
         return ops["query_pool_backward"](grad.contiguous(), argmax, ctx.stride), None
 
@@ -365,6 +374,7 @@ def _setup_attention(ctx, inputs, output):
 
 def _attention_backward(ops):
     def backward(ctx, grad_out, _grad_lse, _grad_argmax):
+        refuse_double_backward("mask_unit_attention")
         qkv, out, lse, q_argmax = ctx.saved_tensors
         grad_qkv = ops["mask_unit_attention_backward"](
             grad_out.contiguous(), qkv, out, lse, q_argmax, ctx.heads, ctx.q_stride, ctx.windows
@@ -383,6 +393,7 @@ def _setup_window_attention(ctx, inputs, output):
 
 def _window_attention_backward(ops):
     def backward(ctx, grad_out, _grad_lse, _grad_argmax):
+        refuse_double_backward("window_attention")
         qkv, pad, out, lse, q_argmax = ctx.saved_tensors
         grad_qkv, grad_pad = ops["window_attention_backward"](
             grad_out.contiguous(), qkv, pad, out, lse, q_argmax, ctx.heads, ctx.window_size, ctx.q_stride

@@ -54,7 +54,7 @@ whose backward gives the skip connection's gradient to the LayerNorm backward ke
 adds it to grad_x and sums proj's bias gradient from it: no add where two ops read x
 (the autograd engine's) and no separate bias sum. Without query pooling only (windows:
 the attention op's, for q_stride 1). Its backward is not differentiable (nor is the
-attention op's): under ``create_graph`` it raises instead of giving wrong second
+attention op's): under ``create_graph`` both raise instead of giving wrong second
 derivatives.
 """
 
@@ -70,7 +70,7 @@ import torch.nn.functional as F
 from . import backends, ops, reference
 from .epilogues import Linear, hooked, linear_backward, linear_in_epilogue, plain_linear_residual
 from .layer_norm import cpu_kernel_takes, native_layer_norm, native_layer_norm_backward, plain_layer_norm
-from .library import NAMESPACE, OPS, mark_extra_outputs, needs_first_gradient
+from .library import NAMESPACE, OPS, mark_extra_outputs, needs_first_gradient, refuse_double_backward
 
 SCHEMAS = {
     "layer_norm_linear": "(Tensor x, Tensor? norm_weight, Tensor? norm_bias, float eps, Tensor weight, Tensor? bias) "
@@ -224,8 +224,7 @@ def _setup_layer_norm_attention(ctx, inputs, output):
 
 
 def _backward_layer_norm_attention(ctx, grad_out, *_extra_grads):
-    torch._check(not torch.is_grad_enabled(), lambda: "layer_norm_attention: double backward (create_graph=True) is not "
-                 "supported: the attention's backward kernel is not differentiable")
+    refuse_double_backward("layer_norm_attention")
     x, norm_weight, norm_bias, qkv_weight, proj_weight, mean, rstd, qkv, attn, lse, q_argmax = ctx.saved_tensors
     needs_x, needs_nw, needs_nb, _, needs_wq, needs_bq, needs_wp, needs_bp, _, _ = ctx.needs_input_grad
     norm_needs = (needs_x, needs_nw, needs_nb)

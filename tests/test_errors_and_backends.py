@@ -333,3 +333,20 @@ def test_cpu_attention_backwards_refuse_an_argmax_past_the_candidates():
     q_argmax[0, 1, 2, 7] = 255
     with pytest.raises(RuntimeError, match=r"hiera_kernels::window_attention_backward: q_argmax must hold candidate indices in \[0, 4\) \(the forward's query argmax\), got 255"):
         kernel_for("CPU", "window_attention_backward", torch.randn_like(out), qkv, pad, out, lse, q_argmax, 2, 4, 2)
+
+
+@pytest.mark.skipif(not EXTENSION.loaded, reason="the C++ extension is not built")
+@pytest.mark.parametrize("op", ["query_pool", "mask_unit_attention", "window_attention"])
+def test_kernel_backwards_refuse_double_backward(op):
+    """The *_backward kernels are not differentiable: create_graph through them raises,
+    naming the op, where PyTorch's fallback for an op without autograd would give wrong
+    second derivatives; a first backward is unchanged."""
+    x = torch.randn(1, 16, 6, dtype=torch.float64, requires_grad=True)
+    run = {
+        "query_pool": lambda t: ops.query_pool(t, 2, backend="cpu"),
+        "mask_unit_attention": lambda t: ops.mask_unit_attention(t, 2, 1, 4, True, backend="cpu"),
+        "window_attention": lambda t: ops.window_attention(t.view(1, 4, 4, 6), 2, 2, backend="cpu"),
+    }[op]
+    assert torch.autograd.grad(run(x).sum(), x)[0].shape == x.shape
+    with pytest.raises(RuntimeError, match=fr"{op}: double backward \(create_graph=True\) is not supported"):
+        torch.autograd.grad(run(x).square().sum(), x, create_graph=True)
