@@ -131,33 +131,37 @@ def _setup_layer_norm_linear(ctx, inputs, output):
     ctx.save_for_backward(x, norm_weight, norm_bias, weight, mean, rstd)
 
 
-def _norm_backward(grad_y, x, mean, rstd, norm_weight, norm_bias, eps, norm_needs, needs_y, grad_skip=None):
-    """(grad_x, grad_norm_weight, grad_norm_bias, y, grad_skip_sum): the LayerNorm's
-    backward where ``norm_needs`` asks for a gradient (``grad_y`` [..., C], the Linear's
-    input gradient, computed by the caller only then), recomputing its output ``y`` where
-    ``needs_y`` (for the Linear's weight gradient) in the same pass over x; else y alone.
-    (grad_y, grad_x and y are alive together for a moment: one [rows, C] buffer more at
-    the backward's peak than when y was recomputed after grad_y was freed, against one
-    pass over x fewer.)"""
+def _norm_linear_backward(grad_out, x, mean, rstd, norm_weight, norm_bias, eps, weight, norm_needs, needs_w, needs_b,
+                          grad_skip=None, y=None):
+    """(grad_x, grad_norm_weight, grad_norm_bias, grad_weight, grad_bias, grad_skip_sum) of
+    ``linear(layer_norm(x), weight, bias)`` from the Linear's output gradient ``grad_out``
+    [rows, out], each where its ``needs`` says so, else None. The Linear's input gradient
+    first: the LayerNorm's backward then recomputes the forward's y for the weight
+    gradient in its own pass over x (unless the caller passes ``y``), and adds
+    ``grad_skip`` (a skip connection's gradient to x) to grad_x, returning its column
+    sums. (grad_y, grad_x and y are alive together for a moment: one [rows, C] buffer
+    more at the backward's peak than when y was recomputed after grad_y was freed, against
+    one pass over x fewer.)"""
+    grad_y, _, grad_bias = linear_backward(grad_out, None, weight, (any(norm_needs), False, needs_b))
+    grad_x = grad_norm_weight = grad_norm_bias = grad_skip_sum = None
+    needs_y = needs_w and y is None
     if any(norm_needs):
-        return native_layer_norm_backward(grad_y, x, mean, rstd, norm_weight, norm_bias, norm_needs,
-                                          eps if needs_y else None, grad_skip)
-    return None, None, None, native_layer_norm(x, norm_weight, norm_bias, eps)[0] if needs_y else None, None
+        grad_x, grad_norm_weight, grad_norm_bias, y_recomputed, grad_skip_sum = native_layer_norm_backward(
+            grad_y.view(x.shape), x, mean, rstd, norm_weight, norm_bias, norm_needs, eps if needs_y else None, grad_skip)
+        y = y_recomputed if needs_y else y
+    elif needs_y:
+        y = native_layer_norm(x, norm_weight, norm_bias, eps)[0]
+    del grad_y
+    _, grad_weight, _ = linear_backward(grad_out, y, weight, (False, needs_w, False))
+    return grad_x, grad_norm_weight, grad_norm_bias, grad_weight, grad_bias, grad_skip_sum
 
 
 def _backward_layer_norm_linear(ctx, grad_out, _grad_mean, _grad_rstd):
     x, norm_weight, norm_bias, weight, mean, rstd = ctx.saved_tensors
     needs_x, needs_nw, needs_nb, _, needs_w, needs_b = ctx.needs_input_grad
-    norm_needs = (needs_x, needs_nw, needs_nb)
-    g2 = grad_out.reshape(-1, grad_out.shape[-1])
-    # The Linear's input gradient first: the LayerNorm's backward then recomputes the
-    # forward's y (for the weight gradient) in its own pass over x.
-    grad_y, _, grad_bias = linear_backward(g2, None, weight, (any(norm_needs), False, needs_b))
-    grad_y = None if grad_y is None else grad_y.view(x.shape)
-    grad_x, grad_norm_weight, grad_norm_bias, y, _ = _norm_backward(grad_y, x, mean, rstd, norm_weight, norm_bias,
-                                                                    ctx.eps, norm_needs, needs_w)
-    del grad_y
-    _, grad_weight, _ = linear_backward(g2, y, weight, (False, needs_w, False))
+    grad_x, grad_norm_weight, grad_norm_bias, grad_weight, grad_bias, _ = _norm_linear_backward(
+        grad_out.reshape(-1, grad_out.shape[-1]), x, mean, rstd, norm_weight, norm_bias, ctx.eps, weight,
+        (needs_x, needs_nw, needs_nb), needs_w, needs_b)
     return grad_x, grad_norm_weight, grad_norm_bias, None, grad_weight, grad_bias
 
 
@@ -203,14 +207,12 @@ def _backward_layer_norm_mlp(ctx, grad_out, _grad_mean, _grad_rstd, _grad_h):
     grad_skip = grad_out if ctx.residual and needs_x else None
     _, grad_fc2_weight, grad_fc2_bias = linear_backward(g2, a, fc2_weight, (False, needs_w2, needs_b2 and grad_skip is None))
     del a
-    grad_y, _, _ = linear_backward(grad_h, None, fc1_weight, (any(norm_needs), False, False))
-    grad_x, grad_norm_weight, grad_norm_bias, y_recomputed, grad_skip_sum = _norm_backward(
-        grad_y, x, mean, rstd, norm_weight, norm_bias, ctx.eps, norm_needs, needs_w1 and y is None, grad_skip)
-    del grad_y
+    grad_x, grad_norm_weight, grad_norm_bias, grad_fc1_weight, _, grad_skip_sum = _norm_linear_backward(
+        grad_h.reshape(-1, h.shape[-1]), x, mean, rstd, norm_weight, norm_bias, ctx.eps, fc1_weight, norm_needs, needs_w1,
+        False, grad_skip, y)
+    del grad_h
     if needs_b2 and grad_skip is not None:
         grad_fc2_bias = grad_skip_sum
-    _, grad_fc1_weight, _ = linear_backward(grad_h, y if y is not None else y_recomputed, fc1_weight, (False, needs_w1, False))
-    del grad_h
     grads = (grad_x, grad_norm_weight, grad_norm_bias, None, grad_fc1_weight, grad_fc1_bias,
              grad_fc2_weight, grad_fc2_bias, None, None)
     return grads[:len(ctx.needs_input_grad)]
@@ -240,15 +242,11 @@ def _backward_layer_norm_attention(ctx, grad_out, *_extra_grads):
         grad_qkv = OPS["mask_unit_attention_backward"](grad_attn.view(attn.shape), qkv, attn, lse, q_argmax, ctx.heads, 1,
                                                        ctx.windows)
         del grad_attn
-        gq2 = grad_qkv.reshape(-1, grad_qkv.shape[-1])
-        grad_y, _, grad_qkv_bias = linear_backward(gq2, None, qkv_weight, (any(norm_needs), False, needs_bq))
-        grad_y = None if grad_y is None else grad_y.view(x.shape)
-        grad_x, grad_norm_weight, grad_norm_bias, y, grad_skip_sum = _norm_backward(
-            grad_y, x, mean, rstd, norm_weight, norm_bias, ctx.eps, norm_needs, needs_wq, grad_skip)
-        del grad_y
+        grad_x, grad_norm_weight, grad_norm_bias, grad_qkv_weight, grad_qkv_bias, grad_skip_sum = _norm_linear_backward(
+            grad_qkv.reshape(-1, grad_qkv.shape[-1]), x, mean, rstd, norm_weight, norm_bias, ctx.eps, qkv_weight,
+            norm_needs, needs_wq, needs_bq, grad_skip)
         if needs_bp and grad_skip is not None:
             grad_proj_bias = grad_skip_sum
-        _, grad_qkv_weight, _ = linear_backward(gq2, y, qkv_weight, (False, needs_wq, False))
     return (grad_x, grad_norm_weight, grad_norm_bias, None, grad_qkv_weight, grad_qkv_bias, grad_proj_weight,
             grad_proj_bias, None, None)
 
