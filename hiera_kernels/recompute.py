@@ -39,10 +39,12 @@ differs from the plain modules.
 The drop-in model and patched official, timm, transformers and SAM 2 blocks use them in
 training on every backend but ``"torch"`` (the plain oracle), not under ``torch.compile`` (inductor's
 partitioner already chooses what to recompute, and fuses these elementwise passes into
-its own kernels) nor CPU autocast, and never past a hook; see :func:`applies`.
+its own kernels) nor CPU autocast, and never past a hook; see :func:`applies`. With
+``residual`` (the drop-in, official, timm and SAM 2 blocks where no drop path or LayerScale
+wraps the MLP) the block's skip connection goes into fc2's epilogue.
 
-A third op takes the drop-in block's whole attention branch where the C++ kernels run
-its attention (:func:`attention_applies`):
+A third op takes the whole attention branch of a drop-in, official or timm block where the
+C++ kernels run its attention (:func:`attention_applies`):
 
     layer_norm_attention(x, norm_weight, norm_bias, eps, qkv_weight, qkv_bias, proj_weight, proj_bias, heads, windows)
         x [B, N, C] -> (x + proj(mask_unit_attention(qkv(layer_norm(x)))) [B, N, C], mean, rstd,
@@ -299,8 +301,10 @@ def attention_applies(block: nn.Module, x: torch.Tensor, backend: Optional[str])
     its Linears on the block's ``backend`` (``set_backend`` sets them alike; where they
     differ, each module keeps its own call), and the C++ kernels' attention (``"cpu"``, or
     ``"cuda"`` where chosen) is what that backend runs. The caller uses it only where
-    stochastic depth cannot drop the branch (none, or eval); ``block.attn`` is the drop-in
-    MaskUnitAttention (its caller checks the type: a subclass keeps its own forward)."""
+    nothing wraps the branch (no stochastic depth or LayerScale, or eval) and where
+    ``block.attn`` computes the official MaskUnitAttention: the drop-in's exact type, or a
+    patched official or timm attention running its bound forward (the callers check; a
+    subclass's own forward is kept)."""
     attn = block.attn
     if attn.q_stride != 1 or not qkv_applies(block, x, backend) or type(attn.proj) not in (nn.Linear, Linear):
         return False
@@ -311,8 +315,9 @@ def attention_applies(block: nn.Module, x: torch.Tensor, backend: Optional[str])
 
 
 def layer_norm_attention(norm: nn.LayerNorm, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``x + attn.proj(mask_unit_attention(attn.qkv(norm(x))))`` (the drop-in
-    :class:`~hiera_kernels.models.hiera.MaskUnitAttention` without query pooling) in one
+    """``x + attn.proj(mask_unit_attention(attn.qkv(norm(x))))`` (an official
+    MaskUnitAttention without query pooling: the drop-in
+    :class:`~hiera_kernels.models.hiera.MaskUnitAttention`, a patched official or timm one) in one
     op, its geometry checked as :func:`hiera_kernels.ops.mask_unit_attention` checks it:
     keeps x, the qkv and the attention's output, its log-sum-exp and argmax for the
     backward, instead of ``norm(x)`` besides; the backward adds the skip connection's

@@ -288,6 +288,55 @@ def test_training_keeps_an_attention_wrapped_after_patching(name):
     assert seen == [1] and attn.qkv.weight.grad is not None
 
 
+@pytest.mark.parametrize("name", ["official-tiny", "timm-tiny", "timm-abswin"])
+def test_training_adds_each_skip_connection_inside_its_branch(name, monkeypatch):
+    """In training on "cpu", a patched official or timm block that nothing wraps (no drop
+    path that may drop the branch, no LayerScale) runs its attention branch, where it pools
+    no queries, as layer_norm_attention and its MLP as layer_norm_mlp with the skip
+    connection in fc2's epilogue; with stochastic depth (drop_path_rate 0.1: every block
+    but the first) or LayerScale (abswin) neither, and the three-op path's
+    layer_norm_linear instead. (The numbers: test_patched_equals_unpatched, in train mode.)"""
+    from hiera_kernels import recompute
+    from torch.profiler import profile
+
+    residuals = []
+    mlp = recompute.layer_norm_mlp
+    monkeypatch.setattr(recompute, "layer_norm_mlp", lambda *a, residual=False: residuals.append(residual) or mlp(*a, residual=residual))
+
+    def run_counting(model):
+        residuals.clear()
+        with profile() as prof:
+            model(torch.randn(IMAGE)).sum().backward()
+        counts = {e.key: e.count for e in prof.key_averages()}
+        return counts.get("hiera_kernels::layer_norm_attention", 0), counts.get("hiera_kernels::layer_norm_linear", 0), list(residuals)
+
+    def unwrapped(block):
+        ls = [getattr(block, n) for n in ("ls1", "ls2") if hasattr(block, n)]
+        drops = [getattr(block, n) for n in ("drop_path", "drop_path1", "drop_path2") if hasattr(block, n)]
+        return all(isinstance(m, nn.Identity) for m in ls + drops)
+
+    def build(**kw):
+        if name.startswith("official"):
+            return official.hiera_tiny_224(input_size=(64, 64), num_classes=10, **kw)
+        return timm.create_model("hiera_small_abswin_256" if name == "timm-abswin" else "hiera_tiny_224", img_size=64,
+                                 num_classes=10, **({"stages": (1, 1, 2, 1)} if name == "timm-abswin" else {}), **kw)
+
+    for rate in (0.0, 0.1):
+        model = hk.patch(build(drop_path_rate=rate).train(), backend="cpu")
+        blocks = [m for m in model.modules() if type(m).__name__ == "HieraBlock"]
+        plain = [b.dim == b.dim_out and b.attn.q_stride == 1 for b in blocks]
+        fused = [p and unwrapped(b) for p, b in zip(plain, blocks)]
+        attention_ops, qkv_ops, mlp_residuals = run_counting(model)
+        assert attention_ops == sum(fused) and qkv_ops == sum(plain) - sum(fused), (rate, attention_ops, qkv_ops)
+        assert mlp_residuals == [unwrapped(b) for b in blocks], (rate, mlp_residuals)
+        if name == "timm-abswin":
+            assert not any(fused) and not any(mlp_residuals)  # LayerScale wraps every branch
+        elif rate == 0.0:
+            assert all(mlp_residuals) and 0 < sum(fused) < len(blocks)
+        else:
+            assert sum(fused) <= 1 and sum(mlp_residuals) == 1  # only the first block keeps rate 0
+
+
 def test_hf_training_keeps_the_attention_modules_own_call_where_asked():
     """In training on a kernel backend the patched HieraLayer runs norm and qkv as the
     recompute op, except where the attention module's own call is needed: with

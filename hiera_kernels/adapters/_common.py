@@ -151,14 +151,28 @@ def timm_mlp_parts(mlp: nn.Module) -> Optional[Tuple[nn.Linear, str, nn.Linear]]
     return mlp.fc1, activation, mlp.fc2
 
 
+def fusable_skip(drop_path: nn.Module, scale: Optional[nn.Module] = None) -> bool:
+    """Whether a block may add a branch's skip connection inside the branch's own op
+    (fc2's epilogue, :func:`hiera_kernels.recompute.layer_norm_attention`): what wraps the
+    branch computes nothing now (``drop_path`` :func:`inactive`; ``scale``, timm's
+    LayerScale slot, absent or an Identity) and runs no hook."""
+    wrappers = (drop_path,) if scale is None else (drop_path, scale)
+    return (inactive(drop_path) and (scale is None or isinstance(scale, nn.Identity))
+            and not any(epilogues.hooked(m) for m in wrappers))
+
+
 def mlp_branch(norm: nn.Module, mlp: nn.Module, parts: Optional[Tuple[nn.Linear, str, nn.Linear]],
-               x: torch.Tensor, backend: Optional[str]) -> torch.Tensor:
-    """``mlp(norm(x))``; in training on a kernel backend with ``parts`` = (fc1, activation,
-    fc2), the :mod:`hiera_kernels.recompute` op (norm(x) and the GELU recomputed in the backward)."""
+               x: torch.Tensor, backend: Optional[str], residual: bool = False) -> torch.Tensor:
+    """``mlp(norm(x))``, or ``x + mlp(norm(x))`` with ``residual`` (the block's skip
+    connection, where :func:`fusable_skip`); in training on a kernel backend with ``parts`` =
+    (fc1, activation, fc2), the :mod:`hiera_kernels.recompute` op (norm(x) and the GELU
+    recomputed in the backward; the skip connection added in fc2's epilogue, its gradient
+    joined in the LayerNorm's backward)."""
     if parts is not None and recompute.applies(norm, (parts[0], parts[2]), x, backend, mlp):
         fc1, activation, fc2 = parts
-        return recompute.layer_norm_mlp(norm, fc1, activation, fc2, x)
-    return mlp(layer_norm(norm, x, backend))
+        return recompute.layer_norm_mlp(norm, fc1, activation, fc2, x, residual=residual)
+    out = mlp(layer_norm(norm, x, backend))
+    return x + out if residual else out
 
 
 def pool(module: nn.Module, x: torch.Tensor, stride: int) -> torch.Tensor:

@@ -14,7 +14,10 @@ official MAE has), so its training step compiles with ``fullgraph=True``.
 ``hiera_utils.Reroll``     forward(x, block_idx, mask) -> ops.reroll with the block's
                            (schedule, size); [B, *size, C], or [B, K, *mu, C] with a mask
 ``hiera.MaskUnitAttention`` forward(x) -> proj(ops.mask_unit_attention(qkv(x), ...))
-``hiera.HieraBlock``       forward(x): the residual's ``do_pool`` -> ops.query_pool
+``hiera.HieraBlock``       forward(x): the residual's ``do_pool`` -> ops.query_pool; in
+                           training on a kernel backend the recompute ops (with no drop
+                           path: the attention branch, skip connection included, as
+                           layer_norm_attention; the MLP's skip in fc2's epilogue)
 =========================  ==============================================================
 """
 
@@ -29,8 +32,8 @@ import torch.nn as nn
 from .. import ops, recompute
 from ..layer_norm import layer_norm
 from ..models.hiera_mae import MaskedAutoencoderHiera as GraphSafeMAE
-from ._common import (Binding, Rule, attend, attention, backend_of, check_attention, check_geometry, find, mlp_branch,
-                      patch_embed_forward, pool, runs_bound, timm_mlp_parts)
+from ._common import (Binding, Rule, attend, attention, backend_of, check_attention, check_geometry, find,
+                      fusable_skip, mlp_branch, patch_embed_forward, pool, runs_bound, timm_mlp_parts)
 
 NAME = "official hiera"
 
@@ -53,19 +56,36 @@ def attend_qkv(self, qkv: torch.Tensor) -> torch.Tensor:
     return attend(self, qkv, self.heads, self.q_stride, self.window_size, self.use_mask_unit_attn)
 
 
+def attention_branch_applies(block: nn.Module, x: torch.Tensor, backend, skip_fusable: bool) -> bool:
+    """Whether an official or timm ``block`` runs ``x + attn.proj(attention(attn.qkv(norm1(x))))``
+    as :func:`hiera_kernels.recompute.layer_norm_attention` (training on the C++ kernels, no
+    query pooling): where its skip connection is fusable (``skip_fusable``), its attention runs
+    the bound :func:`attention_forward` (not a subclass's own nor a wrapper set since: that
+    call is kept) and :func:`~hiera_kernels.recompute.attention_applies`."""
+    return skip_fusable and runs_bound(block.attn, attention_forward) and recompute.attention_applies(block, x, backend)
+
+
 def block_forward(self, x: torch.Tensor) -> torch.Tensor:
     backend = backend_of(self)
-    if recompute.qkv_applies(self, x, backend) and runs_bound(self.attn, attention_forward):
-        # Training on a kernel backend: norm1(x) is recomputed in the backward, not saved.
-        branch = attend_qkv(self.attn, recompute.layer_norm_linear(self.norm1, self.attn.qkv, x))
+    skip_fusable = fusable_skip(self.drop_path)
+    if attention_branch_applies(self, x, backend, skip_fusable):
+        # Training on the C++ kernels: the whole attention branch, skip connection included, is one op.
+        x = recompute.layer_norm_attention(self.norm1, self.attn, x)
     else:
-        x_norm = layer_norm(self.norm1, x, backend)
-        if self.dim != self.dim_out:
-            # The residual is projected on the normed input, then pooled like q.
-            x = pool(self, self.proj(x_norm), self.attn.q_stride)
-        branch = self.attn(x_norm)
-    x = x + self.drop_path(branch)
-    return x + self.drop_path(mlp_branch(self.norm2, self.mlp, timm_mlp_parts(self.mlp), x, backend))
+        if recompute.qkv_applies(self, x, backend) and runs_bound(self.attn, attention_forward):
+            # Training on a kernel backend: norm1(x) is recomputed in the backward, not saved.
+            branch = attend_qkv(self.attn, recompute.layer_norm_linear(self.norm1, self.attn.qkv, x))
+        else:
+            x_norm = layer_norm(self.norm1, x, backend)
+            if self.dim != self.dim_out:
+                # The residual is projected on the normed input, then pooled like q.
+                x = pool(self, self.proj(x_norm), self.attn.q_stride)
+            branch = self.attn(x_norm)
+        x = x + self.drop_path(branch)
+    parts = timm_mlp_parts(self.mlp)
+    if skip_fusable:
+        return mlp_branch(self.norm2, self.mlp, parts, x, backend, residual=True)
+    return x + self.drop_path(mlp_branch(self.norm2, self.mlp, parts, x, backend))
 
 
 def _check_unroll(m: nn.Module, path: str) -> None:

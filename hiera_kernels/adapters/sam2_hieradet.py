@@ -28,9 +28,11 @@ the trunk's ``_get_pos_embed`` keeps its result between calls (:func:`pos_embed`
 For CPU inference on the ``"cpu"``/``"auto"`` backends the Linears run through
 :mod:`hiera_kernels.epilogues` (bias, fc1's GELU and the skip connections of ``proj`` and
 ``fc2`` inside oneDNN's GEMM) wherever the block's own code would add them unchanged:
-no LayerScale (timm's ``init_values``), no active drop path or dropout. Everywhere else
-(training, other dtypes and devices, the ``"torch"`` backend) the modules are called as
-they are, so hooks on them fire and autograd sees the package's own Linears.
+no LayerScale (timm's ``init_values``), no active drop path or dropout. In training on a
+kernel backend norm1 and qkv, and norm2 with the MLP, run as :mod:`hiera_kernels.recompute`'s
+ops (the MLP's skip connection in fc2's epilogue where nothing wraps the branch).
+Everywhere else (other dtypes and devices, the ``"torch"`` backend, a hooked module) the
+modules are called as they are, so hooks on them fire and autograd sees the package's own Linears.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import torch.nn as nn
 
 from .. import backends, epilogues, ops, recompute
 from ..layer_norm import layer_norm
-from ._common import Binding, Rule, backend_of, find, inactive, patch_embed_forward, runs_bound
+from ._common import Binding, Rule, backend_of, find, fusable_skip, patch_embed_forward, runs_bound
 
 NAME = "sam2"
 MODULE = "sam2.modeling.backbones.hieradet"
@@ -152,16 +154,20 @@ def block_body(self, x: torch.Tensor, window_size: int, mlp: Optional[Tuple[nn.L
             x = _linear(self.proj, x_norm, backend)
             if self.pool is not None:
                 x = self.pool(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        if isinstance(ls1, nn.Identity) and inactive(drop_path1):
+        if fusable_skip(drop_path1, ls1):
             x = self.attn(x_norm, window_size, residual=x)  # the skip connection in proj's epilogue
         else:
             x = x + drop_path1(ls1(self.attn(x_norm, window_size)))
+    skip_fusable = fusable_skip(drop_path2, ls2)
     if mlp is not None and recompute.applies(self.norm2, (mlp[0], mlp[2]), x, backend, self.mlp):
-        # Likewise norm2(x) and the GELU's output; fc1's output is kept.
+        # Likewise norm2(x) and the GELU's output; fc1's output is kept (and the skip
+        # connection added in fc2's epilogue where nothing wraps the branch).
         fc1, activation, fc2 = mlp
+        if skip_fusable:
+            return recompute.layer_norm_mlp(self.norm2, fc1, activation, fc2, x, residual=True)
         return x + drop_path2(ls2(recompute.layer_norm_mlp(self.norm2, fc1, activation, fc2, x)))
     h = layer_norm(self.norm2, x, backend)
-    if (mlp is not None and isinstance(ls2, nn.Identity) and inactive(drop_path2)
+    if (mlp is not None and skip_fusable
             and epilogues.fuses(mlp[0], h, None, backend) and epilogues.fuses(mlp[2], h, x, backend)):
         fc1, activation, fc2 = mlp
         return epilogues.fused_mlp(fc1, activation, fc2, h, x)

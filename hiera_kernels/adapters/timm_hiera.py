@@ -27,8 +27,8 @@ import torch.nn as nn
 from .. import recompute
 from ..layer_norm import layer_norm
 from . import official, sam2_hieradet
-from ._common import (Binding, Rule, backend_of, find, mlp_branch, patch_embed_forward, pool, runs_bound,
-                      timm_mlp_parts)
+from ._common import (Binding, Rule, backend_of, find, fusable_skip, mlp_branch, patch_embed_forward, pool,
+                      runs_bound, timm_mlp_parts)
 
 NAME = "timm"
 MODULE = "timm.models.hiera"
@@ -37,22 +37,29 @@ SAM2_MODULE = "timm.models.hieradet_sam2"
 
 def block_forward(self, x: torch.Tensor) -> torch.Tensor:
     backend = backend_of(self)
-    if recompute.qkv_applies(self, x, backend) and runs_bound(self.attn, official.attention_forward):
-        # Training on a kernel backend: norm1(x) is recomputed in the backward, not saved.
-        branch = official.attend_qkv(self.attn, recompute.layer_norm_linear(self.norm1, self.attn.qkv, x))
+    if official.attention_branch_applies(self, x, backend, fusable_skip(self.drop_path1, self.ls1)):
+        # Training on the C++ kernels: the whole attention branch, skip connection included, is one op.
+        x = recompute.layer_norm_attention(self.norm1, self.attn, x)
     else:
-        x_norm = layer_norm(self.norm1, x, backend)
-        if self.do_expand:
-            stride = self.attn.q_stride
-            if self.proj is not None:
-                x = pool(self, self.proj(x_norm), stride)
-            else:
-                # Un-normed x [B, stride * M, C] -> [B, M, 2C]: max and mean over the stride digit.
-                mean = x.view(x.shape[0], stride, -1, x.shape[-1]).mean(dim=1)
-                x = torch.cat([pool(self, x, stride), mean], dim=-1)
-        branch = self.attn(x_norm)
-    x = x + self.drop_path1(self.ls1(branch))
-    return x + self.drop_path2(self.ls2(mlp_branch(self.norm2, self.mlp, timm_mlp_parts(self.mlp), x, backend)))
+        if recompute.qkv_applies(self, x, backend) and runs_bound(self.attn, official.attention_forward):
+            # Training on a kernel backend: norm1(x) is recomputed in the backward, not saved.
+            branch = official.attend_qkv(self.attn, recompute.layer_norm_linear(self.norm1, self.attn.qkv, x))
+        else:
+            x_norm = layer_norm(self.norm1, x, backend)
+            if self.do_expand:
+                stride = self.attn.q_stride
+                if self.proj is not None:
+                    x = pool(self, self.proj(x_norm), stride)
+                else:
+                    # Un-normed x [B, stride * M, C] -> [B, M, 2C]: max and mean over the stride digit.
+                    mean = x.view(x.shape[0], stride, -1, x.shape[-1]).mean(dim=1)
+                    x = torch.cat([pool(self, x, stride), mean], dim=-1)
+            branch = self.attn(x_norm)
+        x = x + self.drop_path1(self.ls1(branch))
+    parts = timm_mlp_parts(self.mlp)
+    if fusable_skip(self.drop_path2, self.ls2):
+        return mlp_branch(self.norm2, self.mlp, parts, x, backend, residual=True)
+    return x + self.drop_path2(self.ls2(mlp_branch(self.norm2, self.mlp, parts, x, backend)))
 
 
 def sam2_block_forward(self, x: torch.Tensor) -> torch.Tensor:
