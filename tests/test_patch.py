@@ -288,14 +288,9 @@ def test_training_keeps_an_attention_wrapped_after_patching(name):
     assert seen == [1] and attn.qkv.weight.grad is not None
 
 
-@pytest.mark.parametrize("name", ["official-tiny", "timm-tiny", "timm-abswin"])
-def test_training_adds_each_skip_connection_inside_its_branch(name, monkeypatch):
-    """In training on "cpu", a patched official or timm block that nothing wraps (no drop
-    path that may drop the branch, no LayerScale) runs its attention branch, where it pools
-    no queries, as layer_norm_attention and its MLP as layer_norm_mlp with the skip
-    connection in fc2's epilogue; with stochastic depth (drop_path_rate 0.1: every block
-    but the first) or LayerScale (abswin) neither, and the three-op path's
-    layer_norm_linear instead. (The numbers: test_patched_equals_unpatched, in train mode.)"""
+def skip_fusion_probe(monkeypatch):
+    """A run(model) -> (layer_norm_attention calls, layer_norm_linear calls, the residual
+    flag of each layer_norm_mlp call) over one forward and backward on IMAGE."""
     from hiera_kernels import recompute
     from torch.profiler import profile
 
@@ -303,17 +298,30 @@ def test_training_adds_each_skip_connection_inside_its_branch(name, monkeypatch)
     mlp = recompute.layer_norm_mlp
     monkeypatch.setattr(recompute, "layer_norm_mlp", lambda *a, residual=False: residuals.append(residual) or mlp(*a, residual=residual))
 
-    def run_counting(model):
+    def run_counting(model, shape=IMAGE):
         residuals.clear()
         with profile() as prof:
-            model(torch.randn(IMAGE)).sum().backward()
+            sum(t.sum() for t in tensors(model(torch.randn(shape)))).backward()
         counts = {e.key: e.count for e in prof.key_averages()}
         return counts.get("hiera_kernels::layer_norm_attention", 0), counts.get("hiera_kernels::layer_norm_linear", 0), list(residuals)
 
-    def unwrapped(block):
-        ls = [getattr(block, n) for n in ("ls1", "ls2") if hasattr(block, n)]
-        drops = [getattr(block, n) for n in ("drop_path", "drop_path1", "drop_path2") if hasattr(block, n)]
-        return all(isinstance(m, nn.Identity) for m in ls + drops)
+    return run_counting
+
+
+@pytest.mark.parametrize("name", ["official-tiny", "timm-tiny", "timm-abswin"])
+def test_training_adds_each_skip_connection_inside_its_branch(name, monkeypatch):
+    """In training on "cpu", a patched official or timm block that nothing wraps (no drop
+    path that may drop the branch: none, rate 0, or eval; no LayerScale; no hook on either)
+    runs its attention branch, where it pools no queries, as layer_norm_attention and its
+    MLP as layer_norm_mlp with the skip connection in fc2's epilogue; with stochastic depth
+    (drop_path_rate 0.1: every block but the first), LayerScale (abswin) or a hook on the
+    first block's wrapper (which then fires) neither, and the three-op path's
+    layer_norm_linear instead. (The numbers: test_patched_equals_unpatched, in train mode,
+    and test_drop_path_training_matches_unpatched.)"""
+    run_counting = skip_fusion_probe(monkeypatch)
+
+    def wrappers(block):
+        return [getattr(block, n) for n in ("ls1", "ls2", "drop_path", "drop_path1", "drop_path2") if hasattr(block, n)]
 
     def build(**kw):
         if name.startswith("official"):
@@ -321,20 +329,66 @@ def test_training_adds_each_skip_connection_inside_its_branch(name, monkeypatch)
         return timm.create_model("hiera_small_abswin_256" if name == "timm-abswin" else "hiera_tiny_224", img_size=64,
                                  num_classes=10, **({"stages": (1, 1, 2, 1)} if name == "timm-abswin" else {}), **kw)
 
-    for rate in (0.0, 0.1):
-        model = hk.patch(build(drop_path_rate=rate).train(), backend="cpu")
+    def check(model, unwrapped, mlp_unwrapped=None):
+        """unwrapped(block): nothing wraps its attention branch (and its MLP's, unless mlp_unwrapped says)."""
         blocks = [m for m in model.modules() if type(m).__name__ == "HieraBlock"]
         plain = [b.dim == b.dim_out and b.attn.q_stride == 1 for b in blocks]
         fused = [p and unwrapped(b) for p, b in zip(plain, blocks)]
         attention_ops, qkv_ops, mlp_residuals = run_counting(model)
-        assert attention_ops == sum(fused) and qkv_ops == sum(plain) - sum(fused), (rate, attention_ops, qkv_ops)
-        assert mlp_residuals == [unwrapped(b) for b in blocks], (rate, mlp_residuals)
-        if name == "timm-abswin":
-            assert not any(fused) and not any(mlp_residuals)  # LayerScale wraps every branch
-        elif rate == 0.0:
-            assert all(mlp_residuals) and 0 < sum(fused) < len(blocks)
-        else:
-            assert sum(fused) <= 1 and sum(mlp_residuals) == 1  # only the first block keeps rate 0
+        assert attention_ops == sum(fused) and qkv_ops == sum(plain) - sum(fused), (attention_ops, qkv_ops)
+        assert mlp_residuals == [(mlp_unwrapped or unwrapped)(b) for b in blocks], mlp_residuals
+        return fused, mlp_residuals
+
+    identities = lambda b: all(isinstance(m, nn.Identity) for m in wrappers(b))  # noqa: E731
+    fused, residuals = check(hk.patch(build().train(), backend="cpu"), identities)
+    if name == "timm-abswin":
+        assert not any(fused) and not any(residuals)  # LayerScale wraps every branch
+        return
+    assert all(residuals) and 0 < sum(fused) < len(residuals)
+    dropping = hk.patch(build(drop_path_rate=0.1).train(), backend="cpu")
+    fused, residuals = check(dropping, identities)
+    assert sum(fused) == 1 and sum(residuals) == 1  # only the first block keeps rate 0
+    # Drop paths that cannot drop: in eval (gradients still on), or at rate 0 (a schedule).
+    no_ls = lambda b: not any(type(m).__name__ == "LayerScale" for m in wrappers(b))  # noqa: E731
+    fused_eval, _ = check(dropping.eval(), no_ls)
+    for m in dropping.modules():
+        if hasattr(m, "drop_prob"):
+            m.drop_prob = 0.0
+    assert check(dropping.train(), no_ls)[0] == fused_eval and sum(fused_eval) > 1
+    # A hook on what wraps the first block's attention branch: the block's own adds, and the hook fires.
+    model = hk.patch(build().train(), backend="cpu")
+    first = next(m for m in model.modules() if type(m).__name__ == "HieraBlock")
+    calls = []
+    if name.startswith("official"):  # one drop path wraps both branches
+        first.drop_path.register_forward_hook(lambda *_: calls.append(1))
+        check(model, lambda b: b is not first and identities(b))
+        assert len(calls) == 2
+    else:
+        first.ls1.register_forward_hook(lambda *_: calls.append(1))
+        check(model, lambda b: b is not first and identities(b), identities)
+        assert len(calls) == 1
+
+
+@pytest.mark.parametrize("name", ["official-tiny", "timm-tiny"])
+def test_drop_path_training_matches_unpatched(name):
+    """Stochastic depth in training: the same draws in the same order as the blocks' own
+    code, the first block (rate 0) fused and the others not (in float64: what is checked is
+    the drop pattern)."""
+    build = {"official-tiny": lambda: official.hiera_tiny_224(input_size=(64, 64), num_classes=10, drop_path_rate=0.3),
+             "timm-tiny": lambda: timm.create_model("hiera_tiny_224", img_size=64, num_classes=10, drop_path_rate=0.3)}[name]
+    torch.manual_seed(0)
+    base = build().train().double()
+    x = torch.randn(IMAGE, dtype=torch.float64)
+    fn = CASES[name][2]
+    torch.manual_seed(5)
+    ref, ref_grad = run(copy.deepcopy(base), x, fn)
+    torch.manual_seed(5)
+    out, grad = run(hk.patch(copy.deepcopy(base), backend="cpu"), x, fn)
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o, r, rtol=1e-10, atol=1e-12)
+    assert grad.keys() == ref_grad.keys()
+    for k in ref_grad:
+        torch.testing.assert_close(grad[k], ref_grad[k], rtol=1e-10, atol=1e-12, msg=k)
 
 
 def test_hf_training_keeps_the_attention_modules_own_call_where_asked():

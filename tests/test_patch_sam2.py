@@ -210,6 +210,32 @@ def test_drop_path_training_matches_unpatched():
         assert_within_scale(grad[k], ref_grad[k], f"grad {k}")
 
 
+@pytest.mark.parametrize("family", ["sam2", "timm"])
+def test_training_adds_the_mlp_skip_connection_in_fc2(family, monkeypatch):
+    """In training on "cpu" a patched block whose MLP nothing wraps (its drop path Identity;
+    no LayerScale) runs it as layer_norm_mlp with the skip connection in fc2's epilogue;
+    under stochastic depth (drop_path_rate 0.3: every block but the first) the others add
+    it after, through their drop path."""
+    from hiera_kernels import recompute
+
+    residuals = []
+    mlp = recompute.layer_norm_mlp
+    monkeypatch.setattr(recompute, "layer_norm_mlp", lambda *a, residual=False: residuals.append(residual) or mlp(*a, residual=residual))
+    for rate in (0.0, 0.3):
+        if family == "sam2":
+            model = trunk("T", drop_path_rate=rate, short=True)
+        else:
+            model = timm_model("sam2_hiera_tiny", num_classes=10, stages=(1, 1, 3, 1), global_att_blocks=(4,), drop_path_rate=rate)
+        model = hk.patch(model.train(), backend="cpu")
+        blocks = [m for m in model.modules() if type(m).__name__ == "MultiScaleBlock"]
+        residuals.clear()
+        out = model(torch.randn(1, 3, 160, 160))
+        sum(t.sum() for t in tensors(out)).backward()
+        drops = [b.drop_path if family == "sam2" else b.drop_path2 for b in blocks]
+        assert residuals == [isinstance(d, nn.Identity) for d in drops], (rate, residuals)
+        assert all(residuals) if rate == 0 else sum(residuals) == 1
+
+
 def test_autocast_bf16_and_compile():
     """Under CPU bf16 autocast by the error rule at bfloat16's allowance (float32
     parameters' gradients come out of bf16 products), every gradient included (the GEMMs

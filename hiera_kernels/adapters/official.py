@@ -15,9 +15,11 @@ official MAE has), so its training step compiles with ``fullgraph=True``.
                            (schedule, size); [B, *size, C], or [B, K, *mu, C] with a mask
 ``hiera.MaskUnitAttention`` forward(x) -> proj(ops.mask_unit_attention(qkv(x), ...))
 ``hiera.HieraBlock``       forward(x): the residual's ``do_pool`` -> ops.query_pool; in
-                           training on a kernel backend the recompute ops (with no drop
-                           path: the attention branch, skip connection included, as
-                           layer_norm_attention; the MLP's skip in fc2's epilogue)
+                           training on a kernel backend the recompute ops; where no drop
+                           path that may drop a branch (nor a hook on it) wraps it, the
+                           skip connection inside: the attention branch as
+                           layer_norm_attention (C++ attention kernels, no query pooling),
+                           the MLP's skip in fc2's epilogue
 =========================  ==============================================================
 """
 

@@ -30,7 +30,8 @@ For CPU inference on the ``"cpu"``/``"auto"`` backends the Linears run through
 ``fc2`` inside oneDNN's GEMM) wherever the block's own code would add them unchanged:
 no LayerScale (timm's ``init_values``), no active drop path or dropout. In training on a
 kernel backend norm1 and qkv, and norm2 with the MLP, run as :mod:`hiera_kernels.recompute`'s
-ops (the MLP's skip connection in fc2's epilogue where nothing wraps the branch).
+ops (the MLP's skip connection in fc2's epilogue where nothing wraps the branch: no drop path
+that may drop it, no LayerScale, no hook on either).
 Everywhere else (other dtypes and devices, the ``"torch"`` backend, a hooked module) the
 modules are called as they are, so hooks on them fire and autograd sees the package's own Linears.
 """
