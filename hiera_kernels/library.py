@@ -121,6 +121,16 @@ def check_float_dtype(op: str, name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{op}: {name} has dtype {_name(t.dtype)}, not one of float32, float16, bfloat16, float64")
 
 
+# What the Triton kernels compute in (triton.language has no float64 dot): the Triton
+# entries and their ops' fakes refuse the rest with check_triton_dtype's TypeError.
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_triton_dtype(op: str, name: str, t: torch.Tensor) -> None:
+    if t.dtype not in TRITON_DTYPES:
+        raise TypeError(f"{op}: {name} dtype {_name(t.dtype)} is not supported (float32, float16, bfloat16)")
+
+
 def check_input(op: str, name: str, t: torch.Tensor, dims: int, layout: str) -> None:
     check_dims(op, name, t, dims, layout)
     check_float_dtype(op, name, t)
@@ -403,6 +413,29 @@ def _window_attention_backward(ops):
     return backward
 
 
+# The Triton family's fakes check each op's main tensor as the Triton entries do (its dims,
+# then TRITON_DTYPES) before the shared checks: op -> (its position, name, dims, layout).
+# unroll and reroll move any dtype's bytes.
+TRITON_MAIN_TENSORS = {
+    "query_pool": (0, "x", 3, "[B, N, C]"),
+    "query_pool_backward": (0, "grad_out", 3, "[B, N, C]"),
+    "mask_unit_attention": (0, "qkv", 3, "[B, N, 3 * dim_out]"),
+    "mask_unit_attention_backward": (1, "qkv", 3, "[B, N, 3 * dim_out]"),
+    "window_attention": (0, "qkv", 4, "[B, H, W, 3 * dim_out]"),
+    "window_attention_backward": (1, "qkv", 4, "[B, H, W, 3 * dim_out]"),
+}
+
+
+def _triton_fake(fake, position: int, name: str, dims: int, layout: str):
+    def checked(*args, op, **kwargs):
+        main = args[position] if len(args) > position else kwargs[name]
+        check_dims(op, name, main, dims, layout)
+        check_triton_dtype(op, name, main)
+        return fake(*args, op=op, **kwargs)
+
+    return checked
+
+
 def _define_family(suffix: str):
     """Define every op as ``hiera_kernels::<op><suffix>`` with its fake and autograd;
     return ``{op: OpOverload}`` keyed by the unsuffixed name."""
@@ -410,7 +443,10 @@ def _define_family(suffix: str):
     for name, schema in SCHEMAS.items():
         _lib.define(name + suffix + schema)
         qualname = f"{NAMESPACE}::{name}{suffix}"
-        torch.library.register_fake(qualname, functools.partial(FAKES[name], op=qualname), lib=_lib)
+        fake = FAKES[name]
+        if suffix == TRITON_SUFFIX and name in TRITON_MAIN_TENSORS:
+            fake = _triton_fake(fake, *TRITON_MAIN_TENSORS[name])
+        torch.library.register_fake(qualname, functools.partial(fake, op=qualname), lib=_lib)
         ops[name] = getattr(torch.ops.hiera_kernels, name + suffix).default
     autograd = {
         "unroll": (_permutation_backward(ops["reroll"]), _setup_permutation),

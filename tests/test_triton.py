@@ -213,12 +213,46 @@ def test_direct_op_calls_get_clear_errors():
         library.TRITON_OPS["query_pool"](torch.randn(1, 300, 2, device=DEVICE), 300)
     with pytest.raises(ValueError, match=r"mask_unit_attention_triton: head_dim 160 exceeds the Triton kernels' 128"):
         library.TRITON_OPS["mask_unit_attention"](torch.randn(1, 4, 3 * 160, device=DEVICE), 1, 1, 1)
-    with pytest.raises(TypeError, match=r"query_pool_triton: dtype float64 is not supported"):
+    with pytest.raises(TypeError, match=r"query_pool_triton: x dtype float64 is not supported"):
         library.TRITON_OPS["query_pool"](torch.randn(1, 4, 2, dtype=torch.float64, device=DEVICE), 2)
     reasons = hk.backend_reasons(DEVICE, "mask_unit_attention", torch.float64)["triton"]
     assert any("dtype float64 is not supported" in r for r in reasons)
     with pytest.raises(hk.BackendError, match=r"head_dim=160 exceeds the attention kernel's 128"):
         ops.mask_unit_attention(torch.randn(1, 4, 3 * 160, device=DEVICE), 1, 1, 4, True, backend="triton")
+
+
+def _float64_calls():
+    """op -> float64 arguments of the right shapes for each Triton op that refuses float64."""
+    t = lambda *shape, dtype=torch.float64: torch.zeros(shape, dtype=dtype, device=DEVICE)  # noqa: E731
+    u8 = torch.uint8
+    return {
+        "query_pool": (t(1, 4, 2), 2),
+        "query_pool_backward": (t(1, 2, 2), t(1, 2, 2, dtype=u8), 2),
+        "mask_unit_attention": (t(1, 8, 24), 2, 1, 2),
+        "mask_unit_attention_backward": (t(1, 8, 8), t(1, 8, 24), t(1, 8, 8), t(1, 2, 2, 4), t(0, dtype=u8), 2, 1, 2),
+        "window_attention": (t(1, 4, 4, 24), t(24), 2, 2, 1),
+        "window_attention_backward": (t(1, 4, 4, 8), t(1, 4, 4, 24), t(24), t(1, 4, 4, 8), t(1, 2, 4, 4), t(0, dtype=u8),
+                                      2, 2, 1),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(library.TRITON_MAIN_TENSORS))
+def test_fakes_refuse_float64_as_the_kernels_do(name):
+    """A Triton op on float64 raises the Triton entry's TypeError (triton.language has no
+    float64 dot) both when it runs and when it is traced (FakeTensorMode: torch.compile,
+    opcheck), where the shared fakes alone would have returned shapes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = _float64_calls()[name]
+    tensor = library.TRITON_MAIN_TENSORS[name][1]
+    message = rf"{name}_triton: {tensor} dtype float64 is not supported \(float32, float16, bfloat16\)"
+    with pytest.raises(TypeError, match=message):
+        library.TRITON_OPS[name](*args)
+    with FakeTensorMode() as mode:
+        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        with pytest.raises(TypeError, match=message):
+            library.TRITON_OPS[name](*fake_args)
+        library.OPS[name](*fake_args)  # the C++ family's kernels take float64, and so does its fake
 
 
 def _attention_saved(q_stride):
@@ -282,7 +316,7 @@ def test_direct_query_pool_backward_checks_argmax():
         op(grad, argmax[..., :2], 4)
     with pytest.raises(ValueError, match=rf"query_pool_backward_triton: argmax must be on {DEVICE} like grad_out, got meta"):
         triton_kernels.IMPLEMENTATIONS["query_pool_backward"](grad, _meta_like(argmax), 4)
-    with pytest.raises(TypeError, match=r"query_pool_backward_triton: dtype int64 is not supported"):
+    with pytest.raises(TypeError, match=r"query_pool_backward_triton: grad_out dtype int64 is not supported"):
         op(grad.long(), argmax, 4)
     with pytest.raises(TypeError, match=r"unroll_triton: x rows of 3 x uint8 cannot be moved as 2-byte words"):
         torch.ops.hiera_kernels.unroll_triton.default(torch.zeros(1, 16, 3, dtype=torch.uint8, device=DEVICE), [4, 4], [2, 2], False)

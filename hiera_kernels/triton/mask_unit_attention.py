@@ -50,9 +50,8 @@ import triton
 import triton.language as tl
 from triton.runtime.autotuner import Autotuner
 
-from ..library import check_attention_args
-from .common import (INTERPRETED, TL_DTYPES, check_tensor, dtype_name, launch, mma_operand, new_attention_lse,
-                     next_power_of_2)
+from ..library import check_attention_args, check_triton_dtype
+from .common import INTERPRETED, check_tensor, launch, mma_operand, new_attention_lse, next_power_of_2
 from .query_pool import pool_takes
 
 LOG2E = tl.constexpr(1.4426950408889634)  # scores run in base 2: exp(x) = exp2(x * LOG2E)
@@ -433,8 +432,7 @@ class Geometry:
     def __init__(self, op: str, qkv: torch.Tensor, heads: int, q_stride: int, windows: int):
         if qkv.dim() != 3:
             raise ValueError(f"{op}: qkv must be [B, N, 3 * dim_out], got {qkv.dim()} dims")
-        if qkv.dtype not in TL_DTYPES:
-            raise TypeError(f"{op}: qkv dtype {dtype_name(qkv.dtype)} is not supported (float32, float16, bfloat16)")
+        check_triton_dtype(op, "qkv", qkv)
         self.batch, self.tokens, width = qkv.shape
         check_attention_args(op, self.tokens, width, heads, q_stride, windows)
         self.heads, self.q_stride, self.windows = heads, q_stride, windows

@@ -63,9 +63,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..library import check_window_attention_args
+from ..library import check_triton_dtype, check_window_attention_args
 from ..reference import window_grid
-from .common import TL_DTYPES, check_tensor, dtype_name, launch, mma_operand, new_attention_lse, next_power_of_2
+from .common import check_tensor, launch, mma_operand, new_attention_lse, next_power_of_2
 from .mask_unit_attention import (BACKWARD_BLOCK_M, BACKWARD_BLOCK_N, BACKWARD_CONFIGS, FORWARD_CONFIGS, LOG2E,
                                   MAX_HEAD_DIM, Geometry, _autotune, _configs, _forward_block, _head_columns,
                                   _lse_rows, _product, _program, _slot_rows, _softmax_grads, _tile_plan, tiling)
@@ -347,8 +347,7 @@ class WindowGeometry(Geometry):
     def __init__(self, op: str, qkv: torch.Tensor, pad: torch.Tensor, heads: int, window_size: int, q_stride: int):
         if qkv.dim() != 4:
             raise ValueError(f"{op}: qkv must be [B, H, W, 3 * dim_out], got {qkv.dim()} dims")
-        if qkv.dtype not in TL_DTYPES:
-            raise TypeError(f"{op}: qkv dtype {dtype_name(qkv.dtype)} is not supported (float32, float16, bfloat16)")
+        check_triton_dtype(op, "qkv", qkv)
         self.batch, self.height, self.width, channels = qkv.shape
         check_window_attention_args(op, qkv, pad, heads, window_size, q_stride)
         self.heads, self.q_stride = heads, q_stride
