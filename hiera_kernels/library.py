@@ -413,9 +413,9 @@ def _window_attention_backward(ops):
     return backward
 
 
-# The Triton family's fakes check each op's main tensor as the Triton entries do (its dims,
-# then TRITON_DTYPES) before the shared checks: op -> (its position, name, dims, layout).
-# unroll and reroll move any dtype's bytes.
+# Each Triton op's main tensor: op -> (its position, name, dims, layout). The Triton entries
+# check it first (check_triton_main_tensor: its dims, then TRITON_DTYPES), and so do the
+# Triton family's fakes, before the shared checks. unroll and reroll move any dtype's bytes.
 TRITON_MAIN_TENSORS = {
     "query_pool": (0, "x", 3, "[B, N, C]"),
     "query_pool_backward": (0, "grad_out", 3, "[B, N, C]"),
@@ -426,11 +426,16 @@ TRITON_MAIN_TENSORS = {
 }
 
 
-def _triton_fake(fake, position: int, name: str, dims: int, layout: str):
+def check_triton_main_tensor(op: str, t: torch.Tensor) -> None:
+    """``op`` ("hiera_kernels::<name>_triton")'s main tensor ``t``: TRITON_MAIN_TENSORS' dims, then TRITON_DTYPES."""
+    _, name, dims, layout = TRITON_MAIN_TENSORS[op.split("::")[-1].removesuffix(TRITON_SUFFIX)]
+    check_dims(op, name, t, dims, layout)
+    check_triton_dtype(op, name, t)
+
+
+def _triton_fake(fake, position: int, name: str, *_layout):
     def checked(*args, op, **kwargs):
-        main = args[position] if len(args) > position else kwargs[name]
-        check_dims(op, name, main, dims, layout)
-        check_triton_dtype(op, name, main)
+        check_triton_main_tensor(op, args[position] if len(args) > position else kwargs[name])
         return fake(*args, op=op, **kwargs)
 
     return checked

@@ -295,7 +295,7 @@ def qkv_applies(block: nn.Module, x: torch.Tensor, backend: Optional[str]) -> bo
 
 
 def attention_applies(block: nn.Module, x: torch.Tensor, backend: Optional[str]) -> bool:
-    """Whether the drop-in block runs its whole attention branch, ``x + attn.proj(attention(
+    """Whether a block runs its whole attention branch, ``x + attn.proj(attention(
     attn.qkv(norm1(x))))``, as :func:`layer_norm_attention`: where :func:`qkv_applies` (proj
     plain and unhooked too), no query pooling (a stage's later blocks), the attention and
     its Linears on the block's ``backend`` (``set_backend`` sets them alike; where they

@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 from triton.runtime.autotuner import Autotuner
 
-from ..library import check_attention_args, check_triton_dtype
+from ..library import check_attention_args, check_triton_main_tensor
 from .common import INTERPRETED, check_tensor, launch, mma_operand, new_attention_lse, next_power_of_2
 from .query_pool import pool_takes
 
@@ -430,9 +430,7 @@ class Geometry:
     """The sizes of one call, checked (the checks of attention_layout's users in csrc)."""
 
     def __init__(self, op: str, qkv: torch.Tensor, heads: int, q_stride: int, windows: int):
-        if qkv.dim() != 3:
-            raise ValueError(f"{op}: qkv must be [B, N, 3 * dim_out], got {qkv.dim()} dims")
-        check_triton_dtype(op, "qkv", qkv)
+        check_triton_main_tensor(op, qkv)
         self.batch, self.tokens, width = qkv.shape
         check_attention_args(op, self.tokens, width, heads, q_stride, windows)
         self.heads, self.q_stride, self.windows = heads, q_stride, windows

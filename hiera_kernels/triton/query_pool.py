@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..library import check_pool_stride, check_triton_dtype
+from ..library import check_pool_stride, check_triton_main_tensor
 from .common import check_tensor, launch
 
 BLOCK = 1024
@@ -52,16 +52,14 @@ def _query_pool_backward_kernel(grad_out, argmax, grad_in, total, slab, stride, 
         tl.store(first + s * slab, tl.where(arg == s, grad, tl.zeros_like(grad)), mask=ok)
 
 
-def _check(op: str, name: str, x: torch.Tensor, stride: int) -> None:
-    if x.dim() != 3:
-        raise ValueError(f"{op}: expected [B, N, C], got {x.dim()} dims")
-    check_triton_dtype(op, name, x)  # the max runs in fp32
+def _check(op: str, x: torch.Tensor, stride: int) -> None:
+    check_triton_main_tensor(op, x)  # the max runs in fp32
     check_pool_stride(op, stride)
 
 
 def query_pool(x, stride):
     op = "hiera_kernels::query_pool_triton"
-    _check(op, "x", x, stride)
+    _check(op, x, stride)
     if x.shape[1] % stride:
         raise ValueError(f"{op}: N={x.shape[1]} is not divisible by stride={stride}")
     x = x.contiguous()
@@ -76,7 +74,7 @@ def query_pool(x, stride):
 
 def query_pool_backward(grad_out, argmax, stride):
     op = "hiera_kernels::query_pool_backward_triton"
-    _check(op, "grad_out", grad_out, stride)
+    _check(op, grad_out, stride)
     check_tensor(op, "argmax", argmax, device=grad_out.device, device_of="grad_out", dtype=torch.uint8,
                  shape=grad_out.shape, shape_names="B, N / stride, C of grad_out")
     grad_out, argmax = grad_out.contiguous(), argmax.contiguous()

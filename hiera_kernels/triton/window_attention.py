@@ -63,7 +63,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..library import check_triton_dtype, check_window_attention_args
+from ..library import check_triton_main_tensor, check_window_attention_args
 from ..reference import window_grid
 from .common import check_tensor, launch, mma_operand, new_attention_lse, next_power_of_2
 from .mask_unit_attention import (BACKWARD_BLOCK_M, BACKWARD_BLOCK_N, BACKWARD_CONFIGS, FORWARD_CONFIGS, LOG2E,
@@ -345,9 +345,7 @@ class WindowGeometry(Geometry):
     Geometry, whose tile plan, grid and constexprs it shares."""
 
     def __init__(self, op: str, qkv: torch.Tensor, pad: torch.Tensor, heads: int, window_size: int, q_stride: int):
-        if qkv.dim() != 4:
-            raise ValueError(f"{op}: qkv must be [B, H, W, 3 * dim_out], got {qkv.dim()} dims")
-        check_triton_dtype(op, "qkv", qkv)
+        check_triton_main_tensor(op, qkv)
         self.batch, self.height, self.width, channels = qkv.shape
         check_window_attention_args(op, qkv, pad, heads, window_size, q_stride)
         self.heads, self.q_stride = heads, q_stride
